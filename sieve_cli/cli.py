@@ -1,0 +1,42 @@
+"""The `sieve` command line: a thin Typer layer over the stage functions."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .commands import common
+from .commands.demo import demo
+from .commands.discover import discover
+from .commands.stubs import not_implemented
+
+app = typer.Typer(
+    name="sieve",
+    help=(
+        "Prune a Hugging Face causal LM down to what one task needs (LLM-Sieve).\n\n"
+        "Stages: discover -> capture -> fit -> search -> apply -> eval, each reading and "
+        "writing a workspace folder (-w)."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info logs.")] = False,
+) -> None:
+    common.setup(debug, quiet)
+
+
+app.command()(discover)
+app.command()(demo)
+for _stage in ("capture", "fit", "search", "apply", "eval"):
+    app.command(_stage)(not_implemented(_stage))
+
+
+def main() -> None:
+    app()

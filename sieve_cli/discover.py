@@ -1,0 +1,98 @@
+"""Stage 1, discover: the model's matrices by kind, with true parameter counts.
+
+`diagnose(model)` is the pure part (counts from the model itself); `run_discover`
+binds a model to a workspace, so later stages know what to load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from .matrices import find_matrices, is_linear_like
+from .models import load_model, model_identity, resolve_source
+from .workspace import Workspace, write_json_atomic
+
+STAGE = "discover"
+
+
+@dataclass(frozen=True)
+class DiscoverOptions:
+    model: str
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
+def _unique_params(modules: list[nn.Module]) -> int:
+    seen = {id(p): p.numel() for m in modules for p in m.parameters(recurse=False) if p.dim() >= 2}
+    return sum(seen.values())
+
+
+def diagnose(model: nn.Module) -> dict:
+    """Counts of linear layers and parameters by type; weights only, biases not counted.
+
+    Types: attention and mlp (the prunable matrices), head (the LM head, possibly tied
+    to the token embedding), embedding (token and position embeddings).
+    """
+    matrices = find_matrices(model)
+    total = sum(p.numel() for p in model.parameters())  # parameters() de-duplicates tied weights
+    head = model.get_output_embeddings()
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    tied = head is not None and any(head.weight is e.weight for e in embeddings)
+    groups = {}
+    for group in ("attention", "mlp"):
+        chosen = [m for m in matrices if m.group == group]
+        groups[group] = {"count": len(chosen), "params": sum(m.params for m in chosen)}
+    groups["head"] = {"count": int(head is not None), "params": _unique_params([head] if head is not None else []), "tied": tied}
+    groups["embedding"] = {"count": len(embeddings), "params": _unique_params(embeddings)}
+    head_extra = 0 if tied else groups["head"]["params"]
+    counted = groups["attention"]["params"] + groups["mlp"]["params"] + groups["embedding"]["params"] + head_extra
+    groups["other"] = {"count": 0, "params": total - counted}  # norms, biases
+    for entry in groups.values():
+        entry["share"] = entry["params"] / total if total else 0.0
+    prunable_params = groups["attention"]["params"] + groups["mlp"]["params"]
+    return {
+        "model_type": model.config.model_type,
+        "architecture": type(model).__name__,
+        "blocks": len({m.block for m in matrices}),
+        "total_params": total,
+        "linear_layers": sum(1 for m in model.modules() if is_linear_like(m)),
+        "groups": groups,
+        "prunable": len(matrices),
+        "prunable_params": prunable_params,
+        "prunable_share": prunable_params / total if total else 0.0,
+        "biases_counted": False,
+        "ready": len(matrices) > 0,
+        "matrices": [m.to_dict() for m in matrices],
+    }
+
+
+def run_discover(workspace: Workspace | None, options: DiscoverOptions, force: bool = False, model=None) -> dict:
+    """Diagnose the model; with a workspace, bind the model to it and write matrices.json.
+
+    A workspace already bound to other weights or options is refused unless `force`.
+    """
+    resolve_source(options.model)  # a bad path fails before any loading
+    if model is None:
+        model, _ = load_model(options.model, options.dtype, options.device)
+    result = diagnose(model)
+    result["model"] = model_identity(options.model, model)
+    if workspace is None:
+        return result
+    inputs = {"options": asdict(options), "model": result["model"]}
+    if workspace.begin(STAGE, inputs, force=force):
+        write_json_atomic(workspace.matrices_json, result)
+        workspace.finish(STAGE, inputs, [workspace.matrices_json], summary={"prunable": result["prunable"]})
+    return result
+
+
+def workspace_model_source(workspace: Workspace) -> str:
+    """The model the workspace was bound to by `sieve discover`."""
+    return workspace.require(STAGE)["inputs"]["options"]["model"]
+
+
+def load_workspace_model(workspace: Workspace, dtype: str | None = None, device: str = "cpu"):
+    """(model, tokenizer) of the workspace's model; dtype defaults to the one discover used."""
+    options = workspace.require(STAGE)["inputs"]["options"]
+    return load_model(options["model"], dtype or options["dtype"], device)

@@ -1,0 +1,240 @@
+"""The workspace: one folder per pruning job, one sub-folder and manifest per stage.
+
+`Workspace` owns every path. Stages talk to each other only through these files, and
+each stage's `manifest.json` records what it was made from (options, model, task,
+upstream manifests), so a rerun can tell "up to date" from "stale" from "resume".
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError, MissingStageError, StaleStageError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+# What to run to produce each stage, for "missing upstream" messages.
+STAGE_COMMANDS = {
+    "discover": "sieve discover MODEL -w {ws}",
+    "task": "sieve capture -w {ws} --task TASK.yaml",
+    "capture": "sieve capture -w {ws} --task TASK.yaml",
+    "fit": "sieve fit -w {ws}",
+    "search": "sieve search -w {ws} --strategy uniform",
+    "apply": "sieve apply -w {ws} -o OUT",
+    "eval": "sieve eval -w {ws}",
+}
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """Hash of a JSON-able object, independent of key order."""
+    return sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON so that a crash leaves either the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON ({exc}); delete it or rerun the stage with --force") from exc
+
+
+class Workspace:
+    """Every path of a workspace, and the manifest protocol that stages follow."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).expanduser().resolve()
+        if self.root.exists() and not self.root.is_dir():
+            raise InputError(f"workspace {self.root} is a file, not a folder; pass a folder with -w")
+
+    def __repr__(self) -> str:
+        return f"Workspace({str(self.root)!r})"
+
+    # ---- paths -------------------------------------------------------------------
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def manifest_path(self, stage: str) -> Path:
+        return self.stage_dir(stage) / MANIFEST
+
+    @property
+    def matrices_json(self) -> Path:
+        return self.stage_dir("discover") / "matrices.json"
+
+    @property
+    def task_yaml(self) -> Path:
+        return self.stage_dir("task") / "task.yaml"
+
+    @property
+    def split_json(self) -> Path:
+        return self.stage_dir("task") / "split.json"
+
+    @property
+    def capture_store(self) -> Path:
+        return self.stage_dir("capture") / "stats.zarr"
+
+    def fit_dir(self, method: str) -> Path:
+        return self.stage_dir("fit") / method
+
+    def fit_stage(self, method: str) -> str:
+        """Each fit method is its own stage (`fit/<method>`) so methods coexist."""
+        return f"fit/{method}"
+
+    @property
+    def plan_json(self) -> Path:
+        return self.stage_dir("search") / "plan.json"
+
+    @property
+    def history_jsonl(self) -> Path:
+        return self.stage_dir("search") / "history.jsonl"
+
+    @property
+    def search_checkpoint(self) -> Path:
+        return self.stage_dir("search") / "checkpoint.json"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.stage_dir("eval")
+
+    @property
+    def report_dir(self) -> Path:
+        return self.stage_dir("report")
+
+    # ---- manifests ---------------------------------------------------------------
+    def read_manifest(self, stage: str) -> dict | None:
+        path = self.manifest_path(stage)
+        return read_json(path) if path.exists() else None
+
+    def manifest_hash(self, stage: str) -> str | None:
+        path = self.manifest_path(stage)
+        return sha256_file(path) if path.exists() else None
+
+    def require(self, stage: str) -> dict:
+        """The completed manifest of `stage`, or an error naming the command that makes it."""
+        manifest = self.read_manifest(stage)
+        if manifest is None or not manifest.get("complete"):
+            base = stage.split("/")[0]
+            command = STAGE_COMMANDS.get(base, f"sieve {base} -w {{ws}}").format(ws=self.root)
+            state = "has not finished" if manifest else "has no"
+            raise MissingStageError(
+                f"workspace {self.root} {state} {stage} stage; run `{command}` first"
+            )
+        return manifest
+
+    def upstream_hashes(self, *stages: str) -> dict[str, str]:
+        """Hashes of the (required) upstream manifests, recorded as a stage's inputs."""
+        hashes = {}
+        for stage in stages:
+            self.require(stage)
+            hashes[stage] = self.manifest_hash(stage)
+        return hashes
+
+    def begin(self, stage: str, inputs: dict, force: bool = False) -> bool:
+        """Decide whether `stage` must run for these `inputs`.
+
+        Returns False when complete outputs made from the same inputs exist (a no-op),
+        True when the stage should run (fresh, resuming an unfinished run with the same
+        inputs, or replacing with --force). Raises StaleStageError when outputs made
+        from other inputs exist and `force` is not set. When it returns True, an
+        unfinished manifest is written so a crash is later recognised as resumable.
+        """
+        manifest = self.read_manifest(stage)
+        if manifest is not None and not force:
+            same = manifest.get("inputs") == _normalise(inputs)
+            if same and manifest.get("complete"):
+                return False
+            if not same:
+                changed = describe_changes(manifest.get("inputs") or {}, _normalise(inputs))
+                raise StaleStageError(
+                    f"{stage} outputs in {self.root} were made from other inputs ({changed}); "
+                    f"rerun with --force to replace them"
+                )
+        if force and manifest is not None and manifest.get("inputs") != _normalise(inputs):
+            self.manifest_path(stage).unlink()
+        self._write_manifest(stage, inputs, complete=False, files={}, summary={})
+        return True
+
+    def resumable(self, stage: str, inputs: dict) -> bool:
+        """True when an unfinished run of `stage` with exactly these inputs is on disk."""
+        manifest = self.read_manifest(stage)
+        return bool(manifest and not manifest.get("complete") and manifest.get("inputs") == _normalise(inputs))
+
+    def finish(self, stage: str, inputs: dict, files: list[Path], summary: dict | None = None) -> dict:
+        """Mark `stage` complete: record its inputs, the files it wrote and a summary."""
+        listed = {str(Path(f).relative_to(self.root)): _describe_file(Path(f)) for f in files}
+        return self._write_manifest(stage, inputs, complete=True, files=listed, summary=summary or {})
+
+    def _write_manifest(self, stage: str, inputs: dict, complete: bool, files: dict, summary: dict) -> dict:
+        from . import __version__
+
+        manifest = {
+            "schema": SCHEMA_VERSION,
+            "stage": stage,
+            "sieve_version": __version__,
+            "complete": complete,
+            "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "inputs": _normalise(inputs),
+            "files": files,
+            "summary": summary,
+        }
+        write_json_atomic(self.manifest_path(stage), manifest)
+        return manifest
+
+
+def _normalise(obj: Any) -> Any:
+    """The JSON round-trip of `obj`, so tuples and lists, paths and strings compare equal."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def describe_changes(old: dict, new: dict) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if not keys:
+        return "nothing changed"
+    parts = []
+    for key in keys:
+        if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
+            sub = sorted(k for k in set(old[key]) | set(new[key]) if old[key].get(k) != new[key].get(k))
+            parts.append(f"{key}: {', '.join(sub)}")
+        else:
+            parts.append(key)
+    return "changed " + "; ".join(parts)
+
+
+def _describe_file(path: Path) -> dict:
+    if path.is_dir():
+        files = [p for p in path.rglob("*") if p.is_file()]
+        return {"kind": "dir", "files": len(files), "bytes": sum(p.stat().st_size for p in files)}
+    return {"kind": "file", "bytes": path.stat().st_size, "sha256": sha256_file(path)}

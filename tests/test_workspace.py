@@ -1,0 +1,71 @@
+import json
+
+import pytest
+
+from sieve_cli.errors import InputError, MissingStageError, StaleStageError
+from sieve_cli.workspace import Workspace, write_json_atomic
+
+
+def test_require_names_the_command_to_run(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    with pytest.raises(MissingStageError, match=r"run `sieve capture -w .* --task TASK.yaml` first"):
+        ws.require("capture")
+
+
+def test_begin_finish_noop_stale_force(tmp_path):
+    ws = Workspace(tmp_path)
+    inputs = {"options": {"tokens": 10}, "upstream": {"discover": "abc"}}
+    assert ws.begin("capture", inputs) is True
+    with pytest.raises(MissingStageError, match="has not finished"):
+        ws.require("capture")
+    out = ws.stage_dir("capture") / "x.bin"
+    out.write_bytes(b"12345")
+    ws.finish("capture", inputs, [out], {"tokens": 10})
+    manifest = ws.require("capture")
+    assert manifest["files"]["capture/x.bin"]["bytes"] == 5
+    assert manifest["schema"] == 1 and manifest["complete"]
+    # unchanged inputs: nothing to do (tuples and lists compare equal after the JSON round trip)
+    assert ws.begin("capture", {"options": {"tokens": 10}, "upstream": {"discover": "abc"}}) is False
+    changed = {"options": {"tokens": 20}, "upstream": {"discover": "abc"}}
+    with pytest.raises(StaleStageError, match=r"changed options: tokens.*--force"):
+        ws.begin("capture", changed)
+    assert ws.begin("capture", changed, force=True) is True
+    assert ws.read_manifest("capture")["complete"] is False
+
+
+def test_unfinished_run_with_same_inputs_resumes(tmp_path):
+    ws = Workspace(tmp_path)
+    inputs = {"options": {"a": 1}}
+    ws.begin("fit/output", inputs)
+    assert ws.resumable("fit/output", inputs)
+    assert ws.begin("fit/output", inputs) is True  # no error: same inputs, unfinished
+    assert not ws.resumable("fit/output", {"options": {"a": 2}})
+
+
+def test_upstream_hash_changes_when_upstream_reruns(tmp_path):
+    ws = Workspace(tmp_path)
+    ws.begin("discover", {"m": 1})
+    ws.finish("discover", {"m": 1}, [])
+    first = ws.upstream_hashes("discover")
+    ws.begin("discover", {"m": 2}, force=True)
+    ws.finish("discover", {"m": 2}, [])
+    assert ws.upstream_hashes("discover") != first
+
+
+def test_atomic_json_and_bad_json(tmp_path):
+    path = tmp_path / "a.json"
+    write_json_atomic(path, {"x": 1})
+    assert json.loads(path.read_text()) == {"x": 1}
+    assert not list(tmp_path.glob(".a.json*"))
+    ws = Workspace(tmp_path / "ws")
+    ws.manifest_path("fit").parent.mkdir(parents=True)
+    ws.manifest_path("fit").write_text("{not json")
+    with pytest.raises(InputError, match="not valid JSON"):
+        ws.require("fit")
+
+
+def test_workspace_that_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("")
+    with pytest.raises(InputError, match="is a file"):
+        Workspace(f)
