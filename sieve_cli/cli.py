@@ -7,9 +7,13 @@ from typing import Annotated
 import typer
 
 from .commands import common
+from .commands.apply import apply
+from .commands.capture import capture
 from .commands.demo import demo
 from .commands.discover import discover
-from .commands.stubs import not_implemented
+from .commands.eval import eval as eval_command
+from .commands.fit import fit
+from .commands.search import search
 
 app = typer.Typer(
     name="sieve",
@@ -32,10 +36,13 @@ def _main(
     common.setup(debug, quiet)
 
 
-app.command()(discover)
-app.command()(demo)
-for _stage in ("capture", "fit", "search", "apply", "eval"):
-    app.command(_stage)(not_implemented(_stage))
+app.command("discover")(discover)
+app.command("demo")(demo)
+app.command("capture")(capture)
+app.command("fit")(fit)
+app.command("search")(search)
+app.command("apply")(apply)
+app.command("eval")(eval_command)
 
 
 def main() -> None:

@@ -1,0 +1,5 @@
+"""`sieve eval` (not implemented yet)."""
+
+from .stubs import not_implemented
+
+eval = not_implemented("eval")

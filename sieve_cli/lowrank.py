@@ -1,0 +1,107 @@
+"""The low-rank linear module, module swapping, and the rank <-> kept-fraction arithmetic.
+
+A pruned matrix W (H x D) becomes y = B (A x) + bias with A: R x D and B: H x R, which
+costs R (H + D) parameters, so keeping a fraction p of the matrix allows
+R = floor(p H D / (H + D)). At p >= 1 the matrix stays dense.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from .matrices import is_conv1d
+
+
+def rank_for_fraction(p: float, out_features: int, in_features: int) -> int | None:
+    """The rank that keeps at most a fraction `p` of an H x D matrix; None means stay dense."""
+    if p >= 1.0:
+        return None
+    if p < 0:
+        raise ValueError(f"kept fraction must be >= 0, got {p}")
+    h, d = out_features, in_features
+    return max(0, math.floor(p * h * d / (h + d) + 1e-9))
+
+
+def fraction_for_rank(rank: int | None, out_features: int, in_features: int) -> float:
+    """The fraction of the dense matrix's parameters that rank `rank` keeps (1.0 for dense)."""
+    if rank is None:
+        return 1.0
+    return rank * (out_features + in_features) / (out_features * in_features)
+
+
+def lowrank_params(rank: int | None, out_features: int, in_features: int) -> int:
+    """Weight parameters of the matrix at `rank` (dense when None); biases not counted."""
+    if rank is None:
+        return out_features * in_features
+    return rank * (out_features + in_features)
+
+
+class LowRankLinear(nn.Module):
+    """y = B (A x) + bias: two thin linear maps replacing one H x D matrix."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.A = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
+        self.B = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
+
+    @classmethod
+    def from_factors(cls, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None = None,
+                     dtype: torch.dtype | None = None) -> "LowRankLinear":
+        """Build from B (H x R), A (R x D) and the original bias (H) if any."""
+        dtype = dtype or A.dtype
+        out_features, rank = B.shape
+        module = cls(A.shape[1], out_features, rank, bias=bias is not None, dtype=dtype, device=A.device)
+        with torch.no_grad():
+            module.A.weight.copy_(A.to(dtype))
+            module.B.weight.copy_(B.to(dtype))
+            if bias is not None:
+                module.B.bias.copy_(bias.to(dtype))
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.B(self.A(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def bias_of(module: nn.Module) -> torch.Tensor | None:
+    return getattr(module, "bias", None)
+
+
+def swap_modules(model: nn.Module, replacements: Mapping[str, nn.Module]) -> Callable[[], None]:
+    """Put each replacement at its module name in `model`; return a function that undoes it.
+
+    Used by search to try many plans on one in-memory model, and by apply to build one.
+    """
+    originals = {}
+    for name, new in replacements.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        originals[name] = getattr(parent, child)
+        setattr(parent, child, new)
+
+    def restore() -> None:
+        for name, old in originals.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, old)
+
+    return restore
+
+
+__all__ = [
+    "LowRankLinear",
+    "bias_of",
+    "fraction_for_rank",
+    "is_conv1d",
+    "lowrank_params",
+    "rank_for_fraction",
+    "swap_modules",
+]
