@@ -8,8 +8,11 @@ are keyed by the weights and not only by a name.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +78,8 @@ def load_model(source: str | os.PathLike, dtype: str = "float32", device: str = 
     # transformers' own bars follow ours: on in the CLI on a terminal, off in notebooks, tests, --json
     (hf_logging.enable_progress_bar if progress.is_enabled() else hf_logging.disable_progress_bar)()
     src = resolve_source(source)
+    if src.kind == "gguf":
+        src = ModelSource("local", str(_dequantised_copy(src)))
     kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     if src.kind == "hub" and not _in_hub_cache(src.location):
         _require_hub_reachable(src.location)
@@ -89,6 +94,43 @@ def load_model(source: str | os.PathLike, dtype: str = "float32", device: str = 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SIEVE_CACHE", Path.home() / ".cache" / "sieve")).expanduser()
+
+
+def _dequantised_copy(src: ModelSource) -> Path:
+    """A float32 Hugging Face folder made once from a .gguf file, keyed by the file's hash.
+
+    Dequantising a GGUF takes ~25 s for a 135M model and transformers refuses to
+    save a GGUF-loaded model, so every stage would pay it again; a plain safetensors
+    copy loads in about a second.
+    """
+    folder = cache_root() / "gguf" / sha256_file(src.location)[:32]
+    if (folder / "model.safetensors").exists():
+        return folder
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantising %s once into %s", src.location, folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src.folder, gguf_file=src.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(src.folder, gguf_file=src.gguf_file, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:
+        raise ModelLoadError(_load_failure_message(src, exc)) from exc
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(tmp)
+    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # drops the tied head's duplicate
+    try:
+        os.replace(tmp, folder)  # atomic: a concurrent loader sees the whole copy or none
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def _in_hub_cache(repo_id: str) -> bool:
