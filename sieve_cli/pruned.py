@@ -1,0 +1,304 @@
+"""The pruned model: build it from a plan and fitted factors, save it, load it back.
+
+A planned matrix of rank R becomes a `LowRankLinear` (A: R x D, then B: H x R, plus the
+original bias); a matrix with rank None stays dense and untouched. The saved folder is a
+Hugging Face folder (config, tokenizer, generation config) plus `sieve.json`, which lists
+the factored modules, and one `model.safetensors` holding every weight once (a tied LM
+head is not stored twice). `load_pruned` rebuilds the base architecture from the config
+with empty weights, swaps in LowRankLinear shells of the recorded ranks, loads the
+tensors strictly and re-ties shared weights: no network, no pickle.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import InputError
+from .factors import FactorSet
+from .lowrank import LowRankLinear, bias_of, swap_modules
+from .matrices import weight_of
+
+log = logging.getLogger(__name__)
+
+SIEVE_JSON = "sieve.json"
+WEIGHTS = "model.safetensors"
+FORMAT = 1
+
+
+# ---- building --------------------------------------------------------------------------
+def _copy_to(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    """A fresh contiguous parameter holding `t`, never a view of the factor basis."""
+    out = torch.empty(t.shape, dtype=dtype, device=device)
+    with torch.no_grad():
+        out.copy_(t)
+    return nn.Parameter(out)
+
+
+def lowrank_from_pair(B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None,
+                      dtype: torch.dtype, device: torch.device) -> LowRankLinear:
+    """A LowRankLinear holding copies of B (H x R), A (R x D) and bias, without random init."""
+    (h, rank), d = B.shape, A.shape[1]
+    module = LowRankLinear(d, h, rank, bias=bias is not None, dtype=dtype, device="meta")
+    module.A.weight = _copy_to(A, dtype, device)
+    module.B.weight = _copy_to(B, dtype, device)
+    if bias is not None:
+        module.B.bias = _copy_to(bias, dtype, device)
+    return module
+
+
+def checked_pair(factors: FactorSet, name: str, rank: int, out_features: int, in_features: int):
+    """(B, A) at `rank` for `name`, checked against the matrix it replaces."""
+    if name not in factors.names():
+        raise InputError(f"the {factors.method} fit has no factors for {name}; rerun `sieve fit` on this workspace's model")
+    B, A = factors.pair(name, rank)
+    if B.shape != (out_features, rank) or A.shape != (rank, in_features):
+        raise InputError(
+            f"factors for {name} have shapes {tuple(B.shape)}, {tuple(A.shape)} but the matrix is "
+            f"{out_features} x {in_features}; they were fitted on another model: rerun `sieve fit --force`"
+        )
+    return B, A
+
+
+def build_replacements(model: nn.Module, ranks: Mapping[str, int | None], factors: FactorSet,
+                       dtype: torch.dtype | None = None) -> dict[str, LowRankLinear]:
+    """A LowRankLinear per matrix whose rank is not None, on the original module's device.
+
+    dtype defaults to the original weight's; the original bias is copied into B's bias.
+    """
+    replacements = {}
+    for name, rank in ranks.items():
+        if rank is None:
+            continue
+        module = model.get_submodule(name)
+        weight = weight_of(module)
+        h, d = weight.shape
+        B, A = checked_pair(factors, name, int(rank), h, d)
+        replacements[name] = lowrank_from_pair(B, A, bias_of(module), dtype or weight.dtype, weight.device)
+    return replacements
+
+
+def plan_ranks(plan: Mapping) -> dict[str, int | None]:
+    """name -> rank (None: stays dense) from a plan dict (internals.md, "Plan")."""
+    try:
+        return {name: entry["rank"] for name, entry in plan["matrices"].items()}
+    except (KeyError, TypeError, AttributeError):
+        raise InputError("the plan has no `matrices` with a `rank` per matrix; rerun `sieve search`") from None
+
+
+def prune_in_memory(model: nn.Module, plan: Mapping, factors: FactorSet) -> Callable[[], None]:
+    """Swap the plan's low-rank modules into `model`; return the function that restores it.
+
+    Cheap enough to call once per search candidate: only the new factors are allocated,
+    the dense modules are kept aside (not copied) and put back by the returned function.
+    """
+    return swap_modules(model, build_replacements(model, plan_ranks(plan), factors))
+
+
+def densify_in_place(model: nn.Module, ranks: Mapping[str, int], factors: FactorSet) -> None:
+    """Overwrite each named matrix with the dense product B A of its planned rank.
+
+    Used where a factored matrix would run slower than a dense one: the model then computes
+    the plan's rank-R map (what search evaluated) at dense speed. The product is formed in
+    float64 so the only rounding is the final cast.
+    """
+    for name, rank in ranks.items():
+        module = model.get_submodule(name)
+        weight = weight_of(module)  # a view for Conv1D, so copy_ writes through the transpose
+        B, A = checked_pair(factors, name, int(rank), *weight.shape)
+        with torch.no_grad():
+            weight.copy_(B.double() @ A.double())
+
+
+def factored_modules(model: nn.Module) -> dict[str, dict]:
+    """The LowRankLinear modules in `model`, as recorded in sieve.json."""
+    return {
+        name: {"rank": m.rank, "in_features": m.in_features, "out_features": m.out_features, "bias": m.B.bias is not None}
+        for name, m in model.named_modules()
+        if isinstance(m, LowRankLinear)
+    }
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of the model, each tensor once (a tied head counts once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def matrix_params(model: nn.Module, names) -> int:
+    """Weight parameters (biases not counted) of the named matrices as they are in `model` now."""
+    total = 0
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, LowRankLinear):
+            total += module.A.weight.numel() + module.B.weight.numel()
+        else:
+            total += weight_of(module).numel()
+    return total
+
+
+# ---- saving ----------------------------------------------------------------------------
+def shared_weights(model: nn.Module) -> dict[str, str]:
+    """State-dict keys that alias an earlier key's tensor (a tied LM head): {alias: kept}."""
+    first: dict[int, str] = {}
+    tied = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in first:
+            tied[key] = first[id(tensor)]
+        else:
+            first[id(tensor)] = key
+    return tied
+
+
+def weights_dtype(model: nn.Module) -> torch.dtype:
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def save_pruned(model: nn.Module, out_dir: str | Path, plan: Mapping, base_identity: Mapping, tokenizer=None,
+                fit_method: str | None = None, extra: Mapping | None = None) -> dict:
+    """Write the pruned model folder; returns the sieve.json written.
+
+    `out_dir` is created if missing; files of the same names are replaced. Guards against
+    writing into the base model's folder belong to the caller (apply), which knows it.
+    """
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tied = shared_weights(model)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
+    save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "sieve": str(FORMAT)})
+    dtype = weights_dtype(model)
+    config = copy.deepcopy(model.config)
+    config.dtype = dtype  # the dtype the weights are stored in, so from_config rebuilds it alike
+    config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    info = {
+        "format": FORMAT,
+        "sieve_version": __version__,
+        "base_model": dict(base_identity),
+        "model_type": model.config.model_type,
+        "architecture": type(model).__name__,
+        "dtype": str(dtype).removeprefix("torch."),
+        "fit_method": fit_method if fit_method is not None else plan.get("method"),
+        "factored": factored_modules(model),
+        "tied": tied,
+        "params": count_params(model),
+        "plan": dict(plan),
+        **dict(extra or {}),
+    }
+    (out / SIEVE_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    return info
+
+
+# ---- loading ---------------------------------------------------------------------------
+def is_pruned_folder(path: str | Path) -> bool:
+    return (Path(path) / SIEVE_JSON).is_file()
+
+
+def read_sieve_json(path: str | Path) -> dict:
+    file = Path(path) / SIEVE_JSON
+    if not file.is_file():
+        raise InputError(f"{path} is not a sieve pruned model (no {SIEVE_JSON}); make one with `sieve apply -o {path}`")
+    info = json.loads(file.read_text())
+    if info.get("format", 0) > FORMAT:
+        raise InputError(f"{file} has format {info['format']}, newer than this sieve reads ({FORMAT}); upgrade sieve")
+    return info
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, saved: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    from .models import torch_dtype
+
+    return torch_dtype(dtype or saved)
+
+
+def _retie(model: nn.Module, tied: Mapping[str, str]) -> None:
+    """Make every alias key the very same Parameter as the key it was saved under."""
+    for alias, kept in tied.items():
+        parent_name, _, attr = alias.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, model.get_parameter(kept))
+
+
+def _empty_model(path: Path, dtype: torch.dtype) -> nn.Module:
+    """The base architecture from config.json, parameters on the meta device, buffers real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    # Buffers (rotary frequencies, masks) are computed in __init__ and not saved: keep them real.
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
+    """Rebuild a model written by `save_pruned`: a regular PreTrainedModel, in eval mode.
+
+    dtype defaults to the stored one. Nothing is downloaded.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    info = read_sieve_json(path)
+    dt = _resolve_dtype(dtype, info.get("dtype", "float32"))
+    model = _empty_model(path, dt)
+    shells = {
+        name: LowRankLinear(s["in_features"], s["out_features"], s["rank"], bias=s["bias"], dtype=dt, device="meta")
+        for name, s in info["factored"].items()
+    }
+    swap_modules(model, shells)
+    state = load_file(str(path / WEIGHTS), device=str(device))
+    state = {k: v.to(dt) if v.is_floating_point() else v for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False, assign=True)
+    tied = info.get("tied", {})
+    missing = set(result.missing_keys) - set(tied)
+    if missing or result.unexpected_keys:
+        raise InputError(
+            f"{path / WEIGHTS} does not match its config and sieve.json (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(result.unexpected_keys)[:3]}); rerun `sieve apply --force`"
+        )
+    _retie(model, tied)
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if left:
+        raise InputError(f"{path} left parameters unloaded ({left[:3]}); rerun `sieve apply --force`")
+    model.to(device).eval()
+    _load_generation_config(model, path)
+    return model
+
+
+def _load_generation_config(model: nn.Module, path: Path) -> None:
+    if not (path / "generation_config.json").is_file():
+        return
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig.from_pretrained(path)
+
+
+__all__ = [
+    "SIEVE_JSON",
+    "WEIGHTS",
+    "build_replacements",
+    "count_params",
+    "densify_in_place",
+    "factored_modules",
+    "is_pruned_folder",
+    "load_pruned",
+    "lowrank_from_pair",
+    "matrix_params",
+    "plan_ranks",
+    "prune_in_memory",
+    "read_sieve_json",
+    "save_pruned",
+]
