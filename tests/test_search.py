@@ -1,0 +1,200 @@
+"""The search stage on a tiny model with a synthetic metric: plan format, resume, staleness, CLI."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sieve_cli import search as search_module
+from sieve_cli.discover import DiscoverOptions, run_discover
+from sieve_cli.errors import InputError, StaleStageError
+from sieve_cli.factors import FactorSet
+from sieve_cli.genetic import is_acceptable
+from sieve_cli.lowrank import fraction_for_rank
+from sieve_cli.matrices import find_matrices, weight_of
+from sieve_cli.search import Scorer, SearchOptions, Target, kept_by_block, rank_at, run_search
+from sieve_cli.workspace import Workspace, write_json_atomic
+
+# q, k, gate and up barely matter to this metric, v, o and down do: uneven allocation pays
+SENSITIVITY = {"q": 0.02, "k": 0.02, "v": 1.0, "o": 1.0, "gate": 0.02, "up": 0.02, "down": 1.0}
+
+
+def fake_fit(ws: Workspace, model) -> None:
+    """A task-blind SVD 'fit' written where fit/output keeps its files, with its manifest."""
+    from sieve_cli.fit import FACTORS_FILE, SPECTRUM_FILE
+
+    full, spectrum = {}, {}
+    for m in find_matrices(model):
+        W = weight_of(model.get_submodule(m.name)).detach().double()
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        full[m.name] = ((U * S).float(), Vh.float())
+        energy = (S**2).tolist()
+        spectrum[m.name] = [sum(energy[r:]) / sum(energy) for r in range(len(energy) + 1)]
+    stage = ws.fit_stage("output")
+    ws.begin(stage, {"options": {"method": "output"}})
+    folder = ws.fit_dir("output")
+    FactorSet("output", full=full).save(folder / FACTORS_FILE)
+    write_json_atomic(folder / SPECTRUM_FILE, spectrum)
+    ws.finish(stage, {"options": {"method": "output"}}, [folder / FACTORS_FILE, folder / SPECTRUM_FILE])
+
+
+@pytest.fixture
+def ws(tmp_path, tiny_dir):
+    from .tiny import tiny_model
+
+    ws = Workspace(tmp_path / "ws")
+    run_discover(ws, DiscoverOptions(model=str(tiny_dir)))
+    ws.begin("task", {"task": "synthetic"})  # search only needs the task manifest to hash
+    ws.finish("task", {"task": "synthetic"}, [])
+    fake_fit(ws, tiny_model("llama"))
+    return ws
+
+
+def synthetic_scorer(ws, calls=None, fail_after=None):
+    found = json.loads(ws.matrices_json.read_text())["matrices"]
+    shapes = {m["name"]: (m["kind"], m["out_features"], m["in_features"]) for m in found}
+
+    def score(ranks):
+        if fail_after is not None and len(calls) >= fail_after:
+            raise KeyboardInterrupt  # what a user's Ctrl-C looks like mid-evaluation
+        if calls is not None:
+            calls.append(dict(ranks))
+        damage = 0.0
+        for name, (kind, h, d) in shapes.items():
+            damage += SENSITIVITY[kind] * (1 - fraction_for_rank(ranks.get(name), h, d))
+        return 1.0 - damage / len(shapes)
+
+    return Scorer(score=score, metric="synthetic", examples=10)
+
+
+def history(ws):
+    return [json.loads(line) for line in ws.history_jsonl.read_text().splitlines()]
+
+
+def test_uniform_plan_format_and_threshold(ws):
+    calls = []
+    plan = run_search(ws, SearchOptions(strategy="uniform", tolerance=0.05), scorer=synthetic_scorer(ws, calls))
+    assert len(calls) <= 8  # dense + at most 7 for a 0.01 grid
+    assert plan["metric"]["dense"] == 1.0 and plan["metric"]["name"] == "synthetic"
+    assert is_acceptable(plan["metric"]["plan"], 0.95)
+    p = plan["search"]["uniform_p"]
+    assert 0.8 < p < 1.0
+    # one step below p is not acceptable: the binary search found the threshold
+    below = round(p - 0.01, 2)
+    history_ps = {h["p"]: h for h in history(ws)}
+    if below in history_ps:
+        assert not history_ps[below]["acceptable"]
+    m = plan["matrices"]["model.layers.0.self_attn.q_proj"]
+    assert set(m) == {"kind", "block", "kept", "rank", "params_before", "params_after"}
+    assert m["kind"] == "q" and m["block"] == 0 and m["rank"] == rank_at(Target("x", "q", 0, 32, 32), p, _full(32))
+    assert m["params_after"] == m["rank"] * 64 and m["kept"] == pytest.approx(m["rank"] * 64 / 1024)
+    params = plan["params"]
+    assert params["prunable_before"] == sum(x["params_before"] for x in plan["matrices"].values())
+    assert params["model_before"] - params["model_after"] == params["prunable_before"] - params["prunable_after"]
+    assert params["removed_fraction_prunable"] > 0
+    assert json.loads(ws.plan_json.read_text()) == json.loads(json.dumps(plan))
+    lines = history(ws)
+    assert len(lines) == len(calls) and lines[0]["p"] == 1.0
+    assert all(set(h) >= {"strategy", "generation", "p", "metric", "params_after", "removed_fraction", "acceptable"} for h in lines)
+
+
+def _full(h, d=None):
+    """A FactorSet stand-in with a full basis of any rank."""
+    class Any:
+        def ranks(self, name):
+            return None
+
+        def max_rank(self, name):
+            return 10**6
+
+    return Any()
+
+
+def test_rerun_is_a_noop_and_changed_options_are_stale(ws):
+    run_search(ws, SearchOptions(strategy="uniform"), scorer=synthetic_scorer(ws))
+    calls = []
+    again = run_search(ws, SearchOptions(strategy="uniform"), scorer=synthetic_scorer(ws, calls))
+    assert again["up_to_date"] and calls == []
+    # the GA's knobs do not change a uniform plan
+    assert run_search(ws, SearchOptions(strategy="uniform", population=4), scorer=synthetic_scorer(ws))["up_to_date"]
+    with pytest.raises(StaleStageError, match="--force"):
+        run_search(ws, SearchOptions(strategy="uniform", tolerance=0.1), scorer=synthetic_scorer(ws))
+    plan = run_search(ws, SearchOptions(strategy="uniform", tolerance=0.1), force=True, scorer=synthetic_scorer(ws))
+    assert plan["tolerance"] == 0.1 and history(ws)[0]["p"] == 1.0  # history restarted, not appended
+
+
+ADAPTIVE = dict(strategy="adaptive", tolerance=0.05, population=10, generations=10, patience=4, seed=3)
+
+
+def test_adaptive_beats_uniform_and_stays_acceptable(ws, tmp_path):
+    plan = run_search(ws, SearchOptions(**ADAPTIVE), scorer=synthetic_scorer(ws))
+    assert is_acceptable(plan["metric"]["plan"], 0.95)
+    assert plan["params"]["removed_fraction_prunable"] > plan["search"]["uniform_removed"] + 0.03
+    kinds, blocks = kept_by_block(plan)
+    assert kinds == ["q", "k", "v", "o", "gate", "up", "down"] and sorted(blocks) == [0, 1]
+    # the insensitive matrices are pruned harder than the rest
+    qk = [blocks[b][k] for b in blocks for k in ("q", "k", "gate", "up")]
+    rest = [blocks[b][k] for b in blocks for k in ("v", "o", "down")]
+    assert sum(qk) / len(qk) < sum(rest) / len(rest)
+    lines = history(ws)
+    ga_lines = [h for h in lines if h.get("genome") is not None]
+    assert all(h["strategy"] == "adaptive" and len(h["genome"]) == 14 for h in ga_lines)
+    generations = {h["generation"] for h in ga_lines}
+    assert 0 in generations and generations <= set(range(plan["search"]["generations"] + 1))
+    assert {h["strategy"] for h in lines if h.get("p") not in (None, 1.0)} == {"uniform"}  # the seed's search
+    assert not ws.search_checkpoint.exists()
+
+
+def test_adaptive_resumes_with_the_same_result(ws, tmp_path, tiny_dir):
+    import shutil
+
+    fresh = Workspace(tmp_path / "fresh")
+    shutil.copytree(ws.root, fresh.root)
+    full_calls = []
+    full = run_search(fresh, SearchOptions(**ADAPTIVE), scorer=synthetic_scorer(fresh, full_calls))
+
+    calls = []
+    with pytest.raises(KeyboardInterrupt):
+        run_search(ws, SearchOptions(**ADAPTIVE), scorer=synthetic_scorer(ws, calls, fail_after=len(full_calls) * 2 // 3))
+    checkpoint = json.loads(ws.search_checkpoint.read_text())
+    assert checkpoint["ga"]["generation"] >= 0 and checkpoint["dense"] == 1.0
+    resumed_calls = []
+    resumed = run_search(ws, SearchOptions(**ADAPTIVE), scorer=synthetic_scorer(ws, resumed_calls))
+    assert resumed["matrices"] == full["matrices"] and resumed["metric"] == full["metric"]
+    # nothing was scored twice: the evaluations made before the kill are reused from history
+    assert len(calls) + len(resumed_calls) == len(full_calls)
+    strip = lambda hs: [{k: v for k, v in h.items()} for h in hs]  # noqa: E731
+    assert strip(history(ws)) == strip(history(fresh))
+
+
+def test_learned_fit_snaps_to_trained_ranks():
+    fs = FactorSet("learned", fixed={"m": {4: (torch.zeros(32, 4), torch.zeros(4, 32)),
+                                            8: (torch.zeros(32, 8), torch.zeros(8, 32))}})
+    t = Target("m", "q", 0, 32, 32)
+    assert rank_at(t, 1.0, fs) is None
+    assert rank_at(t, 0.5, fs) == 8  # wants 8
+    assert rank_at(t, 0.4, fs) == 4  # wants 6: the largest trained rank within the fraction
+    assert rank_at(t, 0.1, fs) == 4  # wants 1: none within, the smallest trained
+
+
+@pytest.mark.parametrize("bad, flag", [(dict(strategy="greedy"), "--strategy"), (dict(tolerance=1.5), "--tolerance"),
+                                       (dict(levels=(0.5, 2.0)), "--levels"), (dict(limit=0), "--limit")])
+def test_bad_options_name_the_flag(bad, flag):
+    with pytest.raises(InputError, match=flag):
+        SearchOptions(**bad)
+
+
+def test_cli_search_renders_plan(ws, monkeypatch):
+    from sieve_cli.cli import app
+
+    monkeypatch.setattr(search_module, "build_scorer", lambda ws_, options, factors: synthetic_scorer(ws_))
+    result = CliRunner().invoke(app, ["search", "-w", str(ws.root), "--strategy", "adaptive", "--population", "6",
+                                      "--generations", "2", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert "removed" in result.output and "down" in result.output
+    assert json.loads(ws.plan_json.read_text())["strategy"] == "adaptive"
+    result = CliRunner().invoke(app, ["search", "-w", str(ws.root), "--strategy", "uniform", "--tolerance", "0.2"])
+    assert result.exit_code == 1 and "--force" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["search", "-w", str(ws.root), "--strategy", "bogus"])
+    assert result.exit_code == 1 and "--strategy" in result.output
