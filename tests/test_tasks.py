@@ -1,0 +1,254 @@
+"""Task files, data loading, splits and stage `task` (bind_task)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sieve_cli.errors import InputError, MissingStageError, StaleStageError, TaskError
+from sieve_cli.tasks import (
+    DEFAULT_TASK, SplitOptions, bind_task, load_bound_task, load_task, make_split, stdlib_records,
+)
+from sieve_cli.workspace import Workspace
+
+# ---- helpers shared with test_evaluate.py ------------------------------------------------------
+
+WORDS = ["red", "green", "blue", "apple", "pear", "dog", "cat", "sun", "moon", "tree"]
+
+
+def write_records(folder: Path, n: int = 24) -> Path:
+    """n JSON Lines records with a sentence, a label 0/1 and an answer; deterministic."""
+    path = folder / "data.jsonl"
+    rows = []
+    for i in range(n):
+        words = [WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(1 + i % 5)]
+        rows.append({"uid": f"r{i}", "sentence": " ".join(words), "label": i % 2, "answer": words[-1] + "!"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_task(folder: Path, output_type: str, **overrides) -> Path:
+    write_records(folder)
+    body = {
+        "multiple_choice": {
+            "doc_to_text": "Q: {{ sentence }}\nA:",
+            "doc_to_target": "label",
+            "doc_to_choice": ["no", "yes way"],
+        },
+        "text_modelling": {"doc_to_text": "Say: {{ sentence }}", "doc_to_target": "{{ answer }} {{ sentence }}"},
+        "generate_until": {
+            "doc_to_text": "Q: {{ sentence }}\nA:",
+            "doc_to_target": "{{ answer }}",
+            "generation_kwargs": {"until": ["\n", "."], "max_gen_toks": 6},
+        },
+    }[output_type]
+    task = {"task": f"tiny_{output_type}", "dataset_path": "json", "data_files": "data.jsonl", "id_field": "uid",
+            "output_type": output_type, **body, **overrides}
+    path = folder / f"{output_type}.yaml"
+    path.write_text(yaml.safe_dump(task, sort_keys=False))
+    return path
+
+
+def bind(tmp_path: Path, output_type: str = "multiple_choice", split: SplitOptions | None = None, **overrides):
+    task = write_task(tmp_path, output_type, **overrides)
+    return bind_task(Workspace(tmp_path / "ws"), task, split=split or SplitOptions(search=4, test=8)), task
+
+
+# ---- the task file ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda t: t.pop("output_type"), "'output_type' is missing"),
+        (lambda t: t.update(output_type="loglikelihood"), "'output_type' is 'loglikelihood'"),
+        (lambda t: t.pop("doc_to_choice"), "'doc_to_choice' is missing"),
+        (lambda t: t.update(doc_to_txt="x"), "unknown field 'doc_to_txt'"),
+        (lambda t: t.update(num_fewshot=-1), "'num_fewshot'"),
+        (lambda t: t.update(generation_kwargs={"until": 3}), "'generation_kwargs.until'"),
+        (lambda t: t.update(data_files={"a": "x.jsonl"}), "'split' is missing"),
+    ],
+)
+def test_malformed_task_names_the_field(tmp_path, change, field):
+    path = write_task(tmp_path, "multiple_choice")
+    raw = yaml.safe_load(path.read_text())
+    change(raw)
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(TaskError, match=field.replace("(", r"\(")):
+        load_task(path)
+
+
+def test_template_errors_name_the_field_and_the_record_fields(tmp_path):
+    bound, _ = bind(tmp_path, doc_to_text="Q: {{ sentense }}")
+    with pytest.raises(TaskError, match=r"'doc_to_text'.*sentense.*sentence"):
+        bound.examples("test")
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: [unclosed")
+    with pytest.raises(TaskError, match="not valid YAML"):
+        load_task(bad)
+    with pytest.raises(InputError, match="no such task file"):
+        load_task(tmp_path / "none.yaml")
+
+
+def test_relative_paths_resolve_against_the_task_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir("/")
+    task = load_task(write_task(tmp_path, "multiple_choice"))
+    assert task.data_files == str(tmp_path.resolve() / "data.jsonl")
+
+
+def test_data_root_from_argument_env_and_missing(tmp_path, monkeypatch):
+    data = tmp_path / "mydata" / "tiny"
+    data.mkdir(parents=True)
+    write_records(data)
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    path = write_task(folder, "multiple_choice", data_files="{data_root}/tiny/data.jsonl")
+    monkeypatch.delenv("SIEVE_DATA_ROOT", raising=False)
+    assert load_task(path, data_root=tmp_path / "mydata").data_files == str(data / "data.jsonl")
+    monkeypatch.setenv("SIEVE_DATA_ROOT", str(tmp_path / "mydata"))
+    task = load_task(path)
+    assert task.data_files == str(data / "data.jsonl") and task.data_root == str(tmp_path / "mydata")
+    monkeypatch.delenv("SIEVE_DATA_ROOT")
+    if not any((p / "shared" / "data").is_dir() for p in folder.resolve().parents):
+        with pytest.raises(TaskError, match="SIEVE_DATA_ROOT"):
+            load_task(path)
+
+
+# ---- splits -----------------------------------------------------------------------------------
+
+
+def test_split_is_deterministic_disjoint_and_sized():
+    ids = [f"id{i}" for i in range(1000)]
+    a = make_split(ids, SplitOptions(seed=3))
+    assert a == make_split(ids, SplitOptions(seed=3))
+    assert a != make_split(ids, SplitOptions(seed=4))
+    assert [len(a[p]) for p in ("calibration", "search", "test")] == [600, 100, 300]  # capped 200->100, 400->300
+    sets = [set(v) for v in a.values()]
+    assert sum(map(len, sets)) == len(set().union(*sets)) == 1000
+    small = make_split(ids[:50], SplitOptions(search=0.2, test=10, calibration=5))
+    assert [len(small[p]) for p in ("calibration", "search", "test")] == [5, 10, 10]
+    assert set(small["test"]) == set(make_split(ids[:50], SplitOptions(search=3, test=10, calibration=5))["test"])
+
+
+def test_split_that_does_not_fit_is_an_error():
+    with pytest.raises(TaskError, match="cannot split 10 examples"):
+        make_split([str(i) for i in range(10)], SplitOptions(search=5, test=5))
+    with pytest.raises(InputError, match="--search"):
+        SplitOptions(search=0)
+
+
+# ---- binding ----------------------------------------------------------------------------------
+
+
+def test_bind_writes_copy_split_and_manifest(tmp_path):
+    bound, task_path = bind(tmp_path, num_fewshot=2)
+    ws = Workspace(tmp_path / "ws")
+    split = json.loads(ws.split_json.read_text())
+    assert split["counts"] == {"calibration": 12, "search": 4, "test": 8}
+    parts = [set(split["ids"][p]) for p in ("calibration", "search", "test")]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    # few-shot demonstrations only ever come from calibration
+    assert len(split["fewshot"]) == 3 and set(split["fewshot"]) <= parts[0]
+    copy = yaml.safe_load(ws.task_yaml.read_text())
+    assert Path(copy["data_files"]).is_absolute() and copy["sieve"]["source"] == str(task_path.resolve())
+    manifest = ws.read_manifest("task")
+    assert manifest["complete"] and manifest["summary"]["test"] == 8
+    assert ws.upstream_hashes("task")["task"] == ws.manifest_hash("task")
+
+
+def test_texts_and_examples_hold_context_delimiter_and_gold(tmp_path):
+    bound, _ = bind(tmp_path)
+    records = {json.loads(l)["uid"]: json.loads(l) for l in (tmp_path / "data.jsonl").read_text().splitlines()}
+    for example, text in zip(bound.examples("test"), bound.texts("test")):
+        rec = records[example.id]
+        gold = ["no", "yes way"][rec["label"]]
+        assert example.choices == ("no", "yes way") and example.gold == rec["label"]
+        assert text == f"Q: {rec['sentence']}\nA: {gold}"
+    ids = bound.ids("calibration")
+    assert [e.id for e in bound.examples("calibration")] == ids
+
+
+def test_fewshot_context_excludes_the_example_itself(tmp_path):
+    bound, _ = bind(tmp_path, num_fewshot=2)
+    shots = bound.split["fewshot"]
+    for example in bound.examples("calibration"):
+        assert example.context.count("\n\n") == 2  # two demonstrations, then the question
+    first = bound.examples("calibration")[bound.ids("calibration").index(shots[0])]
+    rec = bound.records[shots[0]]
+    assert not first.context.startswith(f"Q: {rec['sentence']}\nA:") or rec["sentence"] in first.context.split("\n\n")[-1]
+
+
+def test_rebind_unchanged_is_noop_changed_is_stale_force_replaces(tmp_path):
+    bound, task_path = bind(tmp_path)
+    ws = Workspace(tmp_path / "ws")
+    written = ws.read_manifest("task")["written"]
+    again = bind_task(ws, task_path, split=SplitOptions(search=4, test=8))
+    assert again.split == bound.split and ws.read_manifest("task")["written"] == written
+    with pytest.raises(StaleStageError, match="--force"):
+        bind_task(ws, task_path, split=SplitOptions(search=4, test=8, seed=1))
+    raw = yaml.safe_load(task_path.read_text())
+    raw["doc_to_text"] = "Question: {{ sentence }}\nA:"
+    task_path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(StaleStageError):
+        bind_task(ws, task_path, split=SplitOptions(search=4, test=8))
+    rebound = bind_task(ws, task_path, force=True, split=SplitOptions(search=4, test=8, seed=1))
+    assert rebound.split["ids"] != bound.split["ids"]
+    assert bind_task(ws, None).examples("test")[0].context.startswith("Question:")
+
+
+def test_bound_task_survives_moving_the_task_file(tmp_path):
+    bound, task_path = bind(tmp_path)
+    task_path.rename(tmp_path / "moved.yaml")
+    reloaded = load_bound_task(Workspace(tmp_path / "ws"))
+    assert reloaded.texts("test") == bound.texts("test")
+
+
+def test_no_task_bound_names_the_flag(tmp_path):
+    with pytest.raises(MissingStageError, match="--task"):
+        bind_task(Workspace(tmp_path / "ws"), None)
+
+
+# ---- the built-in and example tasks --------------------------------------------------------------
+
+
+def test_stdlib_task_is_split_by_file(tmp_path):
+    records = stdlib_records()
+    paths = [r["path"] for r in records]
+    assert len(records) > 200 and "os.py" in paths and len(set(paths)) == len(paths)
+    assert not any("/test/" in f"/{p}" or p.split("/")[-1].startswith("test_") for p in paths)
+    assert all(200 <= len(r["text"]) <= 1200 for r in records)
+    bound = bind_task(Workspace(tmp_path / "ws"), DEFAULT_TASK)
+    assert bound.output_type == "text_modelling"
+    assert set(bound.ids("test")) <= set(paths) and bound.split["counts"]["search"] == 100
+    assert bound.texts("search")[0] == bound.records[bound.ids("search")[0]]["text"]
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "tasks"
+EXPECTED = {
+    "sst2": ("multiple_choice", 872, ("negative", "positive")),
+    "trec": ("multiple_choice", 500, ("abbreviation", "description", "entity", "person", "location", "number")),
+    "pubmedqa": ("multiple_choice", 1000, ("yes", "no", "maybe")),
+    "mbpp": ("text_modelling", 974, ()),
+    "humaneval": ("text_modelling", 164, ()),
+    "gsm8k": ("text_modelling", 1319, ()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_example_tasks_bind_on_the_shared_data(name, data_root, tmp_path):
+    output_type, rows, choices = EXPECTED[name]
+    bound = bind_task(Workspace(tmp_path / "ws"), EXAMPLES / f"{name}.yaml", data_root=data_root)
+    assert bound.output_type == output_type and len(bound.records) == rows
+    assert sum(bound.split["counts"].values()) == rows
+    examples = bound.examples("test")
+    assert all(e.choices == choices for e in examples)
+    assert all(e.target and "\r" not in e.target for e in examples)
+    if choices:  # every label is used, so the label mapping is not stuck on one class
+        assert len({e.gold for e in bound.examples("calibration")}) == len(choices)
