@@ -1,0 +1,502 @@
+"""The evaluator: a task metric on one split part, in memory (`prepare` + `evaluate`) or as stage `eval`.
+
+`prepare` tokenises a part once into scoring sequences; `evaluate` runs them through a model
+in length-sorted, left-padded batches with explicit position ids, so every sequence is
+scored exactly as it would be alone, and only the logits of scored positions are computed
+(`logits_to_keep`). No disk I/O in either, so `search` can call `evaluate` many times.
+
+Metrics (value is always higher-is-better):
+- multiple_choice: accuracy of the choice with the highest summed log-likelihood
+  (lm-eval `acc`); `acc_norm` (log-likelihood per character of the choice) in `extra`.
+- generate_until: exact match of the greedy generation, cut at the first stop string.
+- text_modelling: next-token top-1 accuracy over the target's tokens (token-weighted);
+  perplexity = exp(mean negative log-likelihood per target token) in `extra`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import progress
+from .errors import InputError
+from .tasks import BoundTask, Example, bind_task
+from .workspace import Workspace, read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+STAGE = "eval"
+Z95 = 1.959963984540054
+
+
+# ---- prepared sequences ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Span:
+    """Target tokens predicted by the last len(targets) input positions of a sequence."""
+
+    choice: int  # index of the choice it scores (0 for text modelling)
+    targets: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Sequence:
+    example: int  # index into PreparedSplit.examples
+    tokens: tuple[int, ...]  # model input (the full text minus its last token)
+    spans: tuple[Span, ...]
+
+
+@dataclass
+class PreparedSplit:
+    """One split part, tokenised once; reusable across models that share the tokenizer."""
+
+    task: str
+    part: str
+    output_type: str
+    examples: list[Example]
+    sequences: list[Sequence]  # scoring sequences (multiple_choice, text_modelling)
+    prompts: list[tuple[int, ...]] = field(default_factory=list)  # generate_until contexts
+    until: tuple[str, ...] = ()
+    max_gen_toks: int = 0
+    target_delimiter: str = " "
+    pad_id: int = 0
+    eos_id: int | None = None
+    tokenizer: Any = None  # kept for decoding generations only
+
+    @property
+    def ids(self) -> list[str]:
+        return [e.id for e in self.examples]
+
+    @property
+    def input_tokens(self) -> int:
+        return sum(len(s.tokens) for s in self.sequences) + sum(len(p) for p in self.prompts)
+
+
+def prepare(bound: BoundTask, part: str, tokenizer, limit: int | None = None, max_length: int = 1024) -> PreparedSplit:
+    """Tokenise one part of the bound task (the first `limit` examples) for `evaluate`."""
+    if limit is not None and limit < 1:
+        raise InputError("--limit must be >= 1")
+    if max_length < 8:
+        raise InputError("--max-length must be >= 8 tokens")
+    examples = bound.examples(part)[:limit]
+    task = bound.task
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    prepared = PreparedSplit(
+        task=task.name, part=part, output_type=task.output_type, examples=examples, sequences=[],
+        target_delimiter=task.target_delimiter, pad_id=pad_id, eos_id=tokenizer.eos_token_id,
+    )
+    if task.output_type == "generate_until":
+        budget = max(1, max_length - task.max_gen_toks)
+        prepared.prompts = [tuple(tokenizer.encode(e.context)[-budget:]) for e in examples]
+        prepared.until, prepared.max_gen_toks, prepared.tokenizer = task.until, task.max_gen_toks, tokenizer
+        return prepared
+    for index, example in enumerate(examples):
+        prepared.sequences.extend(_sequences_of(index, example, task.target_delimiter, task.output_type, tokenizer, max_length))
+    return prepared
+
+
+def split_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-eval does: encode the whole, cut at the context's length.
+
+    Encoding the whole keeps merges across the boundary as the model saw them in training;
+    where the context's own encoding is not a prefix of the whole, the two are encoded apart.
+    """
+    if not context:
+        whole = tokenizer.encode(continuation)
+        return whole[:1], whole[1:]
+    whole = tokenizer.encode(context + continuation)
+    ctx = tokenizer.encode(context)
+    if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+        return ctx, whole[len(ctx) :]
+    return ctx, tokenizer.encode(continuation, add_special_tokens=False)
+
+
+def _fit(ctx: list[int], cont: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Trim to at most max_length + 1 tokens: the context's left first (keeping one), then the continuation's tail."""
+    excess = len(ctx) + len(cont) - (max_length + 1)
+    if excess > 0:
+        drop = min(excess, max(len(ctx) - 1, 0))
+        ctx, excess = ctx[drop:], excess - drop
+    if excess > 0:
+        cont = cont[: len(cont) - excess]
+    return ctx, cont
+
+
+def _sequences_of(index: int, example: Example, delimiter: str, output_type: str, tokenizer, max_length: int) -> list[Sequence]:
+    if output_type == "text_modelling":
+        sep = delimiter if example.context else ""
+        ctx, cont = _fit(*split_tokens(tokenizer, example.context, sep + example.target), max_length)
+        full = ctx + cont
+        return [Sequence(index, tuple(full[:-1]), (Span(0, tuple(cont)),))] if cont else []
+    # multiple_choice: choices whose model input is identical (one-token continuations of one context)
+    # share a single sequence, so a yes/no task costs one forward per example, not one per choice
+    grouped: dict[tuple[int, ...], list[Span]] = {}
+    for choice, text in enumerate(example.choices):
+        ctx, cont = _fit(*split_tokens(tokenizer, example.context, delimiter + text), max_length)
+        full = ctx + cont
+        grouped.setdefault(tuple(full[:-1]), []).append(Span(choice, tuple(cont)))
+    return [Sequence(index, tokens, tuple(spans)) for tokens, spans in grouped.items()]
+
+
+# ---- results ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """A metric on one split part. value = sum(w * s) / sum(w) over per_example scores s and weights w."""
+
+    metric: str
+    value: float
+    ci_low: float
+    ci_high: float
+    n: int
+    extra: dict
+    per_example: list[float]
+    weights: list[float] = field(default_factory=list)  # tokens per example for text modelling, else 1
+    ids: list[str] = field(default_factory=list)
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (sane at 0%, 100% and small n)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def ratio_interval(correct: list[float], counts: list[float], z: float = Z95) -> tuple[float, float]:
+    """95% interval of a token-weighted accuracy sum(c)/sum(n), examples as clusters (delta method).
+
+    Tokens of one example are not independent; treating them so would make the interval far too narrow.
+    """
+    m, total = len(counts), sum(counts)
+    if m < 2 or total == 0:
+        return 0.0, 1.0
+    r = sum(correct) / total
+    var = m / (m - 1) * sum((c - r * n) ** 2 for c, n in zip(correct, counts)) / total**2
+    half = z * math.sqrt(var)
+    return max(0.0, r - half), min(1.0, r + half)
+
+
+# ---- scoring --------------------------------------------------------------------------------------
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _batches(lengths: list[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
+    """Indices grouped longest first, each batch within `batch_size` rows and `max_batch_tokens` padded tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, current = [], []
+    for i in order:
+        width = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) >= batch_size or width * (len(current) + 1) > max_batch_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _left_pad(rows: list[tuple[int, ...]], pad_id: int, device: torch.device):
+    """Left-padded ids, attention mask and position ids that restart at 0 on each row's first real token."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+@torch.inference_mode()
+def score_sequences(model, sequences: list[Sequence], pad_id: int, batch_size: int = 16, max_batch_tokens: int = 8192, show_progress: bool = True) -> list[list[tuple[float, int, int]]]:
+    """Per sequence, per span: (sum log p(targets), targets predicted top-1, number of targets)."""
+    device = _device_of(model)
+    out: list[list[tuple[float, int, int]]] = [[] for _ in sequences]
+    batches = _batches([len(s.tokens) for s in sequences], batch_size, max_batch_tokens)
+    with progress.bar("eval", total=len(sequences)) if show_progress else _null_bar() as bar:
+        for batch in batches:
+            rows = [sequences[i] for i in batch]
+            keep = max(len(span.targets) for s in rows for span in s.spans)
+            ids, mask, positions = _left_pad([s.tokens for s in rows], pad_id, device)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep, use_cache=False).logits
+            for r, seq in enumerate(rows):
+                # row by row, so the float32 log-softmax temporaries stay one row of logits in size
+                row = logits[r].float()
+                norm = torch.logsumexp(row, dim=-1)
+                top = row.argmax(dim=-1)
+                for span in seq.spans:
+                    k = len(span.targets)
+                    target = torch.tensor(span.targets, device=row.device)
+                    lp = row[keep - k :].gather(-1, target[:, None])[:, 0] - norm[keep - k :]
+                    hits = int((top[keep - k :] == target).sum())
+                    out[batch[r]].append((float(lp.double().sum()), hits, k))
+            bar.advance(len(batch))
+    return out
+
+
+class _null_bar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def advance(self, n: float = 1) -> None:
+        pass
+
+
+def evaluate(model, prepared: PreparedSplit, batch_size: int = 16, max_batch_tokens: int = 8192, show_progress: bool = True) -> EvalResult:
+    """The task metric of `model` on a prepared split part; no disk I/O, runs on the model's device.
+
+    The same prepared split, batch size and weights always give the same numbers.
+    """
+    if not prepared.examples:
+        raise InputError(f"the {prepared.part} part of task {prepared.task} has no examples to score")
+    was_training = model.training
+    model.eval()
+    try:
+        if prepared.output_type == "generate_until":
+            return _evaluate_generation(model, prepared, batch_size, show_progress)
+        scores = score_sequences(model, prepared.sequences, prepared.pad_id, batch_size, max_batch_tokens, show_progress)
+    finally:
+        model.train(was_training)
+    if prepared.output_type == "multiple_choice":
+        return _multiple_choice_result(prepared, scores)
+    return _text_modelling_result(prepared, scores)
+
+
+def _multiple_choice_result(prepared: PreparedSplit, scores) -> EvalResult:
+    n = len(prepared.examples)
+    loglik = [[-math.inf] * len(e.choices) for e in prepared.examples]
+    for seq, spans in zip(prepared.sequences, scores):
+        for span, (lp, _, _) in zip(seq.spans, spans):
+            loglik[seq.example][span.choice] = lp
+    acc, acc_norm = [], []
+    for e, ll in zip(prepared.examples, loglik):
+        lengths = [len(prepared.target_delimiter + c) for c in e.choices]
+        acc.append(float(_argmax(ll) == e.gold))
+        acc_norm.append(float(_argmax([l / max(n_, 1) for l, n_ in zip(ll, lengths)]) == e.gold))
+    value = sum(acc) / n
+    low, high = wilson_interval(sum(acc), n)
+    extra = {
+        "acc_norm": sum(acc_norm) / n,
+        "acc_norm_ci": list(wilson_interval(sum(acc_norm), n)),
+        "chance": sum(1 / len(e.choices) for e in prepared.examples) / n,
+        "input_tokens": prepared.input_tokens,
+    }
+    return EvalResult("accuracy", value, low, high, n, extra, acc, [1.0] * n, prepared.ids)
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=lambda i: (values[i], -i))  # ties go to the first choice
+
+
+def _text_modelling_result(prepared: PreparedSplit, scores) -> EvalResult:
+    n = len(prepared.examples)
+    nll, hits, counts = [0.0] * n, [0.0] * n, [0.0] * n
+    for seq, spans in zip(prepared.sequences, scores):
+        for lp, h, k in spans:
+            nll[seq.example] -= lp
+            hits[seq.example] += h
+            counts[seq.example] += k
+    total = sum(counts)
+    if total == 0:
+        raise InputError(f"the {prepared.part} part of task {prepared.task} has no target tokens to score")
+    value = sum(hits) / total
+    low, high = ratio_interval(hits, counts)
+    per_example = [h / c if c else 0.0 for h, c in zip(hits, counts)]
+    extra = {
+        "perplexity": math.exp(sum(nll) / total),
+        "nll_per_token": sum(nll) / total,
+        "tokens": int(total),
+        "input_tokens": prepared.input_tokens,
+    }
+    return EvalResult("token_accuracy", value, low, high, n, extra, per_example, counts, prepared.ids)
+
+
+# ---- generation -------------------------------------------------------------------------------------
+
+
+def cut_at_stop(text: str, until: tuple[str, ...]) -> str:
+    """The generation up to (not including) the first stop string."""
+    cut = len(text)
+    for stop in until:
+        at = text.find(stop)
+        if at != -1:
+            cut = min(cut, at)
+    return text[:cut]
+
+
+def normalise_answer(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+@torch.inference_mode()
+def generate_greedy(model, prompts: list[tuple[int, ...]], pad_id: int, eos_id: int | None, max_new: int, batch_size: int, show_progress: bool, stop=None) -> list[list[int]]:
+    """Greedy continuations of each prompt, batched and left-padded, with a KV cache.
+
+    A row stops at EOS or when `stop(tokens)` says so; the batch stops when every row has.
+    """
+    device = _device_of(model)
+    # transformers renamed `past_key_values` to `cache` during 5.x; use whichever this version takes
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    outputs: list[list[int]] = [[] for _ in prompts]
+    batches = _batches([len(p) for p in prompts], batch_size, 1 << 30)
+    with progress.bar("generate", total=len(prompts)) if show_progress else _null_bar() as bar:
+        for batch in batches:
+            ids, mask, positions = _left_pad([prompts[i] for i in batch], pad_id, device)
+            done = torch.zeros(len(batch), dtype=torch.bool, device=device)
+            cache = None
+            step_ids, step_pos = ids, positions
+            for _ in range(max_new):
+                out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+                cache = out["cache"] if "cache" in out else out["past_key_values"]
+                nxt = out.logits[:, -1].argmax(-1)
+                for r, i in enumerate(batch):
+                    if not done[r]:
+                        outputs[i].append(int(nxt[r]))
+                        if (eos_id is not None and int(nxt[r]) == eos_id) or (stop and stop(outputs[i])):
+                            done[r] = True
+                if bool(done.all()):
+                    break
+                step_ids = nxt[:, None]
+                step_pos = step_pos[:, -1:] + 1
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            bar.advance(len(batch))
+    return outputs
+
+
+def _evaluate_generation(model, prepared: PreparedSplit, batch_size: int, show_progress: bool) -> EvalResult:
+    tok = prepared.tokenizer
+
+    def stop(tokens: list[int]) -> bool:
+        text = tok.decode(tokens[-16:], skip_special_tokens=True)
+        return any(s in text for s in prepared.until)
+
+    outputs = generate_greedy(model, prepared.prompts, prepared.pad_id, prepared.eos_id, prepared.max_gen_toks, batch_size, show_progress, stop)
+    scores = []
+    for e, tokens in zip(prepared.examples, outputs):
+        answer = cut_at_stop(tok.decode(tokens, skip_special_tokens=True), prepared.until)
+        scores.append(float(normalise_answer(answer) == normalise_answer(e.target)))
+    n = len(scores)
+    low, high = wilson_interval(sum(scores), n)
+    extra = {"generated_tokens": sum(map(len, outputs)), "input_tokens": prepared.input_tokens}
+    return EvalResult("exact_match", sum(scores) / n, low, high, n, extra, scores, [1.0] * n, prepared.ids)
+
+
+# ---- stage eval ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    split: str = "test"
+    limit: int | None = None
+    model: str | None = None  # a pruned model folder (with sieve.json) or any model folder; None: the dense model
+    batch_size: int = 16
+    max_length: int = 1024
+    device: str = "cpu"
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.split not in ("test", "search", "calibration"):
+            raise InputError(f"--split {self.split!r} is not a split part; use test or search")
+        if self.batch_size < 1:
+            raise InputError("--batch-size must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise InputError("--limit must be >= 1")
+
+
+def run_label(options: EvalOptions) -> str:
+    """Each (model, split, limit) gets its own folder under WS/eval, so dense and pruned results coexist."""
+    if options.model is None:
+        who = "dense"
+    else:
+        path = Path(options.model).expanduser().resolve()
+        from .workspace import sha256_bytes
+
+        who = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.name)[:40] + "-" + sha256_bytes(str(path).encode())[:8]
+    return f"{who}-{options.split}" + (f"-limit{options.limit}" if options.limit else "")
+
+
+def load_eval_model(ws: Workspace, options: EvalOptions):
+    """(model, tokenizer, identity): the pruned model folder if it has sieve.json, any model folder, or the dense model."""
+    from .discover import load_workspace_model
+    from .models import load_model, model_identity, torch_dtype
+
+    if options.model is None:
+        model, tokenizer = load_workspace_model(ws, options.dtype, options.device)
+        return model, tokenizer, {"kind": "dense"}
+    folder = Path(options.model).expanduser()
+    if not folder.is_dir():
+        raise InputError(f"--model {folder} is not a folder; pass the output folder of `sieve apply` or a model folder")
+    if (folder / "sieve.json").exists():
+        from transformers import AutoTokenizer
+
+        from .pruned import load_pruned
+
+        dtype = torch_dtype(options.dtype) if options.dtype else None
+        model = load_pruned(folder, device=options.device, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model.eval()
+    else:
+        model, tokenizer = load_model(folder, options.dtype or "float32", options.device)
+    return model, tokenizer, model_identity(folder)
+
+
+def run_eval(ws: Workspace, options: EvalOptions, force: bool = False) -> dict:
+    """Evaluate the workspace's model (or `options.model`) on a split part; writes WS/eval/<run>/."""
+    label = run_label(options)
+    stage = f"{STAGE}/{label}"
+    bound = bind_task(ws, None)
+    upstream = ws.upstream_hashes("discover", "task")
+    from .models import model_identity
+
+    identity = {"kind": "dense"} if options.model is None else model_identity(Path(options.model).expanduser())
+    inputs = {"options": asdict(options), "upstream": upstream, "model": identity}
+    results_path = ws.eval_dir / label / "results.json"
+    if not ws.begin(stage, inputs, force):
+        log.info("eval %s is up to date; showing the stored result", label)
+        return read_json(results_path) | {"reused": True}
+    model, tokenizer, _ = load_eval_model(ws, options)
+    prepared = prepare(bound, options.split, tokenizer, options.limit, options.max_length)
+    start = time.perf_counter()
+    result = evaluate(model, prepared, options.batch_size)
+    seconds = time.perf_counter() - start
+    report = {
+        "run": label,
+        "task": bound.name,
+        "output_type": bound.output_type,
+        "split": options.split,
+        "model": "dense" if options.model is None else str(Path(options.model).expanduser().resolve()),
+        "metric": result.metric,
+        "value": result.value,
+        "ci_low": result.ci_low,
+        "ci_high": result.ci_high,
+        "n": result.n,
+        "extra": result.extra,
+        "seconds": seconds,
+        "input_tokens_per_second": prepared.input_tokens / seconds if seconds > 0 else None,
+        "per_example": [{"id": i, "score": s, "weight": w} for i, s, w in zip(result.ids, result.per_example, result.weights)],
+    }
+    write_json_atomic(results_path, report)
+    summary = {k: report[k] for k in ("task", "split", "model", "metric", "value", "ci_low", "ci_high", "n")}
+    ws.finish(stage, inputs, [results_path], summary)
+    return report | {"reused": False}
