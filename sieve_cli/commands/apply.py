@@ -1,5 +1,72 @@
-"""`sieve apply` (not implemented yet)."""
+"""`sieve apply`: execute the search's plan, writing the pruned model to a folder."""
 
-from .stubs import not_implemented
+from __future__ import annotations
 
-apply = not_implemented("apply")
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ..apply import DENSE_ABOVE, ApplyOptions, run_apply
+from ..workspace import Workspace
+from .common import DtypeOpt, ForceOpt, JsonOpt, WorkspaceOpt, console, human, print_json, sieve_command
+
+
+@sieve_command
+def apply(
+    workspace: WorkspaceOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the pruned model to (outside the input model's folder).")],
+    plan: Annotated[Optional[Path], typer.Option("--plan", help="Plan file to execute instead of WS/search/plan.json.")] = None,
+    dtype: DtypeOpt = "float32",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the numbers predicted from the plan; write nothing.")] = False,
+    dense_above: Annotated[float, typer.Option(
+        "--dense-above",
+        help="Store a planned matrix as the dense product B·A when it keeps more than this fraction: "
+             "there two thin matmuls run slower than one dense one (same function, dense size).")] = DENSE_ABOVE,
+    factor_all: Annotated[bool, typer.Option("--factor-all", help="Factor every planned matrix (same as --dense-above 1).")] = False,
+    as_json: JsonOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Build the pruned model from the base model and the plan, and save it to OUT.
+
+    OUT holds the base config, the tokenizer, sieve.json (base model, plan, fit method) and
+    model.safetensors with the factored weights. Load it with sieve_cli.load_pruned(OUT), or
+    score it with `sieve eval --model OUT`.
+
+    Examples:\n
+      sieve apply -w ws -o pruned-model\n
+      sieve apply -w ws -o pruned-model --dry-run\n
+      sieve apply -w ws -o pruned-bf16 --dtype bfloat16 --plan other/plan.json --force
+    """
+    options = ApplyOptions(out=out, plan=plan, dtype=dtype, dry_run=dry_run, dense_above=1.0 if factor_all else dense_above)
+    result = run_apply(Workspace(workspace), options, force=force)
+    if as_json:
+        print_json(result)
+        return
+    render(result)
+
+
+def render(result: dict) -> None:
+    predicted = result["predicted"]
+    title = "Predicted from the plan (dry run: nothing written)" if predicted else f"Pruned model written to {result['out']}"
+    if result.get("up_to_date"):
+        title = f"Up to date: {result['out']} already holds this plan's model"
+    table = Table(title=title)
+    for col in ("", "before", "after", "after / before"):
+        table.add_column(col, justify="left" if not col else "right")
+    table.add_row("parameters (whole model)", f"{result['params_before']:,}", f"{result['params_after']:,}", f"{result['params_ratio']:.3f}")
+    table.add_row("parameters (prunable matrices)", f"{result['prunable_before']:,}", f"{result['prunable_after']:,}",
+                  f"{result['prunable_after'] / result['prunable_before']:.3f}" if result["prunable_before"] else "-")
+    size_label = "weights file (predicted)" if predicted else "weights file"
+    table.add_row(size_label, f"{human(result['dense_file_bytes'])}B", f"{human(result['file_bytes'])}B", f"{result['size_ratio']:.3f}")
+    console.print(table)
+    counts = result["matrices"]
+    console.print(
+        f"removed {result['removed_fraction_prunable']:.1%} of prunable parameters, {result['removed_fraction_model']:.1%} "
+        f"of the model ({'predicted' if predicted else 'counted from the model'}); {result['dtype']}, fit method {result['method']}"
+    )
+    console.print(
+        f"matrices: {counts['factored']} factored, {counts['dense']} dense by the plan, {counts['product']} stored dense "
+        f"as B·A because factoring would be slower (kept fraction > {result['dense_above']}; --factor-all to factor them)"
+    )
