@@ -27,7 +27,7 @@ from torch import nn
 from . import progress
 from .errors import InputError
 from .matrices import find_matrices, get_module, sites_of
-from .statistics import add_gram, batches_of, chunk_bounds, cut_sequences, reservoir_slots
+from .statistics import add_gram, batches_of, chunk_bounds, cut_sequences, drain_gram, gram_dtype, reservoir_slots
 from .workspace import Workspace, sha256_json
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 STAGE = "capture"
 STORE_SCHEMA = 1
 STATE_KEY = "sieve_capture"  # root attribute holding the resume state
+# Rows summed in the compute dtype (>= float32) before they are added into float64: a
+# float32 partial sum over this many tokens is as exact as one batch of that size.
+DRAIN_TOKENS = 8192
 
 
 # ---- reading the store (what fit imports) ----------------------------------------
@@ -101,7 +104,7 @@ def store_state(path: str | os.PathLike) -> dict | None:
 class CaptureOptions:
     task: str | None = None  # task YAML; None: the task already bound to the workspace
     tokens: int = 200_000  # calibration tokens to capture (padding excluded)
-    batch_size: int = 16  # sequences per forward pass
+    batch_size: int = 32  # sequences per forward pass
     seq_len: int = 512  # longer examples are cut into pieces of at most this many tokens
     samples_per_site: int = 4096  # raw rows kept per site (float16)
     chunk_tokens: int = 16_384  # the resume unit: the store is flushed after each chunk
@@ -152,19 +155,27 @@ class _Accumulators:
     """Running sums of every site, on the model's device."""
 
     grams: dict[str, torch.Tensor]  # float64 (D, D)
+    pending: dict[str, torch.Tensor]  # compute dtype (>= float32) (D, D): not yet in `grams`
     samples: dict[str, torch.Tensor]  # float16 (capacity, D)
     matrices: dict[str, list[str]]
     tokens: int = 0  # non-padding tokens seen (the reservoir's stream position too)
+    pending_tokens: int = 0
 
     @classmethod
-    def empty(cls, site_matrices: dict, capacity: int, device: torch.device) -> "_Accumulators":
-        grams, samples, names = {}, {}, {}
+    def empty(cls, site_matrices: dict, capacity: int, device: torch.device, dtype: torch.dtype) -> "_Accumulators":
+        grams, pending, samples, names = {}, {}, {}, {}
         for site, group in site_matrices.items():
             dim = group[0].in_features
             grams[site] = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+            pending[site] = torch.zeros(dim, dim, dtype=gram_dtype(dtype), device=device)
             samples[site] = torch.zeros(capacity, dim, dtype=torch.float16, device=device)
             names[site] = [m.name for m in group]
-        return cls(grams, samples, names)
+        return cls(grams, pending, samples, names)
+
+    def drain(self) -> None:
+        for site, total in self.grams.items():
+            drain_gram(total, self.pending[site])
+        self.pending_tokens = 0
 
     def filled(self) -> int:
         capacity = next(iter(self.samples.values())).shape[0] if self.samples else 0
@@ -229,7 +240,7 @@ class _SiteHooks:
             x = args[0]
             flat = x.reshape(-1, x.shape[-1])
             rows = flat if batch.keep is None else flat.index_select(0, batch.keep)
-            add_gram(acc.grams[site], rows)
+            add_gram(acc.pending[site], rows)
             if batch.sample_rows is not None and batch.sample_rows.numel():
                 acc.samples[site][batch.sample_slots] = rows.index_select(0, batch.sample_rows).to(torch.float16)
 
@@ -316,7 +327,7 @@ def capture_statistics(
     chunks = chunk_bounds(lengths, options.chunk_tokens)
     key = _fingerprint(sequences, options, site_matrices, fingerprint)
     device = _model_device(model)
-    acc = _Accumulators.empty(site_matrices, options.samples_per_site, device)
+    acc = _Accumulators.empty(site_matrices, options.samples_per_site, device, next(model.parameters()).dtype)
 
     state = None if fresh else store_state(store)
     start = 0
@@ -349,6 +360,9 @@ def capture_statistics(
                 _run_batch(backbone, [sequences[i] for i in members], acc, batch, rng, options, pad_id, device)
                 bar.advance(sum(lengths[i] for i in members))
                 bar.note(f"{(acc.tokens - done_before) / (time.perf_counter() - started):,.0f} tok/s")
+                if acc.pending_tokens >= DRAIN_TOKENS:
+                    acc.drain()
+            acc.drain()  # the flushed state is exact float64, and the same whether or not a run resumed
             save(index + 1)
             if after_chunk is not None:
                 after_chunk(index)
@@ -367,3 +381,4 @@ def _run_batch(backbone, members, acc, batch, rng, options, pad_id, device) -> N
     with torch.inference_mode():
         backbone(input_ids=ids, attention_mask=mask, use_cache=False)
     acc.tokens += count
+    acc.pending_tokens += count

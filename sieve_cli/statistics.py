@@ -18,10 +18,20 @@ def gram_dtype(compute: torch.dtype) -> torch.dtype:
     return compute if compute in (torch.float32, torch.float64) else torch.float32
 
 
-def add_gram(total: torch.Tensor, rows: torch.Tensor) -> None:
-    """total (float64, D x D) += rows^T rows, the product taken in the rows' (>= float32) dtype."""
-    rows = rows.to(gram_dtype(rows.dtype))
-    total.add_(rows.T @ rows)
+def add_gram(pending: torch.Tensor, rows: torch.Tensor) -> None:
+    """pending (D x D, >= float32) += rows^T rows, one fused matmul-add into a persistent buffer.
+
+    Adding each batch's product straight into float64 costs a D x D temporary and a float64
+    pass per batch, as much as the matmul itself for short batches; the float32 partial sum
+    is drained into float64 by `drain_gram` every few thousand tokens instead.
+    """
+    pending.addmm_(rows.T.to(pending.dtype), rows.to(pending.dtype))
+
+
+def drain_gram(total: torch.Tensor, pending: torch.Tensor) -> None:
+    """total (float64) += pending; pending = 0."""
+    total.add_(pending)
+    pending.zero_()
 
 
 def reservoir_slots(seen: int, count: int, capacity: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -62,11 +62,12 @@ def test_gram_equals_float64_reference_from_plain_hooks(tmp_path, model_type):
         assert dist.min(dim=1).values.max() < 1e-6, site
 
 
-def test_padding_is_excluded_whatever_the_pad_id_and_batching(tmp_path):
+def test_padding_is_excluded_whatever_the_pad_id_and_batching(tmp_path, monkeypatch):
     model = tiny_model("llama")
     sequences = make_sequences(1)
     run(model, sequences, tmp_path / "a.zarr", pad_id=0, batch_size=4)
     run(model, sequences, tmp_path / "b.zarr", pad_id=77, batch_size=4)
+    monkeypatch.setattr(capture_mod, "DRAIN_TOKENS", 3)  # and float32 partial sums drained mid-chunk
     run(model, sequences, tmp_path / "c.zarr", batch_size=1)
     a, b, c = (read_stats(tmp_path / f"{n}.zarr") for n in "abc")
     for site in a:
@@ -147,7 +148,7 @@ def test_hooks_leave_outputs_unchanged_and_are_removed(tmp_path):
     ids = torch.tensor([make_sequences(5)[3]])
     with torch.no_grad():
         before = model(ids).logits
-    acc = capture_mod._Accumulators.empty(sites_of(find_matrices(model)), 4, torch.device("cpu"))
+    acc = capture_mod._Accumulators.empty(sites_of(find_matrices(model)), 4, torch.device("cpu"), torch.float32)
     with torch.no_grad(), capture_mod._SiteHooks(model, sites_of(find_matrices(model)), acc, capture_mod._Batch()):
         during = model(ids).logits
         assert sum(len(m._forward_pre_hooks) for m in model.modules()) == len(acc.grams)
