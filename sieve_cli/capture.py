@@ -366,7 +366,7 @@ def capture_statistics(
             save(index + 1)
             if after_chunk is not None:
                 after_chunk(index)
-    return {"tokens": acc.tokens, "sites": len(site_matrices), "chunks": len(chunks),
+    return {"tokens": acc.tokens, "tokens_this_run": acc.tokens - done_before, "sites": len(site_matrices), "chunks": len(chunks),
             "resumed_from_chunk": start, "samples_per_site": acc.filled()}
 
 
@@ -382,3 +382,60 @@ def _run_batch(backbone, members, acc, batch, rng, options, pad_id, device) -> N
         backbone(input_ids=ids, attention_mask=mask, use_cache=False)
     acc.tokens += count
     acc.pending_tokens += count
+
+
+# ---- the stage -------------------------------------------------------------------
+
+
+def tokenize_calibration(tokenizer, texts: list[str], seq_len: int, budget: int, block: int = 256) -> tuple[list[list[int]], bool]:
+    """Token-id sequences of the calibration texts, in split order, cut at `budget` tokens.
+
+    Encoded as the evaluator encodes (special tokens included) and in blocks, so a large
+    split is only tokenised as far as the budget needs. Returns (sequences, exhausted).
+    """
+    sequences, total = [], 0
+    for start in range(0, len(texts), block):
+        ids = tokenizer(texts[start : start + block])["input_ids"]
+        more, exhausted = cut_sequences(ids, seq_len, budget - total)
+        sequences += more
+        total += sum(map(len, more))
+        if not exhausted:
+            return sequences, False
+    return sequences, True
+
+
+def run_capture(ws: Workspace, options: CaptureOptions, force: bool = False) -> dict:
+    """Capture the statistics of the workspace's model on its task's calibration split.
+
+    Binds `options.task` first (or uses the bound task when None). Refuses when the model,
+    task or options changed since the last capture unless `force`; resumes an interrupted
+    capture with the same inputs; does nothing when a complete one exists. Returns the summary.
+    """
+    from .discover import load_workspace_model
+    from .tasks import bind_task
+
+    bound = bind_task(ws, options.task, force=force)
+    inputs = {"options": options.recorded(), "upstream": ws.upstream_hashes("discover", "task")}
+    resuming = ws.resumable(STAGE, inputs)
+    if not ws.begin(STAGE, inputs, force):
+        log.info("capture is up to date in %s; nothing to do (--force recomputes it)", ws.root)
+        return {**ws.read_manifest(STAGE)["summary"], "up_to_date": True}
+    model, tokenizer = load_workspace_model(ws, options.dtype, options.device)
+    texts = bound.texts("calibration")
+    sequences, exhausted = tokenize_calibration(tokenizer, texts, options.seq_len, options.tokens)
+    if exhausted:
+        log.warning(
+            "the calibration split of %s holds only %s tokens, fewer than --tokens %s: capturing all of them",
+            bound.name, f"{sum(map(len, sequences)):,}", f"{options.tokens:,}",
+        )
+    started = time.perf_counter()
+    summary = capture_statistics(
+        model, sequences, options, ws.capture_store,
+        pad_id=tokenizer.pad_token_id or 0, fingerprint=sha256_json(inputs), fresh=force and not resuming,
+    )
+    summary.update(
+        task=bound.name, examples=len(texts), requested_tokens=options.tokens, exhausted=exhausted,
+        seconds=round(time.perf_counter() - started, 2), store=str(ws.capture_store.relative_to(ws.root)),
+    )
+    ws.finish(STAGE, inputs, [ws.capture_store], summary)
+    return summary

@@ -212,3 +212,67 @@ def test_options_name_the_flag():
         CaptureOptions(tokens=0)
     with pytest.raises(InputError, match="--samples-per-site"):
         CaptureOptions(samples_per_site=-1)
+
+
+# ---- the stage and the command ---------------------------------------------------------
+
+import json  # noqa: E402
+
+import yaml  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from sieve_cli.capture import run_capture  # noqa: E402
+from sieve_cli.errors import StaleStageError  # noqa: E402
+from sieve_cli.tasks import bind_task  # noqa: E402
+from sieve_cli.workspace import Workspace  # noqa: E402
+
+from .test_tasks import write_task  # noqa: E402
+from .tiny import tiny_tokenizer  # noqa: E402
+
+
+def invoke(*args):
+    from sieve_cli.cli import app
+
+    return CliRunner().invoke(app, list(map(str, args)))
+
+
+def test_cli_captures_the_calibration_split_reuses_and_refuses_a_changed_task(tiny_dir, tmp_path):
+    ws = tmp_path / "ws"
+    task = write_task(tmp_path, "text_modelling")
+    assert invoke("discover", tiny_dir, "-w", ws).exit_code == 0
+    result = invoke("capture", "-w", ws, "--task", task, "--batch-size", 3, "--chunk-tokens", 40, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    texts = bind_task(Workspace(ws), None).texts("calibration")
+    expected = sum(len(ids) for ids in tiny_tokenizer()(texts)["input_ids"])
+    assert summary["tokens"] == expected and summary["exhausted"] and summary["chunks"] > 1
+    stats = read_stats(ws / "capture" / "stats.zarr")
+    assert len(stats) == 8 and all(st.tokens == expected for st in stats.values())
+    assert json.loads((ws / "capture" / "manifest.json").read_text())["complete"]
+    again = invoke("capture", "-w", ws, "--batch-size", 3, "--chunk-tokens", 40)  # the bound task, same options: nothing to do
+    assert again.exit_code == 0 and "up to date" in again.output
+    raw = yaml.safe_load(task.read_text())
+    raw["doc_to_text"] = "Now say: {{ sentence }}"
+    task.write_text(yaml.safe_dump(raw))
+    refused = invoke("capture", "-w", ws, "--task", task)
+    assert refused.exit_code == 1 and "--force" in refused.output and "Traceback" not in refused.output
+    forced = invoke("capture", "-w", ws, "--task", task, "--batch-size", 3, "--force", "--json")
+    assert forced.exit_code == 0, forced.output
+    assert json.loads(forced.stdout)["tokens"] != expected  # the new prompt is longer
+
+
+def test_stage_stops_at_the_budget_and_refuses_a_changed_model(tiny_dir, tmp_path):
+    from sieve_cli.discover import DiscoverOptions, run_discover
+
+    from .tiny import save_tiny
+
+    ws = Workspace(tmp_path / "ws")
+    run_discover(ws, DiscoverOptions(model=str(tiny_dir)))
+    options = CaptureOptions(task=str(write_task(tmp_path, "multiple_choice")), tokens=50, batch_size=2, chunk_tokens=20, samples_per_site=4)
+    summary = run_capture(ws, options)
+    assert summary["tokens"] == 50 and not summary["exhausted"]
+    assert read_site(ws.capture_store, "0.attn_in").samples.shape == (4, 32)
+    other = save_tiny(tmp_path / "other", "llama", seed=1)
+    run_discover(ws, DiscoverOptions(model=str(other)), force=True)
+    with pytest.raises(StaleStageError, match="discover"):
+        run_capture(ws, options)
