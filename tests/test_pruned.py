@@ -207,3 +207,36 @@ def test_load_refuses_folders_that_are_not_pruned_models(tmp_path):
     (tmp_path / SIEVE_JSON).write_text(json.dumps(info))
     with pytest.raises(InputError, match="does not match"):
         load_pruned(tmp_path)
+
+
+@pytest.mark.slow
+def test_smollm2_round_trip_keeps_tokenizer_tied_head_and_logits(smollm2_gguf, tmp_path):
+    """The real model (tied head, GGUF tokenizer): half the blocks pruned, saved, reloaded."""
+    from transformers import AutoTokenizer
+
+    from sieve_cli.models import load_model
+
+    model, tokenizer = load_model(smollm2_gguf, "float32", "cpu")
+    before = count_params(model)
+    chosen = [m for m in find_matrices(model) if m.block % 2 == 0]
+    factors = FactorSet("svd")
+    for m in chosen:  # a random orthonormal basis: structure and sizes do not depend on the factors
+        W = weight_of(model.get_submodule(m.name)).detach()
+        Q = torch.linalg.qr(torch.randn(m.out_features, min(W.shape), generator=torch.Generator().manual_seed(0)))[0]
+        factors.full[m.name] = (Q, Q.T @ W)
+    plan = {"method": "svd", "matrices": {m.name: {"rank": min(m.out_features, m.in_features) // 4} for m in chosen}}
+    prune_in_memory(model, plan, factors)
+    text = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)"
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    expected = logits(model, ids)
+    save_pruned(model, tmp_path, plan, IDENTITY, tokenizer)
+    removed = sum(m.params - lowrank_params(plan["matrices"][m.name]["rank"], m.out_features, m.in_features) for m in chosen)
+
+    loaded = load_pruned(tmp_path)
+    assert count_params(loaded) == before - removed
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    assert (tmp_path / WEIGHTS).stat().st_size == pytest.approx(count_params(loaded) * 4, rel=0.01)
+    reloaded_tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded_tokenizer(text).input_ids == ids[0].tolist()
+    assert reloaded_tokenizer.pad_token_id == tokenizer.pad_token_id
+    assert torch.equal(logits(loaded, ids), expected)
