@@ -56,7 +56,7 @@ class SearchOptions:
     levels: tuple[float, ...] = DEFAULT_LEVELS  # adaptive: kept fractions a gene may take
     grid_step: float = 0.01  # uniform: the binary search grid (0.01 -> 7 evaluations)
     population: int = 16
-    generations: int = 12
+    generations: int = 8
     patience: int = 4  # adaptive: stop after this many generations without progress
     seed: int = 0
     limit: int | None = 200  # search-split examples scored per evaluation (None: all)
@@ -127,7 +127,7 @@ def build_scorer(ws: Workspace, options: SearchOptions, factors: FactorSet) -> S
     def score(ranks: Ranks) -> float:
         restore = prune_in_memory(model, {"matrices": {n: {"rank": r} for n, r in ranks.items()}}, factors)
         try:
-            result = evaluate(model, prepared, batch_size=options.batch_size)
+            result = evaluate(model, prepared, batch_size=options.batch_size, show_progress=False)
         finally:
             restore()
         scorer.metric, scorer.examples = result.metric, result.n

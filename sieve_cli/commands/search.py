@@ -41,7 +41,7 @@ def search(
     population: Annotated[int, typer.Option("--population", help="Adaptive: candidates per generation; each new one "
                                             "costs one evaluation.")] = 16,
     generations: Annotated[int, typer.Option("--generations", help="Adaptive: at most this many generations after the "
-                                             "first; each costs about population - 2 evaluations.")] = 12,
+                                             "first; each costs about population - 2 evaluations.")] = 8,
     patience: Annotated[int, typer.Option("--patience", help="Adaptive: stop early after this many generations "
                                           "without a better plan.")] = 4,
     seed: Annotated[int, typer.Option("--seed", help="Adaptive: random seed; the same seed gives the same plan.")] = 0,

@@ -1,0 +1,165 @@
+"""Search quality on SmolLM2-135M: uniform vs adaptive plans, per task and tolerance.
+
+For each task: discover, capture (--tokens), fit (output, plus the compared methods), then
+for each tolerance a uniform and an adaptive search. Reports prunable parameters removed,
+the search-split metric of each plan (what the search saw) and its test-split metric (what
+we report), evaluations and wall time; then, at the uniform plan's p, the test metric of the
+same uniform allocation with the bases of each fit method (output, learned, svd, pca).
+
+    python bench/search_quality.py                               # sst2 and trec, 1% and 5%
+    python bench/search_quality.py --tasks sst2 --tolerances 0.05 --population 8 --generations 3
+
+Workspaces are kept under --work so a rerun reuses capture and fits. Exact numbers go to
+--out (JSON) as well as the table. Timings are wall clock on a shared machine: noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sieve_cli.capture import CaptureOptions, run_capture  # noqa: E402
+from sieve_cli.discover import DiscoverOptions, load_workspace_model, run_discover  # noqa: E402
+from sieve_cli.evaluate import evaluate, prepare  # noqa: E402
+from sieve_cli.fit import FitOptions, load_factors, run_fit  # noqa: E402
+from sieve_cli.models import smollm2_gguf  # noqa: E402
+from sieve_cli.pruned import prune_in_memory  # noqa: E402
+from sieve_cli.search import SearchOptions, rank_at, read_targets, run_search  # noqa: E402
+from sieve_cli.tasks import bind_task  # noqa: E402
+from sieve_cli.workspace import Workspace  # noqa: E402
+
+log = logging.getLogger("bench")
+
+
+def parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", default="sst2,trec", help="names of examples/tasks/<name>.yaml")
+    ap.add_argument("--tolerances", default="0.01,0.05")
+    ap.add_argument("--strategies", default="uniform,adaptive")
+    ap.add_argument("--methods", default="output,learned,svd,pca", help="fit methods compared at the uniform p")
+    ap.add_argument("--tokens", type=int, default=50_000, help="calibration tokens to capture")
+    ap.add_argument("--population", type=int, default=SearchOptions.population)
+    ap.add_argument("--generations", type=int, default=SearchOptions.generations)
+    ap.add_argument("--patience", type=int, default=SearchOptions.patience)
+    ap.add_argument("--limit", type=int, default=SearchOptions.limit, help="search-split examples per evaluation")
+    ap.add_argument("--test-limit", type=int, default=None, help="test-split examples (default: all)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/sieve-bench-search"))
+    ap.add_argument("--out", type=Path, default=None, help="JSON results (default: WORK/search_quality.json)")
+    return ap.parse_args()
+
+
+def prepare_workspace(ws: Workspace, task: str, tokens: int) -> None:
+    run_discover(ws, DiscoverOptions(model=str(smollm2_gguf())))
+    run_capture(ws, CaptureOptions(task=str(REPO / "examples" / "tasks" / f"{task}.yaml"), tokens=tokens))
+    run_fit(ws, FitOptions(method="output"))
+
+
+class TestScorer:
+    """The test-split metric of a plan (or of ranks), on one loaded model."""
+
+    def __init__(self, ws: Workspace, limit: int | None) -> None:
+        self.model, tokenizer = load_workspace_model(ws, None, "cpu")
+        self.prepared = prepare(bind_task(ws, None), "test", tokenizer, limit=limit)
+
+    def __call__(self, ranks: dict, factors) -> float:
+        plan = {"matrices": {n: {"rank": r} for n, r in ranks.items()}}
+        restore = prune_in_memory(self.model, plan, factors)
+        try:
+            return evaluate(self.model, self.prepared, batch_size=16, show_progress=False).value
+        finally:
+            restore()
+
+
+def run_task(task: str, args) -> dict:
+    ws = Workspace(args.work / task)
+    started = time.perf_counter()
+    prepare_workspace(ws, task, args.tokens)
+    log.info("%s: workspace ready in %.0f s", task, time.perf_counter() - started)
+    test = TestScorer(ws, args.test_limit)
+    output_factors = load_factors(ws, "output")
+    result = {"task": task, "dense_test": test({}, output_factors), "plans": [], "methods": []}
+    plans_dir = args.work / task / "plans"
+    plans_dir.mkdir(parents=True, exist_ok=True)
+    for tolerance in map(float, args.tolerances.split(",")):
+        for strategy in args.strategies.split(","):
+            options = SearchOptions(strategy=strategy, tolerance=tolerance, population=args.population,
+                                    generations=args.generations, patience=args.patience, limit=args.limit)
+            plan = run_search(ws, options, force=True)
+            shutil.copy(ws.plan_json, plans_dir / f"{strategy}-{tolerance:g}.json")
+            shutil.copy(ws.history_jsonl, plans_dir / f"{strategy}-{tolerance:g}.history.jsonl")
+            ranks = {n: m["rank"] for n, m in plan["matrices"].items()}
+            row = {"tolerance": tolerance, "strategy": strategy,
+                   "removed_prunable": plan["params"]["removed_fraction_prunable"],
+                   "removed_model": plan["params"]["removed_fraction_model"],
+                   "search_dense": plan["metric"]["dense"], "search_plan": plan["metric"]["plan"],
+                   "test_plan": test(ranks, output_factors), "evaluations": plan["search"]["evaluations"],
+                   "seconds": plan["search"]["seconds"], "uniform_p": plan["search"]["uniform_p"]}
+            log.info("%s", row)
+            result["plans"].append(row)
+    result["methods"] = compare_methods(ws, test, result["plans"], args)
+    return result
+
+
+def compare_methods(ws: Workspace, test: TestScorer, plans: list[dict], args) -> list[dict]:
+    """At each tolerance's uniform p: the test metric with each fit method's bases."""
+    targets, _ = read_targets(ws)
+    rows = []
+    for row in (r for r in plans if r["strategy"] == "uniform"):
+        p = row["uniform_p"]
+        if p >= 1.0:
+            continue
+        for method in args.methods.split(","):
+            started = time.perf_counter()
+            # learned trains factors per kept fraction: train exactly this p
+            options = FitOptions(method=method, levels=(p,)) if method == "learned" else FitOptions(method=method)
+            run_fit(ws, options, force=method == "learned")
+            factors = load_factors(ws, method)
+            ranks = {t.name: rank_at(t, p, factors) for t in targets}
+            rows.append({"tolerance": row["tolerance"], "p": p, "method": method, "test": test(ranks, factors),
+                         "fit_and_eval_seconds": round(time.perf_counter() - started, 1)})
+            log.info("%s", rows[-1])
+    return rows
+
+
+def render(results: list[dict]) -> None:
+    print("\nplans (removed = share of the 210 prunable matrices' parameters; metric = accuracy)")
+    print(f"{'task':6} {'tol':>5} {'strategy':9} {'removed':>8} {'model':>7} {'search d->p':>13} "
+          f"{'test d->p':>13} {'evals':>6} {'time s':>7}")
+    for r in results:
+        for p in r["plans"]:
+            print(f"{r['task']:6} {p['tolerance']:>5.2f} {p['strategy']:9} {p['removed_prunable']:>8.2%} "
+                  f"{p['removed_model']:>7.2%} {p['search_dense']:>6.3f}->{p['search_plan']:.3f} "
+                  f"{r['dense_test']:>6.3f}->{p['test_plan']:.3f} {p['evaluations']:>6} {p['seconds']:>7.0f}")
+    print("\ntest metric of the uniform plan's allocation, by fit method")
+    print(f"{'task':6} {'tol':>5} {'p':>5} {'method':8} {'test':>7}")
+    for r in results:
+        for m in r["methods"]:
+            print(f"{r['task']:6} {m['tolerance']:>5.2f} {m['p']:>5.2f} {m['method']:8} {m['test']:>7.3f}")
+
+
+def main() -> None:
+    torch.set_num_threads(1)  # the machine is shared: one thread is steadier
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("transformers", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    args = parse()
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = [run_task(task, args) for task in args.tasks.split(",")]
+    out = args.out or args.work / "search_quality.json"
+    out.write_text(json.dumps(results, indent=2))
+    render(results)
+    print(f"\nexact numbers: {out}")
+
+
+if __name__ == "__main__":
+    main()
