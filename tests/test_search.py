@@ -198,3 +198,34 @@ def test_cli_search_renders_plan(ws, monkeypatch):
     assert result.exit_code == 1 and "--force" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(app, ["search", "-w", str(ws.root), "--strategy", "bogus"])
     assert result.exit_code == 1 and "--strategy" in result.output
+
+
+@pytest.mark.slow
+def test_both_strategies_on_real_smollm2(smollm2_gguf, data_root, tmp_path):
+    """A short real run: tiny capture, closed-form fit, a coarse uniform and a one-generation GA."""
+    from sieve_cli.capture import CaptureOptions, run_capture
+    from sieve_cli.discover import load_workspace_model
+    from sieve_cli.evaluate import evaluate, prepare
+    from sieve_cli.fit import FitOptions, load_factors, run_fit
+    from sieve_cli.pruned import prune_in_memory
+    from sieve_cli.tasks import bind_task
+
+    from .conftest import REPO
+
+    ws = Workspace(tmp_path / "ws")
+    run_discover(ws, DiscoverOptions(model=str(smollm2_gguf)))
+    run_capture(ws, CaptureOptions(task=str(REPO / "examples" / "tasks" / "sst2.yaml"), tokens=2048))
+    run_fit(ws, FitOptions(method="output"))
+    common = dict(tolerance=0.1, limit=16, grid_step=0.25)
+    uniform = run_search(ws, SearchOptions(strategy="uniform", **common))
+    assert len(uniform["matrices"]) == 210 and len(history(ws)) <= 4
+    adaptive = run_search(ws, SearchOptions(strategy="adaptive", population=3, generations=1, patience=1, **common),
+                          force=True)
+    assert adaptive["params"]["removed_fraction_prunable"] >= uniform["params"]["removed_fraction_prunable"]
+    assert is_acceptable(adaptive["metric"]["plan"], adaptive["metric"]["dense"] * 0.9)
+    # the plan's ranks, swapped in again, reproduce the metric the search recorded
+    model, tokenizer = load_workspace_model(ws)
+    prepared = prepare(bind_task(ws, None), "search", tokenizer, limit=16)
+    restore = prune_in_memory(model, adaptive, load_factors(ws, "output"))
+    assert evaluate(model, prepared, show_progress=False).value == adaptive["metric"]["plan"]
+    restore()
