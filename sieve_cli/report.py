@@ -14,6 +14,7 @@ import html
 import io
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,7 @@ FIGURES = {
 KIND_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "fc1", "down", "fc2")
 METHOD_COLOURS = {"output": "tab:blue", "learned": "tab:green", "pca": "tab:orange", "svd": "tab:red"}
 ANNOTATE_MAX_CELLS = 160  # numbers in heatmap cells up to this many cells (SmolLM2: 30 x 7 = 210 gets none)
+FEW_BLOCKS = 8  # spectra: up to this many blocks get a legend, more a colour bar
 ERROR_FLOOR = 1e-6  # relative errors are drawn on a log axis; exact zeros sit at this floor
 
 
@@ -362,8 +364,10 @@ def metric_figure(scores: list[Score], metric: str, threshold: float | None = No
             ax.plot(s.value, y, "o", color=colour, ms=7, mfc="white", mew=2)
         n = f"  (n={s.n})" if s.n else ""
         ax.annotate(f"{s.value:.4g}{n}", (s.value, y), xytext=(0, 9), textcoords="offset points", ha="center", fontsize=9)
-    if threshold is not None:
-        ax.axvline(threshold, color="grey", ls="--", lw=1, label=f"tolerance ({threshold:.4g})")
+    searched = [y for y, s in zip(ys, scores) if "search split" in s.label]
+    if threshold is not None and searched:  # the tolerance applies to the split the search scored
+        ax.plot([threshold] * 2, [min(searched) - 0.45, max(searched) + 0.45], color="grey", ls="--", lw=1,
+                label=f"tolerance, search split ({threshold:.4g})")
         ax.legend(loc="lower left", fontsize=8, frameon=False)
     ax.set_yticks(ys, [s.label for s in scores])
     ax.set_ylim(-0.7, len(scores) - 0.2)
@@ -416,14 +420,15 @@ def spectra_figure(curve: Curve) -> Figure:
     blocks = sorted({b for lines in curve.lines.values() for b, _, _ in lines})
     norm = Normalize(min(blocks), max(max(blocks), min(blocks) + 1))
     cmap = _block_cmap()
+    few = len(blocks) <= FEW_BLOCKS
     for ax, kind in zip(axes, kinds):
         for block, xs, ys in curve.lines[kind]:
             style = "-" if len(xs) > 12 else "o-"
-            ax.plot(xs, np.maximum(ys, ERROR_FLOOR), style, color=cmap(norm(block)), lw=1.2, ms=3, alpha=0.85)
+            colour = f"C{blocks.index(block)}" if few else cmap(norm(block))
+            ax.plot(xs, np.maximum(ys, ERROR_FLOOR), style, color=colour, lw=1.2, ms=3, alpha=0.85, label=f"block {block}")
         if kind in curve.chosen:
             cx, cy = zip(*curve.chosen[kind])
-            ax.plot(cx, np.maximum(cy, ERROR_FLOOR), "kx", ms=6, mew=1.5, label="plan")
-            ax.legend(loc="lower left", fontsize=7, frameon=False)
+            ax.plot(cx, np.maximum(cy, ERROR_FLOOR), "kx", ms=5, mew=1.2, alpha=0.8)
         ax.set_title(kind, fontsize=10)
         ax.set_yscale("log")
         ax.set_xlim(0, 1)
@@ -432,8 +437,11 @@ def spectra_figure(curve: Curve) -> Figure:
         ax.set_visible(False)
     fig.supxlabel("kept fraction of the matrix's parameters", fontsize=10)
     fig.supylabel("relative output error", fontsize=10)
-    fig.suptitle(f"fit spectra, method {curve.method}", fontsize=11)
-    if len(blocks) > 1:
+    marks = "; x: the plan's matrices" if curve.chosen else ""
+    fig.suptitle(f"fit spectra, method {curve.method} (one line per block{marks})", fontsize=11)
+    if few:
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=9, frameon=False)
+    else:
         from matplotlib.cm import ScalarMappable
 
         bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes[: len(kinds)].tolist(), fraction=0.03, pad=0.01)
@@ -444,7 +452,9 @@ def spectra_figure(curve: Curve) -> Figure:
 def _block_cmap():
     from matplotlib import colormaps
 
-    return colormaps["plasma"].resampled(256)
+    from matplotlib.colors import ListedColormap
+
+    return ListedColormap(colormaps["plasma"](np.linspace(0, 0.85, 256)))  # no pale yellow on white
 
 
 def tradeoff_figure(trials: list[Trials], dense: float, threshold: float | None, chosen: tuple[float, float] | None,
@@ -462,7 +472,7 @@ def tradeoff_figure(trials: list[Trials], dense: float, threshold: float | None,
             ax.plot(xs, ys, "s--", color=colour, ms=5, lw=1.2, alpha=0.9, label=f"uniform{tag}")
         if t.adaptive:
             front = pareto_front(t.adaptive + t.uniform)
-            ax.step(*zip(*front), where="post", color=colour, lw=2, label=f"adaptive front{tag}")
+            ax.plot(*zip(*front), "o-", color=colour, lw=2, ms=4, label=f"adaptive front{tag}")
     ax.axhline(dense, color="black", lw=0.8, alpha=0.6, label=f"dense ({dense:.4g})")
     if threshold is not None:
         ax.axhline(threshold, color="grey", ls=":", lw=1.5, label=f"tolerance ({threshold:.4g})")
@@ -470,7 +480,10 @@ def tradeoff_figure(trials: list[Trials], dense: float, threshold: float | None,
         ax.plot(*chosen, "*", color="gold", mec="black", ms=16, zorder=5, label="chosen plan")
     points = [p for t in trials for p in t.uniform + t.adaptive]
     if points:
-        _zoom(ax, points, dense, threshold)
+        hidden = _zoom(ax, points, dense, threshold)
+        if hidden:
+            ax.text(0.99, 0.01, f"{hidden} evaluation{'s' * (hidden > 1)} below the axis", transform=ax.transAxes, ha="right",
+                    va="bottom", fontsize=8, color="grey")
     ax.set_xlabel("parameters removed (share of the prunable matrices)")
     ax.set_ylabel(f"{metric} (search split)")
     ax.xaxis.set_major_formatter(_percent)
@@ -483,8 +496,8 @@ def tradeoff_figure(trials: list[Trials], dense: float, threshold: float | None,
     return fig
 
 
-def _zoom(ax, points, dense, threshold) -> None:
-    """Show all points, but keep the region near the tolerance readable when some candidates collapse."""
+def _zoom(ax, points, dense, threshold) -> int:
+    """Keep the region near the tolerance readable when some candidates collapse; returns how many are cut off."""
     ys = np.array([y for _, y in points])
     low = threshold if threshold is not None else dense
     spread = max(abs(dense - low), 1e-9)
@@ -493,6 +506,7 @@ def _zoom(ax, points, dense, threshold) -> None:
     pad = 0.06 * (max(ys.max(), dense) - bottom or 1)
     ax.set_ylim(bottom - pad, max(ys.max(), dense) + pad)
     ax.set_xlim(-0.02, max(x for x, _ in points) * 1.05 + 0.02)
+    return int(np.sum(ys < bottom - pad))
 
 
 def _percent_fn(x, _pos=None) -> str:
@@ -512,7 +526,7 @@ PAGE = """<!doctype html>
  h1 {{ font-size: 1.5em; }} h2 {{ font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }}
  table {{ border-collapse: collapse; margin: .5em 0; }}
  td, th {{ padding: .25em .8em; border-bottom: 1px solid #eee; text-align: left; vertical-align: top; }}
- td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+ td.num {{ text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }}
  img {{ max-width: 100%; display: block; margin: .5em 0; }}
  .note {{ color: #8a5a00; background: #fff6e0; padding: .4em .8em; border-radius: 4px; }}
  .finding {{ background: #eef5ff; padding: .6em 1em; border-radius: 4px; }}
@@ -537,9 +551,12 @@ def image_tag(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
+NUMERIC = re.compile(r"[-+]?[\d.,]+( to [-+]?[\d.,]+)? ?(%|[KMG]|[KMG]?B)?")
+
+
 def table(rows: list[tuple], header: tuple | None = None) -> str:
     def cell(value, tag="td"):
-        klass = ' class="num"' if isinstance(value, (int, float)) or str(value)[:1].isdigit() else ""
+        klass = ' class="num"' if NUMERIC.fullmatch(str(value)) else ""
         return f"<{tag}{klass}>{html.escape(str(value))}</{tag}>"
 
     head = "<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>" if header else ""
@@ -575,10 +592,7 @@ def summary_rows(data: Data) -> list[tuple]:
     """Parameters and sizes: the plan's prediction, and what apply counted when it ran."""
     p, plan, a = data.plan["params"], data.plan, data.applied
     width = DTYPE_BYTES.get(data.dtype, 4)
-    tolerance = f"{plan['tolerance']:g}" + (" (absolute)" if plan.get("absolute") else " (relative to dense)")
     rows = [
-        ("strategy / fit method", "", f"{plan['strategy']} / {plan['method']}", ""),
-        ("tolerance", "", tolerance, ""),
         ("prunable parameters (plan)", human(p["prunable_before"]), human(p["prunable_after"]),
          f"-{p['removed_fraction_prunable']:.1%}"),
         ("model parameters (plan)", human(p["model_before"]), human(p["model_after"]),
@@ -593,9 +607,16 @@ def summary_rows(data: Data) -> list[tuple]:
         ]
     else:
         after = human_bytes(data.pruned_bytes) if data.pruned_bytes else human_bytes(p["model_after"] * width)
-        rows.append((f"weights in {data.dtype} (from the counts)", human_bytes(p["model_before"] * width), after,
-                     data.notes.get("apply", "")))
+        rows.append((f"weights in {data.dtype} (from the counts)", human_bytes(p["model_before"] * width), after, ""))
     return rows
+
+
+def plan_sentence(plan: dict, threshold: float) -> str:
+    metric = plan["metric"]
+    kind = "absolute" if plan.get("absolute") else "relative to dense"
+    return (f"The {plan['strategy']} search over the {plan['method']} fit, tolerance {plan['tolerance']:g} ({kind}): "
+            f"a plan is acceptable when {metric['name']} on the {metric.get('split', 'search')} split is at least "
+            f"{threshold:.4g}.")
 
 
 def _stored_dense(applied: dict) -> str:
@@ -658,7 +679,9 @@ def run_report(ws: Workspace, options: ReportOptions) -> ReportResult:
     body = figure("metric", metric_figure(data.scores, metric["name"], threshold), "dense vs pruned metric")
     body = (note(data.notes["metric"]) if "metric" in data.notes else "") + body
     body += table(score_rows(data.scores), (metric["name"], "value", "95% interval", "examples"))
+    body += f"<p>{html.escape(plan_sentence(plan, threshold))}</p>"
     body += table(summary_rows(data), ("", "before", "after", "change"))
+    body += note(data.notes["apply"]) if "apply" in data.notes else ""
     pages.append(section("summary", f"Dense vs pruned: {metric['name']}", body))
     status["summary"] = "shown"
 
@@ -696,7 +719,7 @@ def run_report(ws: Workspace, options: ReportOptions) -> ReportResult:
         if len(data.trials) == 1 and len(data.spectra) > 1:
             body += note("Only one fit method was searched in this workspace (history.jsonl holds the last search).")
         status["tradeoff"] = "shown"
-    pages.append(section("tradeoff", f"{metric['name']} vs parameters removed", body))
+    pages.append(section("tradeoff", f"{metric['name'].capitalize()} vs parameters removed", body))
 
     # 5. the options
     pages.append(section("options", "Options used", table(options_rows(data.manifests), ("stage", "written", "options"))))
