@@ -156,7 +156,9 @@ def run_apply(ws: Workspace, options: ApplyOptions, force: bool = False) -> dict
         return predict(read_json(ws.matrices_json), ranks, shapes, layout, options, plan)
 
     out, inputs_sha = resolved(options.out), sha256_json(inputs)
-    guard_out(out, base_folder(ws), force, inputs_sha)
+    # `sieve run` (replace_stale) may replace a pruned model that this workspace wrote earlier
+    ours = ws.replace_stale and (ws.read_manifest(STAGE) or {}).get("summary", {}).get("out") == str(out)
+    guard_out(out, base_folder(ws), force or ours, inputs_sha)
     if not ws.begin(STAGE, inputs, force) and made_from(out, inputs_sha):
         log.info("apply is up to date: %s was built from the same plan and options", out)
         return {**read_json(ws.stage_dir(STAGE) / RESULT), "up_to_date": True}

@@ -9,10 +9,11 @@ import typer
 from .commands import common
 from .commands.apply import apply
 from .commands.capture import capture
-from .commands.demo import demo
 from .commands.discover import discover
 from .commands.eval import eval as eval_command
 from .commands.fit import fit
+from .commands.report import report
+from .commands.run import demo, run
 from .commands.search import search
 
 app = typer.Typer(
@@ -37,12 +38,14 @@ def _main(
 
 
 app.command("discover")(discover)
-app.command("demo")(demo)
 app.command("capture")(capture)
 app.command("fit")(fit)
 app.command("search")(search)
 app.command("apply")(apply)
 app.command("eval")(eval_command)
+app.command("run")(run)
+app.command("report")(report)
+app.command("demo")(demo)
 
 
 def main() -> None:

@@ -10,12 +10,15 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError, MissingStageError, StaleStageError
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -75,8 +78,11 @@ def read_json(path: Path) -> Any:
 class Workspace:
     """Every path of a workspace, and the manifest protocol that stages follow."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, replace_stale: bool = False) -> None:
+        """`replace_stale`: stages re-run where their inputs changed instead of refusing
+        (what `sieve run` does, like `make`); single stages refuse unless --force."""
         self.root = Path(root).expanduser().resolve()
+        self.replace_stale = replace_stale
         if self.root.exists() and not self.root.is_dir():
             raise InputError(f"workspace {self.root} is a file, not a folder; pass a folder with -w")
 
@@ -176,8 +182,11 @@ class Workspace:
             same = manifest.get("inputs") == _normalise(inputs)
             if same and manifest.get("complete"):
                 return False
-            if not same:
-                changed = describe_changes(manifest.get("inputs") or {}, _normalise(inputs))
+            changed = describe_changes(manifest.get("inputs") or {}, _normalise(inputs))
+            if not same and self.replace_stale:
+                log.info("%s: inputs %s; re-running it", stage, changed)
+                force = True
+            elif not same:
                 raise StaleStageError(
                     f"{stage} outputs in {self.root} were made from other inputs ({changed}); "
                     f"rerun with --force to replace them"
