@@ -129,7 +129,7 @@ def test_report_states_scores_sizes_and_options(full_ws):
     assert "pruned (test split)" in page  # the evaluated folder holds this plan's model
     assert "dense (test split)" in page
     assert f"-{plan['params']['removed_fraction_prunable']:.1%}" in page
-    assert "adaptive / output" in page
+    assert "The adaptive search over the output fit, tolerance 0.05 (relative to dense)" in page
     assert "tolerance" in page and "population=12" in page  # the search options are listed
     applied = json.loads((full_ws.stage_dir("apply") / "result.json").read_text())
     assert "counted by apply" in page and "not applied yet" not in page
