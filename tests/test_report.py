@@ -215,3 +215,22 @@ def test_cli_report(full_ws):
     missing = CliRunner().invoke(app, ["report", "-w", str(full_ws.root / "nothing-here")])
     assert missing.exit_code == 1
     assert "sieve search" in missing.output
+
+
+def test_report_on_the_real_pipeline(tiny_dir, tmp_path):
+    """Every stage run for real on the tiny model (`sieve run`), then the report: nothing skipped."""
+    from sieve_cli.pipeline import RunOptions, run_pipeline
+
+    from .test_tasks import write_task
+
+    task = write_task(tmp_path, "text_modelling")
+    search = SearchOptions(limit=None, grid_step=0.1, population=4, generations=1, patience=1)
+    run = run_pipeline(RunOptions(model=str(tiny_dir), task=str(task), workspace=tmp_path / "ws", out=tmp_path / "pruned",
+                                  strategy="adaptive", tokens=2000, seq_len=64, eval_samples=6, search=search))
+    result = run_report(Workspace(run.workspace), ReportOptions())
+    assert result.sections == {k: "shown" for k in ("summary", "heatmap", "spectra", "tradeoff")}
+    page = result.html.read_text()
+    assert "dense (test split)" in page and "pruned (test split)" in page  # apply's folder, evaluated
+    assert "counted by apply" in page
+    for path in result.images:
+        assert_png_has_content(path)
