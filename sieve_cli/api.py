@@ -1,0 +1,217 @@
+"""The Python API of the LLM-Sieve seed: `LLMSieveConfig`, `TransformerPruner`, `diagnose_model`.
+
+For notebooks: the model is already in memory, the calibration data is any iterable of
+token-id batches (or texts) and the metric any `eval_fn(model) -> float`. It runs the
+same stage functions as the CLI (capture_statistics, fit_model, the uniform and genetic
+search, prune_in_memory, save_pruned) inside a workspace folder, so every artifact
+(statistics, factors, history) can be inspected afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .capture import CaptureOptions, capture_statistics
+from .discover import diagnose
+from .errors import InputError
+from .factors import FactorSet
+from .fit import FitOptions, fit_model
+from .genetic import acceptance_threshold
+from .matrices import find_matrices
+from .pruned import prune_in_memory, save_pruned
+from .search import Evaluations, Outcome, Scorer, SearchOptions, Target, build_plan, ranks_for, search_adaptive, search_uniform
+from .workspace import Workspace, sha256_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LLMSieveConfig:
+    """The seed's configuration, with its defaults; `fit_method` defaults to the exact optimum."""
+
+    calibration_tokens: int = 200_000
+    batch_size: int = 5000  # rows per Adam step of the `learned` fit (the paper's)
+    learning_rate: float = 0.001
+    num_epochs: int = 2
+    pruning_strategy: str = "uniform"  # or "adaptive"
+    target_accuracy_drop: float = 0.05  # relative to the baseline accuracy
+    prune_attention: bool = True
+    prune_mlp: bool = True
+    ga_population_size: int = 100
+    ga_generations: int = 30
+    fit_method: str = "output"  # output (exact), learned (the paper's), svd, pca
+    workspace: str | None = None  # where artifacts go; None: a new temporary folder
+    seq_len: int = 512
+
+    def __post_init__(self) -> None:
+        if self.pruning_strategy not in ("uniform", "adaptive"):
+            raise InputError(f"pruning_strategy must be 'uniform' or 'adaptive', got {self.pruning_strategy!r}")
+        if not (self.prune_attention or self.prune_mlp):
+            raise InputError("prune_attention and prune_mlp are both False: nothing to prune")
+        if not 0 <= self.target_accuracy_drop < 1:
+            raise InputError(f"target_accuracy_drop must be in [0, 1), got {self.target_accuracy_drop}")
+
+    def search_options(self, strategy: str) -> SearchOptions:
+        return SearchOptions(strategy=strategy, method=self.fit_method, tolerance=self.target_accuracy_drop,
+                             population=self.ga_population_size, generations=self.ga_generations)
+
+    def fit_options(self) -> FitOptions:
+        return FitOptions(method=self.fit_method, lr=self.learning_rate, epochs=self.num_epochs, batch_rows=self.batch_size)
+
+
+def diagnose_model(model: nn.Module, name: str | None = None) -> dict:
+    """What `sieve discover` reports, as a dict: `prunable` (count), `groups` (the per-type table), ..."""
+    result = diagnose(model)
+    result["name"] = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+    return result
+
+
+class TransformerPruner:
+    """Prune an in-memory model: calibrate, fit, search with your metric, apply, save.
+
+    >>> pruner = TransformerPruner(model, LLMSieveConfig(calibration_tokens=50_000), tokenizer)
+    >>> factors = pruner.uniform_prune(calibration_batches, eval_fn)   # {matrix name: kept fraction}
+    >>> pruner.apply_pruning(); pruner.save_pruned_model("pruned/")
+    """
+
+    def __init__(self, model: nn.Module, config: LLMSieveConfig | None = None, tokenizer=None) -> None:
+        self.model, self.config, self.tokenizer = model, config or LLMSieveConfig(), tokenizer
+        root = self.config.workspace or tempfile.mkdtemp(prefix="sieve-api-")
+        self.workspace = Workspace(root)
+        self.targets = self._targets()
+        self.factors: FactorSet | None = None
+        self.plan: dict | None = None
+        self._restore: Callable[[], None] | None = None
+
+    def _targets(self) -> list[Target]:
+        groups = {"attention"} if not self.config.prune_mlp else {"mlp"} if not self.config.prune_attention else {"attention", "mlp"}
+        return [Target(m.name, m.kind, m.block, m.out_features, m.in_features)
+                for m in find_matrices(self.model) if m.group in groups]
+
+    # ---- calibration + fit --------------------------------------------------------------
+    def calibrate(self, calibration_loader: Iterable) -> FactorSet:
+        """Capture statistics from the loader's batches and fit every matrix (done once)."""
+        if self.factors is not None:
+            return self.factors
+        sequences = self._sequences(calibration_loader)
+        options = CaptureOptions(tokens=sum(map(len, sequences)), seq_len=self.config.seq_len)
+        pad = getattr(self.tokenizer, "pad_token_id", None) or 0
+        capture_statistics(self.model, sequences, options, self.workspace.capture_store, pad_id=pad, fresh=True)
+        fit_options = self.config.fit_options()
+        self.factors, spectrum = fit_model(self.model, self.workspace.capture_store, fit_options)
+        self._record_fit(fit_options, spectrum)
+        return self.factors
+
+    def _sequences(self, loader: Iterable) -> list[list[int]]:
+        """Token-id sequences from batches of ids (tensors, lists, dicts with input_ids) or texts, to the budget."""
+        budget, sequences = self.config.calibration_tokens, []
+        for batch in loader:
+            for seq in self._rows(batch):
+                seq = seq[: min(self.config.seq_len, budget)]
+                if seq:
+                    sequences.append(seq)
+                    budget -= len(seq)
+                if budget <= 0:
+                    return sequences
+        if not sequences:
+            raise InputError("the calibration loader gave no tokens")
+        return sequences
+
+    def _rows(self, batch) -> list[list[int]]:
+        if isinstance(batch, str) or (isinstance(batch, list) and batch and isinstance(batch[0], str)):
+            if self.tokenizer is None:
+                raise InputError("the calibration loader gives texts: pass tokenizer= to TransformerPruner")
+            texts = [batch] if isinstance(batch, str) else batch
+            return self.tokenizer(texts)["input_ids"]
+        mask = None
+        if isinstance(batch, dict):
+            batch, mask = batch["input_ids"], batch.get("attention_mask")
+        ids = torch.as_tensor(batch)
+        ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
+        if mask is None:
+            return [row.tolist() for row in ids]
+        mask = torch.as_tensor(mask).reshape(ids.shape).bool()
+        return [row[m].tolist() for row, m in zip(ids, mask)]  # padding dropped
+
+    def _record_fit(self, options: FitOptions, spectrum: dict) -> None:
+        """Write the fit as the `fit/<method>` stage, so the GA's greedy seeds can read its spectrum."""
+        ws, stage = self.workspace, self.workspace.fit_stage(options.method)
+        folder = ws.fit_dir(options.method)
+        folder.mkdir(parents=True, exist_ok=True)
+        inputs = {"options": options.recorded(), "upstream": {"api": sha256_json([t.name for t in self.targets])}}
+        ws.begin(stage, inputs, force=True)
+        self.factors.save(folder / "factors.safetensors")
+        write_json_atomic(folder / "spectrum.json", spectrum)
+        ws.finish(stage, inputs, [folder / "factors.safetensors", folder / "spectrum.json"])
+
+    # ---- search -------------------------------------------------------------------------
+    def uniform_prune(self, calibration_loader: Iterable, eval_fn: Callable[[nn.Module], float],
+                      baseline_accuracy: float | None = None) -> dict[str, float]:
+        """Binary search for one kept fraction p for every matrix; returns {matrix name: kept fraction}."""
+        return self._search("uniform", calibration_loader, eval_fn, baseline_accuracy)
+
+    def adaptive_prune(self, calibration_loader: Iterable, eval_fn: Callable[[nn.Module], float],
+                       baseline_accuracy: float | None = None) -> dict[str, float]:
+        """Genetic search for a kept fraction per matrix; returns {matrix name: kept fraction}."""
+        return self._search("adaptive", calibration_loader, eval_fn, baseline_accuracy)
+
+    def _search(self, strategy: str, loader: Iterable, eval_fn: Callable[[nn.Module], float],
+                baseline: float | None) -> dict[str, float]:
+        if self._restore is not None:
+            raise InputError("pruning is already applied to this model; create a new TransformerPruner")
+        factors = self.calibrate(loader)
+        options = self.config.search_options(strategy)
+        ws = self.workspace
+        ws.history_jsonl.parent.mkdir(parents=True, exist_ok=True)
+        ws.history_jsonl.unlink(missing_ok=True)
+        evals = Evaluations(ws, Scorer(score=self._scorer(eval_fn, factors), metric="eval_fn"), self.targets, factors, resume=False)
+        dense = float(eval_fn(self.model)) if baseline is None else float(baseline)
+        evals.threshold = acceptance_threshold(dense, options.tolerance, options.absolute)
+        uniform = search_uniform(evals, options, self.targets)
+        if strategy == "uniform":
+            outcome = Outcome([uniform.p] * len(self.targets), dense if uniform.metric is None else uniform.metric,
+                              {"uniform_p": uniform.p})
+        else:
+            outcome = search_adaptive(ws, evals, options, self.targets, factors, uniform, {"dense": dense}, None)
+            ws.search_checkpoint.unlink(missing_ok=True)
+        ranks = ranks_for(self.targets, outcome.kept, factors)
+        outcome.extra.update(evaluations=len(evals.memo))
+        total = sum(p.numel() for p in self.model.parameters())
+        self.plan = build_plan(options, self.targets, ranks, total, "eval_fn", dense, outcome)
+        write_json_atomic(ws.plan_json, self.plan)
+        return {name: m["kept"] for name, m in self.plan["matrices"].items()}
+
+    def _scorer(self, eval_fn: Callable[[nn.Module], float], factors: FactorSet) -> Callable:
+        def score(ranks) -> float:
+            restore = prune_in_memory(self.model, {"matrices": {n: {"rank": r} for n, r in ranks.items()}}, factors)
+            try:
+                return float(eval_fn(self.model))
+            finally:
+                restore()
+
+        return score
+
+    # ---- apply + save -------------------------------------------------------------------
+    def apply_pruning(self) -> nn.Module:
+        """Swap the chosen low-rank modules into the model (in place); returns the model."""
+        if self.plan is None or self.factors is None:
+            raise InputError("no plan yet: call uniform_prune(...) or adaptive_prune(...) first")
+        if self._restore is None:
+            self._restore = prune_in_memory(self.model, self.plan, self.factors)
+        return self.model
+
+    def save_pruned_model(self, path: str | Path) -> dict:
+        """Save the pruned model (reload with `sieve_cli.load_pruned(path)`); returns its sieve.json."""
+        self.apply_pruning()
+        identity = {"kind": "memory", "name": getattr(self.model.config, "_name_or_path", "")}
+        return save_pruned(self.model, path, self.plan, identity, self.tokenizer, self.config.fit_method)
+
+
+__all__ = ["LLMSieveConfig", "TransformerPruner", "diagnose_model"]
