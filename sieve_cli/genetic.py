@@ -127,24 +127,29 @@ def greedy_allocation(errors: Sequence[Sequence[float]], kept: Sequence[Sequence
     genome = [len(k) - 1 for k in kept]
     spent = sum(kept[i][genome[i]] for i in range(n))
 
-    def best_move(i: int) -> tuple[float, int]:
+    def best_move(i: int) -> tuple[float, int, int]:
+        """(error removed per parameter, target level, cost) of matrix i's best affordable move."""
         here = genome[i]
-        best = (-math.inf, here)
+        best = (-math.inf, here, 0)
         for j in range(here):
             cost = kept[i][j] - kept[i][here]
             gain = errors[i][here] - errors[i][j]
-            if cost > 0 and spent + cost <= budget and gain > 0:
-                best = max(best, (gain / cost, j), key=lambda t: t[0])
+            if cost > 0 and spent + cost <= budget and gain > 0 and gain / cost > best[0]:
+                best = (gain / cost, j, cost)
         return best
 
+    moves = [best_move(i) for i in range(n)]
     while True:
-        moves = [best_move(i) for i in range(n)]
+        # the budget only shrinks, so a cached best move that is still affordable is still the best
+        for k in range(n):
+            if moves[k][0] > -math.inf and spent + moves[k][2] > budget:
+                moves[k] = best_move(k)
         i = max(range(n), key=lambda k: moves[k][0], default=None)
         if i is None or moves[i][0] == -math.inf:
             return genome
-        j = moves[i][1]
-        spent += kept[i][j] - kept[i][genome[i]]
-        genome[i] = j
+        spent += moves[i][2]
+        genome[i] = moves[i][1]
+        moves[i] = best_move(i)
 
 
 def greedy_seeds(errors, kept, total: int, removals: Sequence[float]) -> list[Genome]:
