@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import logging
 import math
 import re
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from .errors import InputError, MissingStageError
 from .workspace import Workspace, read_json
@@ -260,8 +262,6 @@ def read_trials(ws: Workspace, plan: dict) -> list[Trials]:
     """The search history by fit method (entries without a method belong to the plan's)."""
     if not ws.history_jsonl.exists():
         return []
-    import json
-
     by_method: dict[str, Trials] = {}
     for line in ws.history_jsonl.read_text().splitlines():
         if not line.strip():
@@ -397,11 +397,16 @@ def heatmap_figure(blocks: list[int], kinds: list[str], kept: np.ndarray, title:
         for (k, b), value in np.ndenumerate(kept):
             if not np.isnan(value):
                 dark = sum(cmap(value)[:3]) < 1.5
-                ax.text(b, k, f"{value:.2f}".lstrip("0") if value < 1 else "1", ha="center", va="center",
+                ax.text(b, k, _cell_text(value), ha="center", va="center",
                         fontsize=8 if len(blocks) > 12 else 9, color="white" if dark else "black")
     bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
     bar.set_label("kept fraction")
     return fig
+
+
+def _cell_text(value: float) -> str:
+    """.75 rather than 0.75 so that 30 blocks still fit; exact 0 and 1 as digits."""
+    return "1" if value >= 1 else "0" if value <= 0 else f"{value:.2f}".lstrip("0")
 
 
 def _kept_cmap():
@@ -509,13 +514,7 @@ def _zoom(ax, points, dense, threshold) -> int:
     return int(np.sum(ys < bottom - pad))
 
 
-def _percent_fn(x, _pos=None) -> str:
-    return f"{x:.0%}"
-
-
-from matplotlib.ticker import FuncFormatter  # noqa: E402
-
-_percent = FuncFormatter(_percent_fn)
+_percent = FuncFormatter(lambda x, _pos=None: f"{x:.0%}")
 
 
 # ---- the page -------------------------------------------------------------------------------
@@ -631,7 +630,7 @@ def options_rows(manifests: dict[str, dict]) -> list[tuple]:
         if options is None:
             options = {k: v for k, v in (manifest.get("inputs") or {}).items() if k != "upstream"}
         shown = ", ".join(f"{k}={_short(v)}" for k, v in _flat(options))
-        state = manifest.get("written", "") + ("" if manifest.get("complete") else " (unfinished)")
+        state = manifest.get("written", "")[:16].replace("T", " ") + ("" if manifest.get("complete") else " (unfinished)")
         rows.append((stage, state, shown))
     return rows
 
@@ -688,6 +687,11 @@ def run_report(ws: Workspace, options: ReportOptions) -> ReportResult:
     # 2. the kept-fraction map
     blocks, kinds, grid = kept_grid(plan)
     findings = describe_plan(plan)
+    scored = [y for t in data.trials for _, y in t.uniform + t.adaptive]
+    if len(scored) > 2 and max(scored) == min(scored):
+        findings.append(f"Caution: all {len(scored)} evaluations scored {metric['name']} = {scored[0]:.4g}, so the "
+                        f"search could not tell matrices apart; use more or harder search examples before "
+                        f"reading this map.")
     title = f"kept fraction per matrix ({plan['strategy']} plan, {plan['method']} fit)"
     body = figure("heatmap", heatmap_figure(blocks, kinds, grid, title), "kept fraction heatmap")
     body += '<div class="finding">' + "".join(f"<p>{html.escape(f)}</p>" for f in findings) + "</div>"

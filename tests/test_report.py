@@ -190,9 +190,9 @@ def test_bad_options_name_the_flag(bad):
 
 
 def test_heatmap_numbers_only_when_few_cells():
-    few = heatmap_figure([0, 1], ["q", "down"], np.array([[0.5, 1.0], [0.25, np.nan]]), "t")
+    few = heatmap_figure([0, 1], ["q", "down", "up"], np.array([[0.5, 1.0], [0.25, np.nan], [0.0, np.nan]]), "t")
     many = heatmap_figure(list(range(30)), list("qkvoabc"), np.full((7, 30), 0.5), "t")
-    assert [t.get_text() for t in few.axes[0].texts] == [".50", "1", ".25"]
+    assert [t.get_text() for t in few.axes[0].texts] == [".50", "1", ".25", "0"]
     assert len(many.axes[0].texts) == 0
 
 
