@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, MissingStageError, StaleStageError
+from .errors import InputError, MissingStageError, StaleStageError, WorkspaceError
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,7 @@ class Workspace:
         from other inputs exist and `force` is not set. When it returns True, an
         unfinished manifest is written so a crash is later recognised as resumable.
         """
+        self.lock()
         manifest = self.read_manifest(stage)
         if manifest is not None and not force:
             same = manifest.get("inputs") == _normalise(inputs)
@@ -195,6 +196,32 @@ class Workspace:
             self.manifest_path(stage).unlink()
         self._write_manifest(stage, inputs, complete=False, files={}, summary={})
         return True
+
+    def lock(self) -> None:
+        """Hold the workspace for this process, so two runs never write one store at once.
+
+        An advisory lock on WS/.lock, taken once per process and released when it exits
+        (also when it is killed), so a crash never leaves a stale lock behind.
+        """
+        if self.root in _HELD_LOCKS:
+            return
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle = open(self.root / ".lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise WorkspaceError(
+                f"workspace {self.root} is in use by {holder}; wait for it to finish or stop it"
+            ) from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        _HELD_LOCKS[self.root] = handle
 
     def resumable(self, stage: str, inputs: dict) -> bool:
         """True when an unfinished run of `stage` with exactly these inputs is on disk."""
@@ -221,6 +248,9 @@ class Workspace:
         }
         write_json_atomic(self.manifest_path(stage), manifest)
         return manifest
+
+
+_HELD_LOCKS: dict[Path, Any] = {}  # workspace root -> open lock file, for the life of the process
 
 
 def _normalise(obj: Any) -> Any:

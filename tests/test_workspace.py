@@ -69,3 +69,23 @@ def test_workspace_that_is_a_file(tmp_path):
     f.write_text("")
     with pytest.raises(InputError, match="is a file"):
         Workspace(f)
+
+
+def test_a_second_process_cannot_use_a_busy_workspace(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    ws = Workspace(tmp_path / "ws")
+    ws.begin("capture", {"a": 1})  # this process now holds the workspace
+    ws.begin("fit/output", {"a": 1})  # and may keep using it
+    code = textwrap.dedent(f"""
+        from sieve_cli.workspace import Workspace
+        from sieve_cli.errors import WorkspaceError
+        try:
+            Workspace({str(tmp_path / "ws")!r}).begin("capture", {{"a": 1}})
+        except WorkspaceError as exc:
+            print("refused:", exc)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert "refused:" in out and "in use by pid" in out
