@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -41,11 +42,18 @@ def _copy_to(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> nn.Pa
     return nn.Parameter(out)
 
 
+def lowrank_shell(in_features: int, out_features: int, rank: int, bias: bool, dtype: torch.dtype) -> LowRankLinear:
+    """A LowRankLinear with parameters on the meta device, to be assigned real tensors."""
+    with warnings.catch_warnings():  # rank 0 is legal (the matrix's output is its bias alone)
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        return LowRankLinear(in_features, out_features, rank, bias=bias, dtype=dtype, device="meta")
+
+
 def lowrank_from_pair(B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None,
                       dtype: torch.dtype, device: torch.device) -> LowRankLinear:
     """A LowRankLinear holding copies of B (H x R), A (R x D) and bias, without random init."""
     (h, rank), d = B.shape, A.shape[1]
-    module = LowRankLinear(d, h, rank, bias=bias is not None, dtype=dtype, device="meta")
+    module = lowrank_shell(d, h, rank, bias is not None, dtype)
     module.A.weight = _copy_to(A, dtype, device)
     module.B.weight = _copy_to(B, dtype, device)
     if bias is not None:
@@ -255,7 +263,7 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: str
     dt = _resolve_dtype(dtype, info.get("dtype", "float32"))
     model = _empty_model(path, dt)
     shells = {
-        name: LowRankLinear(s["in_features"], s["out_features"], s["rank"], bias=s["bias"], dtype=dt, device="meta")
+        name: lowrank_shell(s["in_features"], s["out_features"], s["rank"], s["bias"], dt)
         for name, s in info["factored"].items()
     }
     swap_modules(model, shells)

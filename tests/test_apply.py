@@ -202,3 +202,22 @@ def test_cli_apply_prints_counts_and_dry_run_json(ws, tmp_path):
     assert "12 factored" in result.output
     result = runner.invoke(app, ["apply", "-w", str(ws.root), "-o", str(tmp_path)])
     assert result.exit_code == 1 and "not empty" in result.output
+
+
+def test_saved_model_scores_what_search_scored_in_memory(ws, tiny_dir, tmp_path):
+    """The acceptance check: the metric of OUT on the search split equals the in-memory pruned model's."""
+    from sieve_cli.evaluate import EvalOptions, evaluate, prepare, run_eval
+    from sieve_cli.fit import load_factors
+    from sieve_cli.tasks import DEFAULT_TASK, bind_task
+
+    plan = write_plan(ws, KEPT)
+    bound = bind_task(ws, DEFAULT_TASK)
+    model, tokenizer = load_model(tiny_dir)
+    prepared = prepare(bound, "search", tokenizer, limit=12)
+    prune_in_memory(model, plan, load_factors(ws, "output"))
+    in_memory = evaluate(model, prepared, show_progress=False)
+    run_apply(ws, ApplyOptions(out=tmp_path / "out"))  # default: the 0.9-kept matrices stored as B·A
+    saved = run_eval(ws, EvalOptions(split="search", limit=12, model=str(tmp_path / "out")))
+    assert saved["metric"] == in_memory.metric and saved["n"] == in_memory.n
+    assert saved["value"] == in_memory.value
+    assert saved["extra"]["perplexity"] == pytest.approx(in_memory.extra["perplexity"], rel=1e-5)

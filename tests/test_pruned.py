@@ -240,3 +240,15 @@ def test_smollm2_round_trip_keeps_tokenizer_tied_head_and_logits(smollm2_gguf, t
     assert reloaded_tokenizer(text).input_ids == ids[0].tolist()
     assert reloaded_tokenizer.pad_token_id == tokenizer.pad_token_id
     assert torch.equal(logits(loaded, ids), expected)
+
+
+def test_rank_zero_keeps_only_the_bias(tmp_path, recwarn):
+    model = tiny_model("qwen2")
+    name = "model.layers.0.self_attn.q_proj"
+    plan = {"method": "svd", "matrices": {name: {"rank": 0}}}
+    prune_in_memory(model, plan, svd_factors(model))
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(model.get_submodule(name)(x), model.get_submodule(name).B.bias.expand(3, -1))
+    save_pruned(model, tmp_path, plan, IDENTITY)
+    assert torch.equal(logits(load_pruned(tmp_path), IDS), logits(model, IDS))
+    assert not [w for w in recwarn if "zero-element" in str(w.message)]
