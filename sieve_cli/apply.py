@@ -42,7 +42,7 @@ RESULT = "result.json"
 # SmolLM2's shapes (bench/pruned_speed.py, 1 CPU thread, dense time / factored time): at 0.85
 # and above nearly every shape is slower factored (prefill 0.81-1.18x, decode 0.64-0.92x); at
 # 0.8 prefill breaks even (0.90-1.32x); at 0.75 prefill is 1.25-1.34x faster and the whole
-# model decodes 1.06x faster. Above it apply stores the dense product B A instead.
+# model decodes 1.06x faster. `--speed-crossover` stores the dense product B A above it.
 DENSE_ABOVE = 0.8
 
 
@@ -52,7 +52,9 @@ class ApplyOptions:
     plan: Path | None = None  # default: the workspace's search/plan.json
     dtype: str = "float32"
     dry_run: bool = False
-    dense_above: float = DENSE_ABOVE  # 1.0 factors every planned matrix (--factor-all)
+    # 1.0 (default) factors every planned matrix, so the model is as small as the plan says;
+    # DENSE_ABOVE trades the size saving of barely-pruned matrices for dense speed.
+    dense_above: float = 1.0
 
     def __post_init__(self) -> None:
         torch_dtype(self.dtype)
@@ -73,6 +75,12 @@ def resolved(path: Path | str) -> Path:
 
 
 # ---- pure: layout and predicted counts -------------------------------------------------------
+def factored_above_crossover(ranks: dict[str, int | None], shapes: dict[str, tuple[int, int]], layout: dict[str, str]) -> int:
+    """How many factored matrices keep so much that they run slower than dense (see DENSE_ABOVE)."""
+    return sum(1 for name, kind in layout.items()
+               if kind == "factored" and fraction_for_rank(ranks[name], *shapes[name]) > DENSE_ABOVE)
+
+
 def storage_layout(ranks: dict[str, int | None], shapes: dict[str, tuple[int, int]], dense_above: float) -> dict[str, str]:
     """name -> "factored" | "product" | "dense" (see the module docstring)."""
     layout = {}
@@ -154,8 +162,9 @@ def run_apply(ws: Workspace, options: ApplyOptions, force: bool = False) -> dict
     upstream = ws.upstream_hashes("discover", *([] if options.plan else ["search"]), ws.fit_stage(method))
     inputs = {"options": options.recorded(), "upstream": upstream, "plan_sha256": sha256_file(plan_path)}
     layout = storage_layout(ranks, shapes, options.dense_above)
+    slow = factored_above_crossover(ranks, shapes, layout)
     if options.dry_run:
-        return predict(read_json(ws.matrices_json), ranks, shapes, layout, options, plan)
+        return predict(read_json(ws.matrices_json), ranks, shapes, layout, options, plan) | {"factored_above_crossover": slow}
 
     out, inputs_sha = resolved(options.out), sha256_json(inputs)
     # `sieve run` (replace_stale) may replace a pruned model that this workspace wrote earlier
@@ -168,7 +177,7 @@ def run_apply(ws: Workspace, options: ApplyOptions, force: bool = False) -> dict
         log.warning("search scored the model in %s; in %s the metric can differ slightly",
                     discover["inputs"]["options"]["dtype"], options.dtype)
 
-    result = build_and_save(ws, ranks, layout, plan, method, options, out, inputs_sha)
+    result = build_and_save(ws, ranks, layout, plan, method, options, out, inputs_sha) | {"factored_above_crossover": slow}
     result_path = ws.stage_dir(STAGE) / RESULT
     write_json_atomic(result_path, result)
     ws.finish(STAGE, inputs, [result_path], summary={k: result[k] for k in ("out", "params_after", "params_ratio", "file_bytes")})

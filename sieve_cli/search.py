@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from . import progress
-from .errors import InputError
+from .errors import InputError, MissingStageError
 from .factors import FactorSet
 from .genetic import (
     DEFAULT_LEVELS,
@@ -312,7 +312,7 @@ def spectrum_errors(ws: Workspace, options: SearchOptions, targets: list[Target]
     for method in dict.fromkeys((options.method, "output")):
         try:
             spectrum = load_spectrum(ws, method)
-        except InputError:
+        except (InputError, MissingStageError):  # no such fit in this workspace: try the next
             continue
         errors = []
         for t in targets:

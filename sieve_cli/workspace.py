@@ -152,8 +152,10 @@ class Workspace:
         """The completed manifest of `stage`, or an error naming the command that makes it."""
         manifest = self.read_manifest(stage)
         if manifest is None or not manifest.get("complete"):
-            base = stage.split("/")[0]
+            base, _, detail = stage.partition("/")
             command = STAGE_COMMANDS.get(base, f"sieve {base} -w {{ws}}").format(ws=self.root)
+            if base == "fit" and detail:
+                command += f" --method {detail}"
             state = "has not finished" if manifest else "has no"
             raise MissingStageError(
                 f"workspace {self.root} {state} {stage} stage; run `{command}` first"

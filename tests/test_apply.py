@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from sieve_cli import apply as apply_module
-from sieve_cli.apply import ApplyOptions, run_apply, storage_layout
+from sieve_cli.apply import DENSE_ABOVE, ApplyOptions, run_apply, storage_layout
 from sieve_cli.cli import app
 from sieve_cli.discover import DiscoverOptions, run_discover
 from sieve_cli.errors import InputError, MissingStageError
@@ -83,9 +83,9 @@ def logits_of(folder):
         return load_pruned(folder)(IDS).logits
 
 
-def test_factor_all_reproduces_the_in_memory_model_exactly(ws, tiny_dir, tmp_path):
+def test_default_factors_all_and_reproduces_the_in_memory_model_exactly(ws, tiny_dir, tmp_path):
     plan = write_plan(ws, KEPT)
-    result = run_apply(ws, ApplyOptions(out=tmp_path / "out", dense_above=1.0))
+    result = run_apply(ws, ApplyOptions(out=tmp_path / "out"))
     expected, params = in_memory_logits(ws, tiny_dir)
     assert torch.equal(logits_of(tmp_path / "out"), expected)
     assert result["params_after"] == params == plan["params"]["model_after"]
@@ -98,7 +98,7 @@ def test_factor_all_reproduces_the_in_memory_model_exactly(ws, tiny_dir, tmp_pat
 
 def test_slow_to_factor_matrices_are_stored_as_the_dense_product(ws, tiny_dir, tmp_path):
     write_plan(ws, KEPT)
-    result = run_apply(ws, ApplyOptions(out=tmp_path / "out"))
+    result = run_apply(ws, ApplyOptions(out=tmp_path / "out", dense_above=DENSE_ABOVE))
     assert result["matrices"] == {"factored": 8, "product": 4, "dense": 2}
     model = load_pruned(tmp_path / "out")
     assert not isinstance(model.get_submodule("model.layers.0.self_attn.q_proj"), LowRankLinear)
@@ -196,7 +196,7 @@ def test_cli_apply_prints_counts_and_dry_run_json(ws, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["predicted"] and not out.exists()
-    result = runner.invoke(app, ["apply", "-w", str(ws.root), "-o", str(out), "--factor-all"])
+    result = runner.invoke(app, ["apply", "-w", str(ws.root), "-o", str(out)])  # default: factor every planned matrix
     assert result.exit_code == 0, result.output
     assert "parameters (whole model)" in result.output and f"{data['params_before']:,}" in result.output
     assert "12 factored" in result.output
@@ -216,7 +216,7 @@ def test_saved_model_scores_what_search_scored_in_memory(ws, tiny_dir, tmp_path)
     prepared = prepare(bound, "search", tokenizer, limit=12)
     prune_in_memory(model, plan, load_factors(ws, "output"))
     in_memory = evaluate(model, prepared, show_progress=False)
-    run_apply(ws, ApplyOptions(out=tmp_path / "out"))  # default: the 0.9-kept matrices stored as B·A
+    run_apply(ws, ApplyOptions(out=tmp_path / "out", dense_above=DENSE_ABOVE))  # the 0.9-kept matrices stored as B·A
     saved = run_eval(ws, EvalOptions(split="search", limit=12, model=str(tmp_path / "out")))
     assert saved["metric"] == in_memory.metric and saved["n"] == in_memory.n
     assert saved["value"] == in_memory.value

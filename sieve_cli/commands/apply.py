@@ -22,9 +22,12 @@ def apply(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the numbers predicted from the plan; write nothing.")] = False,
     dense_above: Annotated[float, typer.Option(
         "--dense-above",
-        help="Store a planned matrix as the dense product B·A when it keeps more than this fraction: "
-             "there two thin matmuls run slower than one dense one (same function, dense size).")] = DENSE_ABOVE,
-    factor_all: Annotated[bool, typer.Option("--factor-all", help="Factor every planned matrix (same as --dense-above 1).")] = False,
+        help="Store a planned matrix as the dense product B·A when it keeps more than this fraction "
+             "(same function, dense size, dense speed). Default 1: factor every planned matrix.")] = 1.0,
+    speed_crossover: Annotated[bool, typer.Option(
+        "--speed-crossover",
+        help=f"Same as --dense-above {DENSE_ABOVE}: above that kept fraction two thin matmuls ran slower than one "
+             "dense one on a CPU (bench/pruned_speed.py), so such matrices stay dense and save nothing.")] = False,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
 ) -> None:
@@ -39,7 +42,7 @@ def apply(
       sieve apply -w ws -o pruned-model --dry-run\n
       sieve apply -w ws -o pruned-bf16 --dtype bfloat16 --plan other/plan.json --force
     """
-    options = ApplyOptions(out=out, plan=plan, dtype=dtype, dry_run=dry_run, dense_above=1.0 if factor_all else dense_above)
+    options = ApplyOptions(out=out, plan=plan, dtype=dtype, dry_run=dry_run, dense_above=DENSE_ABOVE if speed_crossover else dense_above)
     result = run_apply(Workspace(workspace), options, force=force)
     if as_json:
         print_json(result)
@@ -66,7 +69,11 @@ def render(result: dict) -> None:
         f"removed {result['removed_fraction_prunable']:.1%} of prunable parameters, {result['removed_fraction_model']:.1%} "
         f"of the model ({'predicted' if predicted else 'counted from the model'}); {result['dtype']}, fit method {result['method']}"
     )
-    console.print(
-        f"matrices: {counts['factored']} factored, {counts['dense']} dense by the plan, {counts['product']} stored dense "
-        f"as B·A because factoring would be slower (kept fraction > {result['dense_above']}; --factor-all to factor them)"
-    )
+    line = f"matrices: {counts['factored']} factored, {counts['dense']} dense by the plan"
+    if counts["product"]:
+        line += f", {counts['product']} stored dense as B·A (kept fraction > {result['dense_above']})"
+    console.print(line)
+    slow = result.get("factored_above_crossover", 0)
+    if slow:
+        console.print(f"[dim]{slow} factored matrices keep more than {DENSE_ABOVE} of their parameters: on a CPU they "
+                      f"run slower than dense; --speed-crossover keeps them dense (no size saving)[/]")
