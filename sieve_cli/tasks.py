@@ -574,7 +574,7 @@ def bind_task(
             return load_bound_task(ws)
         task_path = ws.task_yaml
     task = load_task(task_path, data_root)
-    options = split or SplitOptions()
+    options = split or _recorded_split(ws, task) or SplitOptions()
     records = read_records(task)
     ids = record_ids(task, records)
     inputs = {"task": task.identity(), "split": asdict(options), "data": sha256_json(records)}
@@ -596,6 +596,15 @@ def bind_task(
     ws.finish(STAGE, inputs, [ws.task_yaml, ws.split_json], summary)
     log.info("bound task %s: %s", task.name, ", ".join(f"{p} {n}" for p, n in content["counts"].items()))
     return BoundTask(task, content, dict(zip(ids, records)))
+
+
+def _recorded_split(ws: Workspace, task: Task) -> SplitOptions | None:
+    """The split options already used for this same task in the workspace, so that a later
+    `capture --task T` keeps the sizes an earlier `eval --task T --search-size ...` chose."""
+    manifest = ws.read_manifest(STAGE)
+    if not manifest or (manifest.get("inputs") or {}).get("task") != json.loads(json.dumps(task.identity(), default=str)):
+        return None
+    return SplitOptions(**manifest["inputs"]["split"])
 
 
 def load_bound_task(ws: Workspace) -> BoundTask:

@@ -252,3 +252,11 @@ def test_example_tasks_bind_on_the_shared_data(name, data_root, tmp_path):
     assert all(e.target and "\r" not in e.target for e in examples)
     if choices:  # every label is used, so the label mapping is not stuck on one class
         assert len({e.gold for e in bound.examples("calibration")}) == len(choices)
+
+
+def test_rebinding_the_same_task_keeps_its_split_sizes(tmp_path):
+    task = write_task(tmp_path, "multiple_choice")
+    ws = Workspace(tmp_path / "ws")
+    first = bind_task(ws, task, split=SplitOptions(search=3, test=5))
+    again = bind_task(ws, task)  # e.g. `sieve capture --task T` after `sieve eval --task T --search-size 3`
+    assert again.split["ids"] == first.split["ids"] and len(again.ids("search")) == 3

