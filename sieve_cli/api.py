@@ -91,7 +91,7 @@ class TransformerPruner:
         self._restore: Callable[[], None] | None = None
 
     def _targets(self) -> list[Target]:
-        groups = {"attention"} if not self.config.prune_mlp else {"mlp"} if not self.config.prune_attention else {"attention", "mlp"}
+        groups = {g for g, on in (("attention", self.config.prune_attention), ("mlp", self.config.prune_mlp)) if on}
         return [Target(m.name, m.kind, m.block, m.out_features, m.in_features)
                 for m in find_matrices(self.model) if m.group in groups]
 

@@ -9,6 +9,7 @@ continues where it stopped (capture and search also resume mid-stage).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -17,7 +18,7 @@ from .apply import ApplyOptions, run_apply
 from .capture import CaptureOptions, run_capture
 from .discover import DiscoverOptions, run_discover
 from .errors import InputError
-from .evaluate import EvalOptions, run_eval
+from .evaluate import EvalOptions, run_eval, run_label
 from .fit import FitOptions, run_fit
 from .search import SearchOptions, run_search
 from .tasks import SplitOptions, bind_task
@@ -78,8 +79,6 @@ class RunResult:
 
 def run_pipeline(options: RunOptions, on_stage: Callable[[StageReport], None] | None = None) -> RunResult:
     """discover -> task -> capture -> fit -> search -> apply -> eval (dense and pruned, test split)."""
-    import time
-
     ws = Workspace(options.workspace, replace_stale=True)
     reports: list[StageReport] = []
 
@@ -103,13 +102,8 @@ def run_pipeline(options: RunOptions, on_stage: Callable[[StageReport], None] | 
     plan = stage("search", "search", lambda: run_search(ws, search_options))
     applied = stage("apply", "apply", lambda: run_apply(ws, ApplyOptions(out=options.out, dtype=options.dtype)))
     test = EvalOptions(split="test", device=options.device)
-    dense = stage("eval dense", "eval/" + _label(test), lambda: run_eval(ws, test))
+    dense = stage("eval dense", "eval/" + run_label(test), lambda: run_eval(ws, test))
     pruned_eval = replace(test, model=str(options.out))
-    pruned = stage("eval pruned", "eval/" + _label(pruned_eval), lambda: run_eval(ws, pruned_eval))
+    pruned = stage("eval pruned", "eval/" + run_label(pruned_eval), lambda: run_eval(ws, pruned_eval))
     return RunResult(ws.root, Path(options.out).resolve(), reports, plan, applied, dense, pruned)
 
-
-def _label(options: EvalOptions) -> str:
-    from .evaluate import run_label
-
-    return run_label(options)
