@@ -129,7 +129,8 @@ def plan_ranks_checked(plan: dict, shapes: dict[str, tuple[int, int]], plan_path
 
 def base_folder(ws: Workspace) -> Path | None:
     source = resolve_source(ws.require("discover")["inputs"]["options"]["model"])
-    return None if source.kind == "hub" else resolved(source.folder)
+    # a .gguf file is the input itself: OUT may sit beside it, but never replace it
+    return None if source.kind == "hub" else resolved(source.location)
 
 
 def guard_out(out: Path, base: Path | None, force: bool, inputs_sha: str) -> None:

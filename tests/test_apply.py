@@ -221,3 +221,18 @@ def test_saved_model_scores_what_search_scored_in_memory(ws, tiny_dir, tmp_path)
     assert saved["metric"] == in_memory.metric and saved["n"] == in_memory.n
     assert saved["value"] == in_memory.value
     assert saved["extra"]["perplexity"] == pytest.approx(in_memory.extra["perplexity"], rel=1e-5)
+
+
+def test_a_gguf_input_allows_output_beside_it_but_not_over_it(tmp_path):
+    from sieve_cli.apply import base_folder, guard_out
+    from sieve_cli.workspace import Workspace
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"")
+    ws = Workspace(tmp_path / "ws")
+    ws.begin("discover", {"options": {"model": str(gguf)}})
+    ws.finish("discover", {"options": {"model": str(gguf)}}, [])
+    base = base_folder(ws)
+    guard_out(tmp_path / "pruned", base, force=False, inputs_sha="x")  # beside the .gguf: fine
+    with pytest.raises(InputError, match="inside the input model's folder"):
+        guard_out(gguf.resolve(), base, force=True, inputs_sha="x")
