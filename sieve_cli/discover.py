@@ -12,7 +12,7 @@ from torch import nn
 
 from .matrices import find_matrices, is_linear_like
 from .models import load_model, model_identity, resolve_source
-from .workspace import Workspace, write_json_atomic
+from .workspace import Workspace, read_json, write_json_atomic
 
 STAGE = "discover"
 
@@ -72,8 +72,14 @@ def run_discover(workspace: Workspace | None, options: DiscoverOptions, force: b
     """Diagnose the model; with a workspace, bind the model to it and write matrices.json.
 
     A workspace already bound to other weights or options is refused unless `force`.
+    Local and .gguf models are identified by content hash before loading, so a workspace
+    that is up to date returns its matrices.json without loading the model at all.
     """
-    resolve_source(options.model)  # a bad path fails before any loading
+    source = resolve_source(options.model)  # a bad path fails before any loading
+    if workspace is not None and model is None and source.kind != "hub":
+        inputs = {"options": asdict(options), "model": model_identity(options.model)}
+        if not workspace.begin(STAGE, inputs, force=force):
+            return read_json(workspace.matrices_json)
     if model is None:
         model, _ = load_model(options.model, options.dtype, options.device)
     result = diagnose(model)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError, ModelLoadError
-from .workspace import sha256_file
+from .workspace import sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -180,13 +180,7 @@ def model_identity(source: str | os.PathLike, model=None) -> dict:
     folder = Path(src.location)
     weights = sorted(p for p in folder.iterdir() if p.suffix in {".safetensors", ".bin", ".json"})
     hashes = {p.name: sha256_file(p) for p in weights}
-    return {"kind": "local", "path": src.location, "sha256": _combine(hashes)}
-
-
-def _combine(hashes: dict[str, str]) -> str:
-    from .workspace import sha256_json
-
-    return sha256_json(hashes)
+    return {"kind": "local", "path": src.location, "sha256": sha256_json(hashes)}
 
 
 def smollm2_gguf() -> Path:

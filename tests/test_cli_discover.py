@@ -95,3 +95,18 @@ def test_discover_real_smollm2(smollm2_gguf, tmp_path):
     g = data["groups"]
     assert g["head"]["tied"]
     assert g["attention"]["params"] + g["mlp"]["params"] + g["embedding"]["params"] + g["other"]["params"] == data["total_params"]
+
+
+def test_up_to_date_workspace_does_not_load_the_model(tiny_dir, tmp_path, monkeypatch):
+    import sieve_cli.discover as discover
+    from sieve_cli.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    first = discover.run_discover(ws, discover.DiscoverOptions(model=str(tiny_dir)))
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded although the workspace is up to date")
+
+    monkeypatch.setattr(discover, "load_model", no_load)
+    again = discover.run_discover(ws, discover.DiscoverOptions(model=str(tiny_dir)))
+    assert again["prunable"] == first["prunable"] == 14 and again["model"] == first["model"]
