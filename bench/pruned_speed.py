@@ -27,7 +27,13 @@ import torch
 from sieve_cli.factors import FactorSet
 from sieve_cli.lowrank import LowRankLinear, lowrank_params, rank_for_fraction
 from sieve_cli.matrices import find_matrices, weight_of
-from sieve_cli.pruned import WEIGHTS, count_params, prune_in_memory, save_pruned
+from sieve_cli.pruned import (
+    WEIGHTS,
+    count_params,
+    plan_ranks,
+    prune_in_memory,
+    save_pruned,
+)
 
 SHAPES = {"q, o": (576, 576), "k, v": (192, 576), "gate, up": (1536, 576), "down": (576, 1536)}
 SWEEP = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.35, 0.25)
@@ -144,7 +150,7 @@ def main() -> None:
     for kept in args.kept:
         model = copy.deepcopy(dense)
         plans[f"p={kept}"] = uniform_plan(dense, kept)
-        prune_in_memory(model, plans[f"p={kept}"], factors)
+        prune_in_memory(model, plan_ranks(plans[f"p={kept}"]), factors)
         models[f"p={kept}"] = model
 
     sizes, peaks = {}, {}

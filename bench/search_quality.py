@@ -33,7 +33,7 @@ from sieve_cli.discover import DiscoverOptions, load_workspace_model, run_discov
 from sieve_cli.evaluate import evaluate, prepare  # noqa: E402
 from sieve_cli.fit import FitOptions, load_factors, run_fit  # noqa: E402
 from sieve_cli.models import smollm2_gguf  # noqa: E402
-from sieve_cli.pruned import prune_in_memory  # noqa: E402
+from sieve_cli.pruned import plan_ranks, prune_in_memory  # noqa: E402
 from sieve_cli.search import SearchOptions, rank_at, read_targets, run_search  # noqa: E402
 from sieve_cli.tasks import bind_task  # noqa: E402
 from sieve_cli.workspace import Workspace  # noqa: E402
@@ -73,7 +73,7 @@ class TestScorer:
 
     def __call__(self, ranks: dict, factors) -> float:
         plan = {"matrices": {n: {"rank": r} for n, r in ranks.items()}}
-        restore = prune_in_memory(self.model, plan, factors)
+        restore = prune_in_memory(self.model, plan_ranks(plan), factors)
         try:
             return evaluate(self.model, self.prepared, batch_size=16, show_progress=False).value
         finally:

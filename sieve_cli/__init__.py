@@ -3,29 +3,43 @@
 The Python API: `LLMSieveConfig`, `TransformerPruner`, `diagnose_model` (the seed's names,
 for in-memory models and your own metric), `load_pruned` (reload a pruned model folder),
 `run_pipeline` (all stages on a workspace, like `sieve run`), and each stage's `run_*`.
+Names are imported on first use, so `import sieve_cli` (and `sieve --help`) loads no torch.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from .api import LLMSieveConfig, TransformerPruner, diagnose_model  # noqa: E402
-from .discover import DiscoverOptions, diagnose, run_discover  # noqa: E402
-from .errors import SieveError  # noqa: E402
-from .models import load_model  # noqa: E402
-from .pipeline import RunOptions, run_pipeline  # noqa: E402
-from .pruned import load_pruned  # noqa: E402
-from .workspace import Workspace  # noqa: E402
+import importlib
+from typing import Any
 
-__all__ = [
-    "DiscoverOptions",
-    "LLMSieveConfig",
-    "RunOptions",
-    "SieveError",
-    "TransformerPruner",
-    "Workspace",
-    "diagnose",
-    "diagnose_model",
-    "load_model",
-    "load_pruned",
-    "run_discover",
-    "run_pipeline",
-]
+from .version import __version__
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "LLMSieveConfig": "api",
+    "TransformerPruner": "api",
+    "diagnose_model": "api",
+    "DiscoverOptions": "options",
+    "RunOptions": "options",
+    "diagnose": "discover",
+    "run_discover": "discover",
+    "SieveError": "errors",
+    "load_model": "models",
+    "run_pipeline": "pipeline",
+    "load_pruned": "pruned",
+    "Plan": "plan",
+    "Workspace": "workspace",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -18,16 +18,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .capture import CaptureOptions, capture_statistics
+from .capture import capture_statistics
 from .discover import diagnose
 from .errors import InputError
 from .factors import FactorSet
-from .fit import FitOptions, fit_model
-from .genetic import acceptance_threshold
-from .matrices import find_matrices
+from .fit import fit_model, save_fit
+from .matrices import Matrix, find_matrices
+from .options import CaptureOptions, FitOptions, GAConfig, SearchOptions
+from .plan import Plan
 from .pruned import prune_in_memory, save_pruned
-from .search import Evaluations, Outcome, Scorer, SearchOptions, Target, build_plan, ranks_for, search_adaptive, search_uniform
-from .workspace import Workspace, sha256_json, write_json_atomic
+from .search import find_plan, swapping_scorer
+from .workspace import Workspace, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,8 @@ class LLMSieveConfig:
     target_accuracy_drop: float = 0.05  # relative to the baseline accuracy
     prune_attention: bool = True
     prune_mlp: bool = True
-    ga_population_size: int = 100
-    ga_generations: int = 30
+    ga_population_size: int = GAConfig.population
+    ga_generations: int = GAConfig.generations
     fit_method: str = "output"  # output (exact), learned (the paper's), svd, pca
     workspace: str | None = None  # where artifacts go; None: a new temporary folder
     seq_len: int = 512
@@ -60,7 +61,7 @@ class LLMSieveConfig:
 
     def search_options(self, strategy: str) -> SearchOptions:
         return SearchOptions(strategy=strategy, method=self.fit_method, tolerance=self.target_accuracy_drop,
-                             population=self.ga_population_size, generations=self.ga_generations)
+                             ga=GAConfig(population=self.ga_population_size, generations=self.ga_generations))
 
     def fit_options(self) -> FitOptions:
         return FitOptions(method=self.fit_method, lr=self.learning_rate, epochs=self.num_epochs, batch_rows=self.batch_size)
@@ -87,13 +88,12 @@ class TransformerPruner:
         self.workspace = Workspace(root)
         self.targets = self._targets()
         self.factors: FactorSet | None = None
-        self.plan: dict | None = None
+        self.plan: Plan | None = None
         self._restore: Callable[[], None] | None = None
 
-    def _targets(self) -> list[Target]:
+    def _targets(self) -> list[Matrix]:
         groups = {g for g, on in (("attention", self.config.prune_attention), ("mlp", self.config.prune_mlp)) if on}
-        return [Target(m.name, m.kind, m.block, m.out_features, m.in_features)
-                for m in find_matrices(self.model) if m.group in groups]
+        return [m for m in find_matrices(self.model) if m.group in groups]
 
     # ---- calibration + fit --------------------------------------------------------------
     def calibrate(self, calibration_loader: Iterable) -> FactorSet:
@@ -143,13 +143,9 @@ class TransformerPruner:
     def _record_fit(self, options: FitOptions, spectrum: dict) -> None:
         """Write the fit as the `fit/<method>` stage, so the GA's greedy seeds can read its spectrum."""
         ws, stage = self.workspace, self.workspace.fit_stage(options.method)
-        folder = ws.fit_dir(options.method)
-        folder.mkdir(parents=True, exist_ok=True)
         inputs = {"options": options.recorded(), "upstream": {"api": sha256_json([t.name for t in self.targets])}}
         ws.begin(stage, inputs, force=True)
-        self.factors.save(folder / "factors.safetensors")
-        write_json_atomic(folder / "spectrum.json", spectrum)
-        ws.finish(stage, inputs, [folder / "factors.safetensors", folder / "spectrum.json"])
+        ws.finish(stage, inputs, save_fit(ws, options.method, self.factors, spectrum))
 
     # ---- search -------------------------------------------------------------------------
     def uniform_prune(self, calibration_loader: Iterable, eval_fn: Callable[[nn.Module], float],
@@ -167,36 +163,17 @@ class TransformerPruner:
         if self._restore is not None:
             raise InputError("pruning is already applied to this model; create a new TransformerPruner")
         factors = self.calibrate(loader)
-        options = self.config.search_options(strategy)
         ws = self.workspace
         ws.history_jsonl.parent.mkdir(parents=True, exist_ok=True)
         ws.history_jsonl.unlink(missing_ok=True)
-        evals = Evaluations(ws, Scorer(score=self._scorer(eval_fn, factors), metric="eval_fn"), self.targets, factors, resume=False)
-        dense = float(eval_fn(self.model)) if baseline is None else float(baseline)
-        evals.threshold = acceptance_threshold(dense, options.tolerance, options.absolute)
-        uniform = search_uniform(evals, options, self.targets)
-        if strategy == "uniform":
-            outcome = Outcome([uniform.p] * len(self.targets), dense if uniform.metric is None else uniform.metric,
-                              {"uniform_p": uniform.p})
-        else:
-            outcome = search_adaptive(ws, evals, options, self.targets, factors, uniform, {"dense": dense}, None)
-            ws.search_checkpoint.unlink(missing_ok=True)
-        ranks = ranks_for(self.targets, outcome.kept, factors)
-        outcome.extra.update(evaluations=len(evals.memo))
+        scorer = swapping_scorer(self.model, factors, eval_fn, metric="eval_fn")
+        checkpoint = {} if baseline is None else {"dense": float(baseline), "metric": "eval_fn", "examples": None}
         total = sum(p.numel() for p in self.model.parameters())
-        self.plan = build_plan(options, self.targets, ranks, total, "eval_fn", dense, outcome)
-        write_json_atomic(ws.plan_json, self.plan)
-        return {name: m["kept"] for name, m in self.plan["matrices"].items()}
-
-    def _scorer(self, eval_fn: Callable[[nn.Module], float], factors: FactorSet) -> Callable:
-        def score(ranks) -> float:
-            restore = prune_in_memory(self.model, {"matrices": {n: {"rank": r} for n, r in ranks.items()}}, factors)
-            try:
-                return float(eval_fn(self.model))
-            finally:
-                restore()
-
-        return score
+        self.plan = find_plan(ws, self.config.search_options(strategy), scorer, self.targets, factors, total,
+                              checkpoint=checkpoint)
+        ws.search_checkpoint.unlink(missing_ok=True)
+        self.plan.save(ws.plan_json)
+        return self.plan.kept()
 
     # ---- apply + save -------------------------------------------------------------------
     def apply_pruning(self) -> nn.Module:
@@ -211,7 +188,7 @@ class TransformerPruner:
         """Save the pruned model (reload with `sieve_cli.load_pruned(path)`); returns its sieve.json."""
         self.apply_pruning()
         identity = {"kind": "memory", "name": getattr(self.model.config, "_name_or_path", "")}
-        return save_pruned(self.model, path, self.plan, identity, self.tokenizer, self.config.fit_method)
+        return save_pruned(self.model, path, self.plan.data, identity, self.tokenizer, self.config.fit_method)
 
 
 __all__ = ["LLMSieveConfig", "TransformerPruner", "diagnose_model"]

@@ -15,12 +15,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .discover import load_workspace_model
 from .errors import InputError
+from .fit import load_factors
 from .lowrank import fraction_for_rank, lowrank_params, swap_modules
 from .models import resolve_source, torch_dtype
+from .options import DENSE_ABOVE, ApplyOptions, resolved
+from .plan import Plan
 from .pruned import (
     WEIGHTS,
     build_replacements,
@@ -38,40 +41,8 @@ log = logging.getLogger(__name__)
 STAGE = "apply"
 RESULT = "result.json"
 
-# Kept fraction above which a factored matrix runs slower than the dense one. Measured on
-# SmolLM2's shapes (bench/pruned_speed.py, 1 CPU thread, dense time / factored time): at 0.85
-# and above nearly every shape is slower factored (prefill 0.81-1.18x, decode 0.64-0.92x); at
-# 0.8 prefill breaks even (0.90-1.32x); at 0.75 prefill is 1.25-1.34x faster and the whole
-# model decodes 1.06x faster. `--speed-crossover` stores the dense product B A above it.
-DENSE_ABOVE = 0.8
 
 
-@dataclass(frozen=True)
-class ApplyOptions:
-    out: Path
-    plan: Path | None = None  # default: the workspace's search/plan.json
-    dtype: str = "float32"
-    dry_run: bool = False
-    # 1.0 (default) factors every planned matrix, so the model is as small as the plan says;
-    # DENSE_ABOVE trades the size saving of barely-pruned matrices for dense speed.
-    dense_above: float = 1.0
-
-    def __post_init__(self) -> None:
-        torch_dtype(self.dtype)
-        if not 0.0 < self.dense_above <= 1.0:
-            raise InputError(f"--dense-above must be in (0, 1], got {self.dense_above}; 1 factors every planned matrix")
-
-    def recorded(self) -> dict:
-        """The options that decide the output (a dry run writes nothing, so it is not one)."""
-        options = asdict(self)
-        options.pop("dry_run")
-        options["out"] = str(resolved(self.out))
-        options["plan"] = str(resolved(self.plan)) if self.plan else None
-        return options
-
-
-def resolved(path: Path | str) -> Path:
-    return Path(path).expanduser().resolve()
 
 
 # ---- pure: layout and predicted counts -------------------------------------------------------
@@ -103,28 +74,14 @@ def predicted_prunable_after(ranks, shapes, layout) -> int:
 
 
 # ---- inputs -------------------------------------------------------------------------------
-def read_plan(ws: Workspace, options: ApplyOptions) -> tuple[dict, Path]:
-    path = resolved(options.plan) if options.plan else ws.plan_json
+def read_plan(ws: Workspace, options: ApplyOptions) -> tuple[Plan, Path]:
     if not options.plan:
         ws.require("search")  # names the command that writes the plan
-    elif not path.is_file():
+        return Plan.load(ws.plan_json), ws.plan_json
+    path = resolved(options.plan)
+    if not path.is_file():
         raise InputError(f"no plan file at {path}; pass the plan.json that `sieve search` wrote")
-    plan = read_json(path)
-    if not isinstance(plan, dict) or not isinstance(plan.get("matrices"), dict) or "method" not in plan:
-        raise InputError(f"{path} is not a sieve plan (needs `method` and `matrices`); rerun `sieve search`")
-    return plan, path
-
-
-def plan_ranks_checked(plan: dict, shapes: dict[str, tuple[int, int]], plan_path: Path) -> dict[str, int | None]:
-    ranks = {}
-    for name, entry in plan["matrices"].items():
-        if name not in shapes:
-            raise InputError(f"{plan_path} names {name}, which is not a prunable matrix of the workspace's model")
-        rank = entry.get("rank") if isinstance(entry, dict) else None
-        if rank is not None and (not isinstance(rank, int) or rank < 0):
-            raise InputError(f"{plan_path}: rank of {name} must be a non-negative integer or null, got {rank!r}")
-        ranks[name] = rank
-    return ranks
+    return Plan.load(path), path
 
 
 def base_folder(ws: Workspace) -> Path | None:
@@ -158,8 +115,8 @@ def run_apply(ws: Workspace, options: ApplyOptions, force: bool = False) -> dict
     discover = ws.require("discover")
     shapes = {m["name"]: (m["out_features"], m["in_features"]) for m in read_json(ws.matrices_json)["matrices"]}
     plan, plan_path = read_plan(ws, options)
-    ranks = plan_ranks_checked(plan, shapes, plan_path)
-    method = plan["method"]
+    ranks = plan.checked_against(shapes, str(plan_path))
+    method = plan.method
     upstream = ws.upstream_hashes("discover", *([] if options.plan else ["search"]), ws.fit_stage(method))
     inputs = {"options": options.recorded(), "upstream": upstream, "plan_sha256": sha256_file(plan_path)}
     layout = storage_layout(ranks, shapes, options.dense_above)
@@ -185,14 +142,7 @@ def run_apply(ws: Workspace, options: ApplyOptions, force: bool = False) -> dict
     return result
 
 
-def load_factors(ws: Workspace, method: str):
-    from .fit import load_factors as load
-
-    return load(ws, method)
-
-
 def build_and_save(ws: Workspace, ranks, layout, plan, method, options: ApplyOptions, out: Path, inputs_sha: str) -> dict:
-    from .discover import load_workspace_model
 
     model, tokenizer = load_workspace_model(ws, options.dtype, "cpu")
     names = list(ranks)
@@ -202,7 +152,7 @@ def build_and_save(ws: Workspace, ranks, layout, plan, method, options: ApplyOpt
     swap_modules(model, build_replacements(model, {n: ranks[n] for n in names if layout[n] == "factored"}, factors))
     stored_dense = sorted(n for n in names if layout[n] == "product")
     extra = {"apply": {"dense_above": options.dense_above, "stored_as_product": stored_dense, "inputs_sha256": inputs_sha}}
-    write_folder(out, lambda folder: save_pruned(model, folder, plan, ws.require("discover")["inputs"]["model"],
+    write_folder(out, lambda folder: save_pruned(model, folder, plan.data, ws.require("discover")["inputs"]["model"],
                                                  tokenizer, fit_method=method, extra=extra))
     params_after, prunable_after = count_params(model), matrix_params(model, names)
     file_bytes = (out / WEIGHTS).stat().st_size
@@ -233,7 +183,7 @@ def write_folder(out: Path, write) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def predict(matrices_json: dict, ranks, shapes, layout, options: ApplyOptions, plan: dict) -> dict:
+def predict(matrices_json: dict, ranks, shapes, layout, options: ApplyOptions, plan: Plan) -> dict:
     """The numbers apply would print, from the plan and discover's counts, without loading anything."""
     prunable_before = sum(shapes[n][0] * shapes[n][1] for n in ranks)
     prunable_after = predicted_prunable_after(ranks, shapes, layout)
@@ -252,7 +202,7 @@ def numbers(params_before, params_after, prunable_before, prunable_after, file_b
         "out": str(out),
         "dry_run": options.dry_run,
         "predicted": predicted,
-        "method": plan["method"],
+        "method": plan.method,
         "dtype": options.dtype,
         "dense_above": options.dense_above,
         "params_before": params_before,
@@ -262,7 +212,7 @@ def numbers(params_before, params_after, prunable_before, prunable_after, file_b
         "prunable_before": prunable_before,
         "prunable_after": prunable_after,
         "removed_fraction_prunable": 1 - prunable_after / prunable_before if prunable_before else 0.0,
-        "plan_params_after": plan.get("params", {}).get("model_after"),
+        "plan_params_after": plan.params.get("model_after"),
         "file_bytes": file_bytes,
         "dense_file_bytes": dense_bytes,
         "size_ratio": file_bytes / dense_bytes,

@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -25,9 +25,20 @@ import torch
 from torch import nn
 
 from . import progress
+from .discover import load_workspace_model
 from .errors import InputError
 from .matrices import find_matrices, get_module, sites_of
-from .statistics import add_gram, batches_of, chunk_bounds, cut_sequences, drain_gram, gram_dtype, reservoir_slots
+from .options import CaptureOptions
+from .statistics import (
+    add_gram,
+    batches_of,
+    chunk_bounds,
+    cut_sequences,
+    drain_gram,
+    gram_dtype,
+    reservoir_slots,
+)
+from .tasks import bind_task
 from .workspace import Workspace, sha256_json
 
 log = logging.getLogger(__name__)
@@ -98,35 +109,6 @@ def store_state(path: str | os.PathLike) -> dict | None:
 
 
 # ---- options ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CaptureOptions:
-    task: str | None = None  # task YAML; None: the task already bound to the workspace
-    tokens: int = 200_000  # calibration tokens to capture (padding excluded)
-    batch_size: int = 32  # sequences per forward pass
-    seq_len: int = 512  # longer examples are cut into pieces of at most this many tokens
-    samples_per_site: int = 4096  # raw rows kept per site (float16)
-    chunk_tokens: int = 16_384  # the resume unit: the store is flushed after each chunk
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str | None = None  # None: the dtype `sieve discover` used
-
-    def __post_init__(self) -> None:
-        for flag, value in (
-            ("--tokens", self.tokens),
-            ("--batch-size", self.batch_size),
-            ("--seq-len", self.seq_len),
-            ("--chunk-tokens", self.chunk_tokens),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise InputError(f"{flag} must be a positive integer, got {value!r}")
-        if not isinstance(self.samples_per_site, int) or self.samples_per_site < 0:
-            raise InputError(f"--samples-per-site must be 0 or more, got {self.samples_per_site!r}")
-
-    def recorded(self) -> dict:
-        """What makes the statistics what they are: not the task path (its content is hashed upstream)."""
-        return {k: v for k, v in asdict(self).items() if k != "task"}
 
 
 # ---- the atomic store ------------------------------------------------------------
@@ -411,8 +393,6 @@ def run_capture(ws: Workspace, options: CaptureOptions, force: bool = False) -> 
     task or options changed since the last capture unless `force`; resumes an interrupted
     capture with the same inputs; does nothing when a complete one exists. Returns the summary.
     """
-    from .discover import load_workspace_model
-    from .tasks import bind_task
 
     bound = bind_task(ws, options.task, force=force)
     inputs = {"options": options.recorded(), "upstream": ws.upstream_hashes("discover", "task")}

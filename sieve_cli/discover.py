@@ -6,22 +6,16 @@ binds a model to a workspace, so later stages know what to load.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from torch import nn
 
 from .matrices import find_matrices, is_linear_like
 from .models import load_model, model_identity, resolve_source
+from .options import DiscoverOptions
 from .workspace import Workspace, read_json, write_json_atomic
 
 STAGE = "discover"
-
-
-@dataclass(frozen=True)
-class DiscoverOptions:
-    model: str
-    dtype: str = "float32"
-    device: str = "cpu"
 
 
 def _unique_params(modules: list[nn.Module]) -> int:

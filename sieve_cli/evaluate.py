@@ -27,7 +27,12 @@ from typing import Any
 import torch
 
 from . import progress
+from .discover import load_workspace_model
 from .errors import InputError
+from .files import sha256_bytes
+from .models import load_model, model_identity, torch_dtype
+from .options import EvalOptions
+from .pruned import load_pruned
 from .tasks import BoundTask, Example, bind_task
 from .workspace import Workspace, read_json, write_json_atomic
 
@@ -403,41 +408,18 @@ def _evaluate_generation(model, prepared: PreparedSplit, batch_size: int, show_p
 # ---- stage eval ----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class EvalOptions:
-    split: str = "test"
-    limit: int | None = None
-    model: str | None = None  # a pruned model folder (with sieve.json) or any model folder; None: the dense model
-    batch_size: int = 16
-    max_length: int = 1024
-    device: str = "cpu"
-    dtype: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.split not in ("test", "search", "calibration"):
-            raise InputError(f"--split {self.split!r} is not a split part; use test or search")
-        if self.batch_size < 1:
-            raise InputError("--batch-size must be >= 1")
-        if self.limit is not None and self.limit < 1:
-            raise InputError("--limit must be >= 1")
-
-
 def run_label(options: EvalOptions) -> str:
     """Each (model, split, limit) gets its own folder under WS/eval, so dense and pruned results coexist."""
     if options.model is None:
         who = "dense"
     else:
         path = Path(options.model).expanduser().resolve()
-        from .workspace import sha256_bytes
-
         who = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.name)[:40] + "-" + sha256_bytes(str(path).encode())[:8]
     return f"{who}-{options.split}" + (f"-limit{options.limit}" if options.limit else "")
 
 
 def load_eval_model(ws: Workspace, options: EvalOptions):
     """(model, tokenizer, identity): the pruned model folder if it has sieve.json, any model folder, or the dense model."""
-    from .discover import load_workspace_model
-    from .models import load_model, model_identity, torch_dtype
 
     if options.model is None:
         model, tokenizer = load_workspace_model(ws, options.dtype, options.device)
@@ -447,8 +429,6 @@ def load_eval_model(ws: Workspace, options: EvalOptions):
         raise InputError(f"--model {folder} is not a folder; pass the output folder of `sieve apply` or a model folder")
     if (folder / "sieve.json").exists():
         from transformers import AutoTokenizer
-
-        from .pruned import load_pruned
 
         dtype = torch_dtype(options.dtype) if options.dtype else None
         model = load_pruned(folder, device=options.device, dtype=dtype)
@@ -467,7 +447,6 @@ def run_eval(ws: Workspace, options: EvalOptions, force: bool = False) -> dict:
     stage = f"{STAGE}/{label}"
     bound = bind_task(ws, None)
     upstream = ws.upstream_hashes("discover", "task")
-    from .models import model_identity
 
     identity = {"kind": "dense"} if options.model is None else model_identity(Path(options.model).expanduser())
     inputs = {"options": asdict(options), "upstream": upstream, "model": identity}

@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import progress
+from .capture import read_site  # capture owns the store format
+from .discover import load_workspace_model
 from .errors import InputError, MissingStageError
 from .factorize import (
     Basis,
@@ -35,13 +36,12 @@ from .factorize import (
 from .factors import FactorSet
 from .lowrank import rank_for_fraction
 from .matrices import Matrix, find_matrices, sites_of, weight_of
+from .options import FIT_METHODS, SUMMARY_LEVELS, FitOptions
 from .workspace import Workspace, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-METHODS = ("output", "learned", "svd", "pca")
-INITS = ("random", "output")
-SUMMARY_LEVELS = (0.9, 0.75, 0.5)  # kept fractions reported in every summary
+METHODS = FIT_METHODS
 FACTORS_FILE = "factors.safetensors"
 SPECTRUM_FILE = "spectrum.json"
 
@@ -50,44 +50,11 @@ class EmptySiteError(InputError):
     """A capture site saw no calibration tokens, so nothing can be fitted for its matrices."""
 
 
-@dataclass(frozen=True)
-class FitOptions:
-    method: str = "output"
-    device: str = "cpu"
-    # learned only: the kept fractions to train factors for, and how to train them
-    levels: tuple[float, ...] = SUMMARY_LEVELS
-    init: str = "random"  # random (the paper) or output (start from the exact optimum)
-    lr: float = 1e-3
-    epochs: int = 2
-    batch_rows: int = 5000
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise InputError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.init not in INITS:
-            raise InputError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
-        if not self.levels or any(not (0 < p < 1) for p in self.levels):
-            raise InputError(f"--levels must be kept fractions strictly between 0 and 1, got {list(self.levels)}")
-        if self.lr <= 0 or self.epochs < 0 or self.batch_rows < 1:
-            raise InputError("--lr must be > 0, --epochs >= 0 and --batch-rows >= 1")
-        object.__setattr__(self, "levels", tuple(sorted(set(map(float, self.levels)), reverse=True)))
-
-    def recorded(self) -> dict:
-        """The options that decide the outputs, for the manifest.
-
-        Training options matter only to `learned`, so changing them does not make the other
-        methods stale; the device does not change a float64 closed-form result either.
-        """
-        if self.method == "learned":
-            return asdict(self)
-        return {"method": self.method}
-
-    def train_settings(self) -> TrainSettings:
-        return TrainSettings(lr=self.lr, epochs=self.epochs, batch_rows=self.batch_rows, seed=self.seed)
-
-
 # ---- reading fit outputs (what search and apply import) ------------------------------
+
+
+def train_settings(options: FitOptions) -> TrainSettings:
+    return TrainSettings(lr=options.lr, epochs=options.epochs, batch_rows=options.batch_rows, seed=options.seed)
 
 
 def _require_fit(ws: Workspace, method: str) -> dict:
@@ -129,22 +96,26 @@ def run_fit(ws: Workspace, options: FitOptions, force: bool = False, model: nn.M
         return {**ws.read_manifest(stage)["summary"], "up_to_date": True}
     load_seconds = 0.0
     if model is None:
-        from .discover import load_workspace_model
-
         started = time.perf_counter()
         model, _ = load_workspace_model(ws, device="cpu")  # weights are read once, then moved per matrix
         load_seconds = time.perf_counter() - started
     started = time.perf_counter()
     factors, spectrum = fit_model(model, ws.capture_store, options)
     seconds = time.perf_counter() - started
-    folder = ws.fit_dir(options.method)
+    written = save_fit(ws, options.method, factors, spectrum)
+    summary = summarise(find_matrices(model), spectrum, options, seconds, load_seconds)
+    ws.finish(stage, inputs, written, summary)
+    log.info("fit %s: %d matrices in %.1f s", options.method, summary["matrices"], seconds)
+    return summary
+
+
+def save_fit(ws: Workspace, method: str, factors: FactorSet, spectrum: dict) -> list[Path]:
+    """Write a fit's files into WS/fit/<method>/ (the one writer of the fit format); returns them."""
+    folder = ws.fit_dir(method)
     folder.mkdir(parents=True, exist_ok=True)
     factors.save(folder / FACTORS_FILE)
     write_json_atomic(folder / SPECTRUM_FILE, spectrum)
-    summary = summarise(find_matrices(model), spectrum, options, seconds, load_seconds)
-    ws.finish(stage, inputs, [folder / FACTORS_FILE, folder / SPECTRUM_FILE], summary)
-    log.info("fit %s: %d matrices in %.1f s", options.method, summary["matrices"], seconds)
-    return summary
+    return [folder / FACTORS_FILE, folder / SPECTRUM_FILE]
 
 
 def fit_model(model: nn.Module, store: Path, options: FitOptions) -> tuple[FactorSet, dict]:
@@ -189,7 +160,7 @@ def _fit_learned(W: torch.Tensor, C: torch.Tensor, samples: torch.Tensor, option
     basis = output_basis(W, C) if options.init == "output" else None
     for rank in ranks:
         init = tuple(f.float() for f in truncate(basis.B, basis.A, rank)) if basis is not None else None
-        B, A = learn_factors(W.float(), samples, rank, options.train_settings(), init=init)
+        B, A = learn_factors(W.float(), samples, rank, train_settings(options), init=init)
         pairs[rank] = (_stored(B), _stored(A))
     total = float(((W @ C) * W).sum())
     relative: list[float | None] = [None] * (min(H, D) + 1)
@@ -203,7 +174,6 @@ def _stored(t: torch.Tensor) -> torch.Tensor:
 
 
 def _read_site(store: Path, site: str):
-    from .capture import read_site  # capture owns the store format
 
     return read_site(store, site)
 

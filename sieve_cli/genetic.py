@@ -1,4 +1,4 @@
-"""The search algorithms, pure: binary search for a uniform p, greedy allocation, the GA.
+"""The genetic algorithm over per-matrix kept levels, and the greedy seeds it starts from; pure.
 
 Nothing here touches a model, a file or a clock. The caller supplies the metric as a
 callback and gets back plain data, so the algorithms are tested with synthetic metrics
@@ -17,67 +17,15 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-DEFAULT_LEVELS = (1.0, 0.9, 0.75, 0.6, 0.5, 0.35, 0.25, 0.2, 0.1, 0.05)
+from .acceptance import is_acceptable
+from .options import GAConfig
 
 Genome = list[int]
-
-
-# ---- acceptance -----------------------------------------------------------------------
-def acceptance_threshold(dense: float, tolerance: float, absolute: bool = False) -> float:
-    """The lowest acceptable metric: dense - tol (absolute) or dense - tol * |dense| (relative).
-
-    |dense| rather than dense keeps "higher is better" right for metrics that are negative
-    (e.g. a negated perplexity): (1 - tol) x dense would then lie above dense.
-    """
-    return dense - tolerance if absolute else dense - tolerance * abs(dense)
-
-
-def is_acceptable(metric: float, threshold: float) -> bool:
-    # a hair of slack so a candidate that scores exactly the threshold is not lost to rounding
-    return metric >= threshold - 1e-12
 
 
 def levels_with(levels: Sequence[float], p: float) -> list[float]:
     """`levels` with `p` added, most kept first: the uniform answer must be a genome the GA can hold."""
     return sorted(set(map(float, levels)) | {float(p)}, reverse=True)
-
-
-# ---- uniform: binary search ----------------------------------------------------------------
-@dataclass(frozen=True)
-class UniformResult:
-    p: float  # the smallest acceptable kept fraction found (1.0 when none below 1 is)
-    metric: float | None  # its metric; None when p is 1.0 and was not evaluated
-    trials: list[tuple[float, float]]  # (p, metric) in evaluation order
-
-
-def uniform_grid(step: float) -> list[float]:
-    """Kept fractions step, 2 step, ... below 1, ascending (1.0 itself is the dense model)."""
-    if not 0 < step < 1:
-        raise ValueError(f"grid step must be in (0, 1), got {step}")
-    count = math.ceil(1 / step - 1e-9) - 1
-    return [round(step * k, 6) for k in range(1, count + 1)]
-
-
-def binary_search(grid: Sequence[float], metric_at: Callable[[float], float], threshold: float) -> UniformResult:
-    """The smallest p in the ascending `grid` whose metric is acceptable.
-
-    Assumes acceptability is monotone in p (keeping more never hurts); 1.0 is acceptable
-    by definition, so a grid of n points costs ceil(log2(n + 1)) evaluations.
-    """
-    grid = sorted(grid)
-    lo, hi = -1, len(grid)  # grid[lo] unacceptable (or none), grid[hi] acceptable (or 1.0)
-    trials: list[tuple[float, float]] = []
-    best_metric = None
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        metric = metric_at(grid[mid])
-        trials.append((grid[mid], metric))
-        if is_acceptable(metric, threshold):
-            hi, best_metric = mid, metric
-        else:
-            lo = mid
-    p = grid[hi] if hi < len(grid) else 1.0
-    return UniformResult(p=p, metric=best_metric, trials=trials)
 
 
 # ---- the problem: parameter counts per level --------------------------------------------
@@ -163,22 +111,6 @@ def greedy_seeds(errors, kept, total: int, removals: Sequence[float]) -> list[Ge
 
 
 # ---- the genetic algorithm ------------------------------------------------------------------
-@dataclass(frozen=True)
-class GAConfig:
-    population: int = 16
-    generations: int = 12
-    patience: int = 4  # stop after this many generations without a better best
-    tournament: int = 3
-    elite: int = 2
-    crossover_rate: float = 0.9
-    mutations: float = 3.0  # expected genes moved per child (at least one always moves)
-    # chance a moved gene goes one level down (prune more) rather than up: fitness only ever
-    # rewards removal and selection weeds out the children that overshoot, so a lean
-    # towards pruning reaches good plans in fewer of the (expensive) evaluations
-    prune_bias: float = 0.65
-    seed: int = 0
-
-
 @dataclass
 class GenerationReport:
     generation: int

@@ -6,7 +6,7 @@ This is the one place that knows GPT-2's Conv1D stores its weight transposed
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
@@ -34,6 +34,11 @@ class Matrix:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "params": self.params}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Matrix":
+        """The record as discover wrote it in matrices.json (`params` is derived, not stored back)."""
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from . import progress
 from .errors import InputError, ModelLoadError
 from .workspace import sha256_file, sha256_json
 
@@ -70,10 +71,8 @@ def torch_dtype(name: str) -> torch.dtype:
 def load_model(source: str | os.PathLike, dtype: str = "float32", device: str = "cpu"):
     """(model, tokenizer) for a hub id, a local folder or a .gguf file, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
-    from . import progress
 
     # transformers' own bars follow ours: on in the CLI on a terminal, off in notebooks, tests, --json
     (hf_logging.enable_progress_bar if progress.is_enabled() else hf_logging.disable_progress_bar)()

@@ -25,6 +25,9 @@ from .errors import InputError
 from .factors import FactorSet
 from .lowrank import LowRankLinear, bias_of, swap_modules
 from .matrices import weight_of
+from .models import torch_dtype
+from .plan import Plan
+from .version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -92,21 +95,19 @@ def build_replacements(model: nn.Module, ranks: Mapping[str, int | None], factor
     return replacements
 
 
-def plan_ranks(plan: Mapping) -> dict[str, int | None]:
-    """name -> rank (None: stays dense) from a plan dict (internals.md, "Plan")."""
-    try:
-        return {name: entry["rank"] for name, entry in plan["matrices"].items()}
-    except (KeyError, TypeError, AttributeError):
-        raise InputError("the plan has no `matrices` with a `rank` per matrix; rerun `sieve search`") from None
+def plan_ranks(plan: Mapping | Plan) -> dict[str, int | None]:
+    """name -> rank (None: stays dense) of a plan, or of its JSON form (e.g. from sieve.json)."""
+    return (plan if isinstance(plan, Plan) else Plan.parse(plan, rebuild="sieve search")).ranks()
 
 
-def prune_in_memory(model: nn.Module, plan: Mapping, factors: FactorSet) -> Callable[[], None]:
-    """Swap the plan's low-rank modules into `model`; return the function that restores it.
+def prune_in_memory(model: nn.Module, ranks: Mapping[str, int | None] | Plan, factors: FactorSet) -> Callable[[], None]:
+    """Swap low-rank modules of these ranks (a plan's) into `model`; return the function that restores it.
 
     Cheap enough to call once per search candidate: only the new factors are allocated,
     the dense modules are kept aside (not copied) and put back by the returned function.
     """
-    return swap_modules(model, build_replacements(model, plan_ranks(plan), factors))
+    ranks = ranks.ranks() if isinstance(ranks, Plan) else ranks
+    return swap_modules(model, build_replacements(model, ranks, factors))
 
 
 def densify_in_place(model: nn.Module, ranks: Mapping[str, int], factors: FactorSet) -> None:
@@ -175,9 +176,6 @@ def save_pruned(model: nn.Module, out_dir: str | Path, plan: Mapping, base_ident
     writing into the base model's folder belong to the caller (apply), which knows it.
     """
     from safetensors.torch import save_file
-
-    from . import __version__
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tied = shared_weights(model)
@@ -227,7 +225,6 @@ def read_sieve_json(path: str | Path) -> dict:
 def _resolve_dtype(dtype: str | torch.dtype | None, saved: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    from .models import torch_dtype
 
     return torch_dtype(dtype or saved)
 

@@ -24,7 +24,12 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
+from .acceptance import acceptance_threshold
+from .apply import RESULT
 from .errors import InputError, MissingStageError
+from .fit import load_spectrum
+from .options import ReportOptions
+from .ranks import fraction_for_rank
 from .workspace import Workspace, read_json
 
 log = logging.getLogger(__name__)
@@ -46,18 +51,6 @@ ERROR_FLOOR = 1e-6  # relative errors are drawn on a log axis; exact zeros sit a
 
 class ReportInputError(InputError):
     """The workspace lacks what the report needs (a finished search)."""
-
-
-@dataclass(frozen=True)
-class ReportOptions:
-    output: Path | None = None  # the HTML file; default WS/report/report.html
-    dpi: int = 110
-
-    def __post_init__(self) -> None:
-        if not 30 <= self.dpi <= 600:
-            raise InputError(f"--dpi must be between 30 and 600, got {self.dpi}")
-        if self.output is not None and Path(self.output).suffix.lower() not in {".html", ".htm"}:
-            raise InputError(f"-o must name an .html file, got {self.output}")
 
 
 @dataclass
@@ -161,7 +154,6 @@ def _discover_dtype(manifests: dict) -> str:
 
 def read_applied(ws: Workspace, notes: dict) -> dict | None:
     """apply's counted numbers (result.json), if apply ran on the current plan."""
-    from .apply import RESULT
 
     manifest = ws.read_manifest("apply")
     path = ws.stage_dir("apply") / RESULT
@@ -238,8 +230,6 @@ def _num(x) -> float | None:
 
 def read_spectrum(ws: Workspace, method: str, matrices: list[dict], plan: dict) -> Curve:
     """Relative output error against kept fraction, per kind and block, from fit/<method>/spectrum.json."""
-    from .fit import load_spectrum
-    from .lowrank import fraction_for_rank
 
     spectrum = load_spectrum(ws, method)
     curve = Curve(method=method, lines={})
@@ -456,7 +446,6 @@ def spectra_figure(curve: Curve) -> Figure:
 
 def _block_cmap():
     from matplotlib import colormaps
-
     from matplotlib.colors import ListedColormap
 
     return ListedColormap(colormaps["plasma"](np.linspace(0, 0.85, 256)))  # no pale yellow on white
@@ -589,7 +578,7 @@ def score_rows(scores: list[Score]) -> list[tuple]:
 
 def summary_rows(data: Data) -> list[tuple]:
     """Parameters and sizes: the plan's prediction, and what apply counted when it ran."""
-    p, plan, a = data.plan["params"], data.plan, data.applied
+    p, a = data.plan["params"], data.applied
     width = DTYPE_BYTES.get(data.dtype, 4)
     rows = [
         ("prunable parameters (plan)", human(p["prunable_before"]), human(p["prunable_after"]),
@@ -655,7 +644,6 @@ def render_html(title: str, root: Path, sections: list[str]) -> str:
 # ---- the command's body ---------------------------------------------------------------------
 def run_report(ws: Workspace, options: ReportOptions) -> ReportResult:
     """Write WS/report/*.png and the HTML page; returns where they are and what was skipped."""
-    from .genetic import acceptance_threshold
 
     data = collect(ws)
     plan, metric = data.plan, data.plan["metric"]

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from .errors import InputError, MissingStageError, TaskError
+from .options import SplitOptions
 from .workspace import Workspace, sha256_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -413,49 +414,6 @@ class Renderer:
 
 
 # ---- splits --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SplitOptions:
-    """Sizes of the calibration, search and test parts: a count (>= 1) or a fraction (< 1) of all examples.
-
-    Search and test are capped at `max_search` / `max_test` examples (None: no cap) so that the
-    search split stays cheap to score many times; calibration gets the rest (or its own size).
-    Parts are drawn in the order test, search, calibration from one seeded shuffle.
-    """
-
-    search: float = 0.2
-    test: float = 0.4
-    calibration: float | None = None
-    max_search: int | None = 100
-    max_test: int | None = 300
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("search", "test", "calibration"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise InputError(f"split size --{name} must be > 0 (a count, or a fraction below 1)")
-        for name in ("max_search", "max_test"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise InputError(f"split cap --{name.replace('_', '-')} must be >= 1")
-
-    def sizes(self, total: int) -> dict[str, int]:
-        def count(value: float, cap: int | None) -> int:
-            n = int(value) if value >= 1 else round(value * total)
-            return min(n, cap) if cap is not None else n
-
-        test = count(self.test, self.max_test)
-        search = count(self.search, self.max_search)
-        rest = total - test - search
-        calibration = rest if self.calibration is None else count(self.calibration, None)
-        if min(test, search, calibration) < 1 or test + search + calibration > total:
-            raise TaskError(
-                f"cannot split {total} examples into test {test}, search {search}, calibration {calibration}; "
-                f"use smaller split sizes (fractions such as 0.2) or a larger dataset"
-            )
-        return {"calibration": calibration, "search": search, "test": test}
 
 
 def make_split(ids: list[str], options: SplitOptions) -> dict[str, list[str]]:

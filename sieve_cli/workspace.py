@@ -8,15 +8,15 @@ upstream manifests), so a rerun can tell "up to date" from "stale" from "resume"
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError, MissingStageError, StaleStageError, WorkspaceError
+from .files import read_json, sha256_bytes, sha256_file, sha256_json, write_json_atomic  # noqa: F401 - re-exported
+from .version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -33,46 +33,6 @@ STAGE_COMMANDS = {
     "apply": "sieve apply -w {ws} -o OUT",
     "eval": "sieve eval -w {ws}",
 }
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def sha256_json(obj: Any) -> str:
-    """Hash of a JSON-able object, independent of key order."""
-    return sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON so that a crash leaves either the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path} is not valid JSON ({exc}); delete it or rerun the stage with --force") from exc
 
 
 class Workspace:
@@ -236,8 +196,6 @@ class Workspace:
         return self._write_manifest(stage, inputs, complete=True, files=listed, summary=summary or {})
 
     def _write_manifest(self, stage: str, inputs: dict, complete: bool, files: dict, summary: dict) -> dict:
-        from . import __version__
-
         manifest = {
             "schema": SCHEMA_VERSION,
             "stage": stage,

@@ -11,6 +11,14 @@ torch.set_num_threads(1)  # the CI machine has 2 cores; 1 thread is faster and s
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def default_workspace(tmp_path, monkeypatch) -> Path:
+    """Commands run without -w use $SIEVE_WORKSPACE: a fresh one per test, never the checkout."""
+    path = tmp_path / "sieve-workspace"
+    monkeypatch.setenv("SIEVE_WORKSPACE", str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny random LLaMA with a character tokenizer, saved as a local Hugging Face folder."""

@@ -12,13 +12,18 @@ from sieve_cli.cli import app
 from sieve_cli.discover import DiscoverOptions, run_discover
 from sieve_cli.errors import InputError, MissingStageError
 from sieve_cli.lowrank import LowRankLinear, lowrank_params
-from sieve_cli.matrices import find_matrices
 from sieve_cli.models import load_model
-from sieve_cli.pruned import SIEVE_JSON, WEIGHTS, count_params, load_pruned, prune_in_memory
+from sieve_cli.pruned import (
+    SIEVE_JSON,
+    WEIGHTS,
+    count_params,
+    load_pruned,
+    plan_ranks,
+    prune_in_memory,
+)
 from sieve_cli.workspace import Workspace, write_json_atomic
 
 from .test_pruned import svd_factors
-from .tiny import tiny_model
 
 runner = CliRunner()
 IDS = torch.randint(3, 100, (2, 13), generator=torch.Generator().manual_seed(4))
@@ -73,7 +78,7 @@ def in_memory_logits(ws, tiny_dir):
     from sieve_cli.fit import load_factors
 
     model, _ = load_model(tiny_dir)
-    prune_in_memory(model, json.loads(ws.plan_json.read_text()), load_factors(ws, "output"))
+    prune_in_memory(model, plan_ranks(json.loads(ws.plan_json.read_text())), load_factors(ws, "output"))
     with torch.no_grad():
         return model(IDS).logits, count_params(model)
 
@@ -214,7 +219,7 @@ def test_saved_model_scores_what_search_scored_in_memory(ws, tiny_dir, tmp_path)
     bound = bind_task(ws, DEFAULT_TASK)
     model, tokenizer = load_model(tiny_dir)
     prepared = prepare(bound, "search", tokenizer, limit=12)
-    prune_in_memory(model, plan, load_factors(ws, "output"))
+    prune_in_memory(model, plan_ranks(plan), load_factors(ws, "output"))
     in_memory = evaluate(model, prepared, show_progress=False)
     run_apply(ws, ApplyOptions(out=tmp_path / "out", dense_above=DENSE_ABOVE))  # the 0.9-kept matrices stored as B·A
     saved = run_eval(ws, EvalOptions(split="search", limit=12, model=str(tmp_path / "out")))

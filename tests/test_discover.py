@@ -2,7 +2,6 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 from sieve_cli.archs import ARCHITECTURES, arch_for
 from sieve_cli.discover import diagnose

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from sieve_cli.evaluate import (
-    Sequence, Span, cut_at_stop, evaluate, generate_greedy, prepare, ratio_interval, score_sequences, wilson_interval,
+    Sequence,
+    Span,
+    cut_at_stop,
+    evaluate,
+    generate_greedy,
+    prepare,
+    ratio_interval,
+    score_sequences,
+    wilson_interval,
 )
 from sieve_cli.tasks import SplitOptions
 

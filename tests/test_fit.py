@@ -11,7 +11,13 @@ from sieve_cli.capture import CaptureOptions, SiteStats, capture_statistics, rea
 from sieve_cli.cli import app
 from sieve_cli.discover import DiscoverOptions, run_discover
 from sieve_cli.errors import MissingStageError, StaleStageError
-from sieve_cli.fit import EmptySiteError, FitOptions, load_factors, load_spectrum, run_fit
+from sieve_cli.fit import (
+    EmptySiteError,
+    FitOptions,
+    load_factors,
+    load_spectrum,
+    run_fit,
+)
 from sieve_cli.lowrank import rank_for_fraction
 from sieve_cli.matrices import find_matrices, weight_of
 from sieve_cli.models import load_model

@@ -2,19 +2,16 @@
 
 import pytest
 
+from sieve_cli.acceptance import acceptance_threshold, is_acceptable
 from sieve_cli.genetic import (
-    DEFAULT_LEVELS,
-    GAConfig,
     Problem,
-    acceptance_threshold,
-    binary_search,
     genetic_search,
     greedy_allocation,
     greedy_seeds,
-    is_acceptable,
     levels_with,
-    uniform_grid,
 )
+from sieve_cli.options import DEFAULT_LEVELS, GAConfig
+from sieve_cli.uniform import binary_search, uniform_grid
 
 N = 20  # matrices
 SIZES = [1000 if i % 4 else 3000 for i in range(N)]  # uneven sizes: removal must be parameter-weighted

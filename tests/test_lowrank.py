@@ -2,7 +2,13 @@ import pytest
 import torch
 from torch import nn
 
-from sieve_cli.lowrank import LowRankLinear, fraction_for_rank, lowrank_params, rank_for_fraction, swap_modules
+from sieve_cli.lowrank import (
+    LowRankLinear,
+    fraction_for_rank,
+    lowrank_params,
+    rank_for_fraction,
+    swap_modules,
+)
 
 
 @pytest.mark.parametrize("h, d", [(576, 576), (1536, 576), (192, 576), (7, 3)])

@@ -7,7 +7,8 @@ import yaml
 from typer.testing import CliRunner
 
 from sieve_cli.cli import app
-from sieve_cli.pipeline import RunOptions, run_pipeline
+from sieve_cli.options import CaptureOptions, RunOptions, SplitOptions
+from sieve_cli.pipeline import run_pipeline
 from sieve_cli.search import SearchOptions
 
 from .test_tasks import write_task
@@ -27,7 +28,8 @@ STAGE_FILES = [
 
 def options(tiny_dir, tmp_path, task, **overrides):
     base = dict(model=str(tiny_dir), task=str(task), workspace=tmp_path / "ws", out=tmp_path / "pruned",
-                tokens=2000, seq_len=64, eval_samples=6, search=SearchOptions(limit=None, grid_step=0.1))
+                capture=CaptureOptions(tokens=2000, seq_len=64), split=SplitOptions(max_search=6, max_test=6),
+                search=SearchOptions(limit=None, grid_step=0.1))
     return RunOptions(**{**base, **overrides})
 
 
@@ -75,7 +77,7 @@ def test_changed_task_reruns_capture_and_downstream_only(first_run, tmp_path):
 def test_cli_run_prints_the_summary(tiny_dir, tmp_path):
     task = write_task(tmp_path, "text_modelling")
     result = CliRunner().invoke(app, ["run", str(tiny_dir), "--task", str(task), "-w", str(tmp_path / "ws"),
-                                      "-o", str(tmp_path / "out"), "--tokens", "2000", "--eval-samples", "6"])
+                                      "-o", str(tmp_path / "out"), "--tokens", "2000", "--max-search", "6", "--max-test", "6"])
     assert result.exit_code == 0, result.output
     assert "Dense vs pruned on the test split" in result.output
     assert "pruned model:" in result.output

@@ -18,6 +18,7 @@ from sieve_cli.pruned import (
     count_params,
     densify_in_place,
     load_pruned,
+    plan_ranks,
     prune_in_memory,
     save_pruned,
 )
@@ -61,7 +62,7 @@ def test_plan_that_keeps_everything_reproduces_dense_logits_exactly(tmp_path):
     model = tiny_model("llama")
     dense = logits(model, IDS)
     plan = {"method": "svd", "matrices": {m.name: {"rank": None} for m in find_matrices(model)}}
-    restore = prune_in_memory(model, plan, svd_factors(model))
+    restore = prune_in_memory(model, plan_ranks(plan), svd_factors(model))
     assert torch.equal(logits(model, IDS), dense)
     save_pruned(model, tmp_path, plan, IDENTITY)
     assert torch.equal(logits(load_pruned(tmp_path), IDS), dense)
@@ -73,7 +74,7 @@ def test_prune_in_memory_swaps_planned_matrices_and_restore_brings_back_dense():
     dense = logits(model, IDS)
     originals = {name: module for name, module in model.named_modules()}
     plan = random_plan(model)
-    restore = prune_in_memory(model, plan, svd_factors(model))
+    restore = prune_in_memory(model, plan_ranks(plan), svd_factors(model))
     for name, entry in plan["matrices"].items():
         module = model.get_submodule(name)
         if entry["rank"] is None:
@@ -91,7 +92,7 @@ def test_full_rank_factors_reproduce_the_dense_matrix():
     factors = svd_factors(model)
     ranks = {m.name: min(m.out_features, m.in_features) for m in find_matrices(model)}
     dense = logits(model, IDS)
-    prune_in_memory(model, {"matrices": {n: {"rank": r} for n, r in ranks.items()}}, factors)
+    prune_in_memory(model, ranks, factors)
     torch.testing.assert_close(logits(model, IDS), dense, rtol=1e-4, atol=1e-4)
 
 
@@ -126,7 +127,7 @@ def test_every_family_round_trips_through_save_and_load(model_type, tmp_path):
     model = tiny_model(model_type)
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     plan = random_plan(model, seed=3)
-    prune_in_memory(model, plan, svd_factors(model))
+    prune_in_memory(model, plan_ranks(plan), svd_factors(model))
     expected = logits(model, IDS)
     info = save_pruned(model, tmp_path, plan, IDENTITY)
     assert info["factored"] and all(plan["matrices"][n]["rank"] == s["rank"] for n, s in info["factored"].items())
@@ -144,7 +145,7 @@ def test_parameter_count_equals_the_plans_prediction(tmp_path):
     model = tiny_model("opt")
     before = count_params(model)
     plan = random_plan(model, seed=5)
-    prune_in_memory(model, plan, svd_factors(model))
+    prune_in_memory(model, plan_ranks(plan), svd_factors(model))
     removed = sum(e["params_before"] - e["params_after"] for e in plan["matrices"].values())
     assert removed > 0
     assert count_params(model) == before - removed
@@ -159,7 +160,7 @@ def test_saved_file_size_is_parameters_times_bytes(tmp_path, dtype, nbytes):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
     plan = random_plan(model, seed=7)
-    prune_in_memory(model, plan, svd_factors(model))
+    prune_in_memory(model, plan_ranks(plan), svd_factors(model))
     save_pruned(model, tmp_path, plan, IDENTITY)
     size = (tmp_path / WEIGHTS).stat().st_size
     header = int.from_bytes((tmp_path / WEIGHTS).read_bytes()[:8], "little")
@@ -171,7 +172,7 @@ def test_saved_file_size_is_parameters_times_bytes(tmp_path, dtype, nbytes):
 def test_loader_writes_config_tokenizer_and_generates(tmp_path):
     model = tiny_model("llama")
     plan = random_plan(model, seed=2)
-    prune_in_memory(model, plan, svd_factors(model))
+    prune_in_memory(model, plan_ranks(plan), svd_factors(model))
     save_pruned(model, tmp_path, plan, IDENTITY, tokenizer=tiny_tokenizer(), fit_method="svd")
     info = json.loads((tmp_path / SIEVE_JSON).read_text())
     assert info["base_model"] == IDENTITY and info["fit_method"] == "svd" and info["plan"]["matrices"]
@@ -188,7 +189,7 @@ def test_densify_in_place_computes_the_planned_rank_map():
         model = tiny_model(model_type)
         factors = svd_factors(model)
         ranks = {m.name: 3 for m in find_matrices(model)}
-        prune_in_memory(model, {"matrices": {n: {"rank": r} for n, r in ranks.items()}}, factors)
+        prune_in_memory(model, ranks, factors)
         factored = logits(model, IDS)
         dense = tiny_model(model_type)
         densify_in_place(dense, ranks, factors)
@@ -200,7 +201,7 @@ def test_load_refuses_folders_that_are_not_pruned_models(tmp_path):
         load_pruned(tmp_path)
     model = tiny_model("llama")
     plan = random_plan(model)
-    prune_in_memory(model, plan, svd_factors(model))
+    prune_in_memory(model, plan_ranks(plan), svd_factors(model))
     save_pruned(model, tmp_path, plan, IDENTITY)
     info = json.loads((tmp_path / SIEVE_JSON).read_text())
     info["factored"].popitem()  # the weights no longer match the recorded layout
@@ -225,7 +226,7 @@ def test_smollm2_round_trip_keeps_tokenizer_tied_head_and_logits(smollm2_gguf, t
         Q = torch.linalg.qr(torch.randn(m.out_features, min(W.shape), generator=torch.Generator().manual_seed(0)))[0]
         factors.full[m.name] = (Q, Q.T @ W)
     plan = {"method": "svd", "matrices": {m.name: {"rank": min(m.out_features, m.in_features) // 4} for m in chosen}}
-    prune_in_memory(model, plan, factors)
+    prune_in_memory(model, plan_ranks(plan), factors)
     text = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)"
     ids = tokenizer(text, return_tensors="pt").input_ids
     expected = logits(model, ids)
@@ -246,7 +247,7 @@ def test_rank_zero_keeps_only_the_bias(tmp_path, recwarn):
     model = tiny_model("qwen2")
     name = "model.layers.0.self_attn.q_proj"
     plan = {"method": "svd", "matrices": {name: {"rank": 0}}}
-    prune_in_memory(model, plan, svd_factors(model))
+    prune_in_memory(model, plan_ranks(plan), svd_factors(model))
     x = torch.randn(3, 32)
     torch.testing.assert_close(model.get_submodule(name)(x), model.get_submodule(name).B.bias.expand(3, -1))
     save_pruned(model, tmp_path, plan, IDENTITY)

@@ -15,6 +15,7 @@ from sieve_cli.factors import FactorSet
 from sieve_cli.fit import FACTORS_FILE, SPECTRUM_FILE
 from sieve_cli.lowrank import fraction_for_rank
 from sieve_cli.matrices import find_matrices, weight_of
+from sieve_cli.options import CaptureOptions, GAConfig, SplitOptions
 from sieve_cli.report import (
     ReportInputError,
     ReportOptions,
@@ -90,8 +91,8 @@ def full_ws(tmp_path_factory, tiny_dir):
 
     root = tmp_path_factory.mktemp("report")
     ws = base_workspace(root / "ws", tiny_dir)
-    options = SearchOptions(strategy="adaptive", tolerance=0.05, population=12, generations=15, patience=6, seed=1)
-    plan = run_search(ws, options, scorer=synthetic_scorer(ws))
+    options = SearchOptions(strategy="adaptive", tolerance=0.05, ga=GAConfig(population=12, generations=15, patience=6, seed=1))
+    run_search(ws, options, scorer=synthetic_scorer(ws))
     out = root / "pruned"
     run_apply(ws, ApplyOptions(out=out))
     write_eval(ws, "dense-test", "dense", 0.78)
@@ -224,9 +225,11 @@ def test_report_on_the_real_pipeline(tiny_dir, tmp_path):
     from .test_tasks import write_task
 
     task = write_task(tmp_path, "text_modelling")
-    search = SearchOptions(limit=None, grid_step=0.1, population=4, generations=1, patience=1)
+    search = SearchOptions(strategy="adaptive", limit=None, grid_step=0.1,
+                           ga=GAConfig(population=4, generations=1, patience=1))
     run = run_pipeline(RunOptions(model=str(tiny_dir), task=str(task), workspace=tmp_path / "ws", out=tmp_path / "pruned",
-                                  strategy="adaptive", tokens=2000, seq_len=64, eval_samples=6, search=search))
+                                  capture=CaptureOptions(tokens=2000, seq_len=64), split=SplitOptions(max_search=6, max_test=6),
+                                  search=search))
     result = run_report(Workspace(run.workspace), ReportOptions())
     assert result.sections == {k: "shown" for k in ("summary", "heatmap", "spectra", "tradeoff")}
     page = result.html.read_text()

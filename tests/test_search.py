@@ -7,14 +7,22 @@ import torch
 from typer.testing import CliRunner
 
 from sieve_cli import search as search_module
+from sieve_cli.acceptance import is_acceptable
 from sieve_cli.discover import DiscoverOptions, run_discover
 from sieve_cli.errors import InputError, StaleStageError
 from sieve_cli.factors import FactorSet
-from sieve_cli.genetic import is_acceptable
 from sieve_cli.lowrank import fraction_for_rank
-from sieve_cli.matrices import find_matrices, weight_of
-from sieve_cli.search import Scorer, SearchOptions, Target, kept_by_block, rank_at, run_search
+from sieve_cli.matrices import Matrix, find_matrices, weight_of
+from sieve_cli.options import GAConfig
+from sieve_cli.plan import Plan
+from sieve_cli.search import Scorer, SearchOptions, rank_at, run_search
 from sieve_cli.workspace import Workspace, write_json_atomic
+
+
+def target(name: str, h: int, d: int) -> Matrix:
+    return Matrix(name=name, block=0, kind="q", group="attention", site="0.attn_in", out_features=h, in_features=d,
+                  transposed=False, bias=False)
+
 
 # q, k, gate and up barely matter to this metric, v, o and down do: uneven allocation pays
 SENSITIVITY = {"q": 0.02, "k": 0.02, "v": 1.0, "o": 1.0, "gate": 0.02, "up": 0.02, "down": 1.0}
@@ -87,7 +95,7 @@ def test_uniform_plan_format_and_threshold(ws):
         assert not history_ps[below]["acceptable"]
     m = plan["matrices"]["model.layers.0.self_attn.q_proj"]
     assert set(m) == {"kind", "block", "kept", "rank", "params_before", "params_after"}
-    assert m["kind"] == "q" and m["block"] == 0 and m["rank"] == rank_at(Target("x", "q", 0, 32, 32), p, _full(32))
+    assert m["kind"] == "q" and m["block"] == 0 and m["rank"] == rank_at(target("x", 32, 32), p, _full(32))
     assert m["params_after"] == m["rank"] * 64 and m["kept"] == pytest.approx(m["rank"] * 64 / 1024)
     params = plan["params"]
     assert params["prunable_before"] == sum(x["params_before"] for x in plan["matrices"].values())
@@ -117,21 +125,21 @@ def test_rerun_is_a_noop_and_changed_options_are_stale(ws):
     again = run_search(ws, SearchOptions(strategy="uniform"), scorer=synthetic_scorer(ws, calls))
     assert again["up_to_date"] and calls == []
     # the GA's knobs do not change a uniform plan
-    assert run_search(ws, SearchOptions(strategy="uniform", population=4), scorer=synthetic_scorer(ws))["up_to_date"]
+    assert run_search(ws, SearchOptions(strategy="uniform", ga=GAConfig(population=4)), scorer=synthetic_scorer(ws))["up_to_date"]
     with pytest.raises(StaleStageError, match="--force"):
         run_search(ws, SearchOptions(strategy="uniform", tolerance=0.1), scorer=synthetic_scorer(ws))
     plan = run_search(ws, SearchOptions(strategy="uniform", tolerance=0.1), force=True, scorer=synthetic_scorer(ws))
     assert plan["tolerance"] == 0.1 and history(ws)[0]["p"] == 1.0  # history restarted, not appended
 
 
-ADAPTIVE = dict(strategy="adaptive", tolerance=0.05, population=10, generations=10, patience=4, seed=3)
+ADAPTIVE = dict(strategy="adaptive", tolerance=0.05, ga=GAConfig(population=10, generations=10, patience=4, seed=3))
 
 
 def test_adaptive_beats_uniform_and_stays_acceptable(ws, tmp_path):
     plan = run_search(ws, SearchOptions(**ADAPTIVE), scorer=synthetic_scorer(ws))
     assert is_acceptable(plan["metric"]["plan"], 0.95)
     assert plan["params"]["removed_fraction_prunable"] > plan["search"]["uniform_removed"] + 0.03
-    kinds, blocks = kept_by_block(plan)
+    kinds, blocks = Plan.parse(plan).kinds(), Plan.parse(plan).kept_by_block()
     assert kinds == ["q", "k", "v", "o", "gate", "up", "down"] and sorted(blocks) == [0, 1]
     # the insensitive matrices are pruned harder than the rest
     qk = [blocks[b][k] for b in blocks for k in ("q", "k", "gate", "up")]
@@ -171,7 +179,7 @@ def test_adaptive_resumes_with_the_same_result(ws, tmp_path, tiny_dir):
 def test_learned_fit_snaps_to_trained_ranks():
     fs = FactorSet("learned", fixed={"m": {4: (torch.zeros(32, 4), torch.zeros(4, 32)),
                                             8: (torch.zeros(32, 8), torch.zeros(8, 32))}})
-    t = Target("m", "q", 0, 32, 32)
+    t = target("m", 32, 32)
     assert rank_at(t, 1.0, fs) is None
     assert rank_at(t, 0.5, fs) == 8  # wants 8
     assert rank_at(t, 0.4, fs) == 4  # wants 6: the largest trained rank within the fraction
@@ -179,7 +187,7 @@ def test_learned_fit_snaps_to_trained_ranks():
 
 
 @pytest.mark.parametrize("bad, flag", [(dict(strategy="greedy"), "--strategy"), (dict(tolerance=1.5), "--tolerance"),
-                                       (dict(levels=(0.5, 2.0)), "--levels"), (dict(limit=0), "--limit")])
+                                       (dict(levels=(0.5, 2.0)), "--levels"), (dict(limit=-1), "--limit")])
 def test_bad_options_name_the_flag(bad, flag):
     with pytest.raises(InputError, match=flag):
         SearchOptions(**bad)
@@ -207,7 +215,7 @@ def test_both_strategies_on_real_smollm2(smollm2_gguf, data_root, tmp_path):
     from sieve_cli.discover import load_workspace_model
     from sieve_cli.evaluate import evaluate, prepare
     from sieve_cli.fit import FitOptions, load_factors, run_fit
-    from sieve_cli.pruned import prune_in_memory
+    from sieve_cli.pruned import plan_ranks, prune_in_memory
     from sieve_cli.tasks import bind_task
 
     from .conftest import REPO
@@ -219,13 +227,13 @@ def test_both_strategies_on_real_smollm2(smollm2_gguf, data_root, tmp_path):
     common = dict(tolerance=0.1, limit=16, grid_step=0.25)
     uniform = run_search(ws, SearchOptions(strategy="uniform", **common))
     assert len(uniform["matrices"]) == 210 and len(history(ws)) <= 4
-    adaptive = run_search(ws, SearchOptions(strategy="adaptive", population=3, generations=1, patience=1, **common),
+    adaptive = run_search(ws, SearchOptions(strategy="adaptive", ga=GAConfig(population=3, generations=1, patience=1), **common),
                           force=True)
     assert adaptive["params"]["removed_fraction_prunable"] >= uniform["params"]["removed_fraction_prunable"]
     assert is_acceptable(adaptive["metric"]["plan"], adaptive["metric"]["dense"] * 0.9)
     # the plan's ranks, swapped in again, reproduce the metric the search recorded
     model, tokenizer = load_workspace_model(ws)
     prepared = prepare(bind_task(ws, None), "search", tokenizer, limit=16)
-    restore = prune_in_memory(model, adaptive, load_factors(ws, "output"))
+    restore = prune_in_memory(model, plan_ranks(adaptive), load_factors(ws, "output"))
     assert evaluate(model, prepared, show_progress=False).value == adaptive["metric"]["plan"]
     restore()

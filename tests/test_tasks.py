@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,13 @@ import yaml
 
 from sieve_cli.errors import InputError, MissingStageError, StaleStageError, TaskError
 from sieve_cli.tasks import (
-    DEFAULT_TASK, SplitOptions, bind_task, load_bound_task, load_task, make_split, stdlib_records,
+    DEFAULT_TASK,
+    SplitOptions,
+    bind_task,
+    load_bound_task,
+    load_task,
+    make_split,
+    stdlib_records,
 )
 from sieve_cli.workspace import Workspace
 

@@ -2,34 +2,39 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Optional
+from dataclasses import replace
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from ..apply import DENSE_ABOVE, ApplyOptions, run_apply
+from ..options import DENSE_ABOVE, ApplyOptions
 from ..workspace import Workspace
-from .common import DtypeOpt, ForceOpt, JsonOpt, WorkspaceOpt, console, human, print_json, sieve_command
+from .common import (
+    ForceOpt,
+    Group,
+    JsonOpt,
+    OutOpt,
+    WorkspaceOpt,
+    console,
+    file_size,
+    print_json,
+    stage_command,
+    workspace_path,
+)
 
 
-@sieve_command
+@stage_command(options=Group(ApplyOptions))
 def apply(
-    workspace: WorkspaceOpt,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the pruned model to (outside the input model's folder).")],
-    plan: Annotated[Optional[Path], typer.Option("--plan", help="Plan file to execute instead of WS/search/plan.json.")] = None,
-    dtype: DtypeOpt = "float32",
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the numbers predicted from the plan; write nothing.")] = False,
-    dense_above: Annotated[float, typer.Option(
-        "--dense-above",
-        help="Store a planned matrix as the dense product B·A when it keeps more than this fraction "
-             "(same function, dense size, dense speed). Default 1: factor every planned matrix.")] = 1.0,
+    out: OutOpt,
+    workspace: WorkspaceOpt = None,
     speed_crossover: Annotated[bool, typer.Option(
-        "--speed-crossover",
-        help=f"Same as --dense-above {DENSE_ABOVE}: above that kept fraction two thin matmuls ran slower than one "
-             "dense one on a CPU (bench/pruned_speed.py), so such matrices stay dense and save nothing.")] = False,
+        "--speed-crossover", help=f"Same as --dense-above {DENSE_ABOVE}: above that kept fraction two thin matmuls "
+                                  "ran slower than one dense one on a CPU, so such matrices stay dense.")] = False,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
+    *,
+    options: ApplyOptions,
 ) -> None:
     """Build the pruned model from the base model and the plan, and save it to OUT.
 
@@ -42,8 +47,12 @@ def apply(
       sieve apply -w ws -o pruned-model --dry-run\n
       sieve apply -w ws -o pruned-bf16 --dtype bfloat16 --plan other/plan.json --force
     """
-    options = ApplyOptions(out=out, plan=plan, dtype=dtype, dry_run=dry_run, dense_above=DENSE_ABOVE if speed_crossover else dense_above)
-    result = run_apply(Workspace(workspace), options, force=force)
+    # the stage loads torch: imported when the command runs, so `sieve --help` stays fast
+    from ..apply import run_apply
+
+    if speed_crossover:
+        options = replace(options, dense_above=DENSE_ABOVE)
+    result = run_apply(Workspace(workspace_path(workspace)), options, force=force)
     if as_json:
         print_json(result)
         return
@@ -62,7 +71,7 @@ def render(result: dict) -> None:
     table.add_row("parameters (prunable matrices)", f"{result['prunable_before']:,}", f"{result['prunable_after']:,}",
                   f"{result['prunable_after'] / result['prunable_before']:.3f}" if result["prunable_before"] else "-")
     size_label = "weights file (predicted)" if predicted else "weights file"
-    table.add_row(size_label, f"{human(result['dense_file_bytes'])}B", f"{human(result['file_bytes'])}B", f"{result['size_ratio']:.3f}")
+    table.add_row(size_label, file_size(result['dense_file_bytes']), file_size(result['file_bytes']), f"{result['size_ratio']:.3f}")
     console.print(table)
     counts = result["matrices"]
     console.print(

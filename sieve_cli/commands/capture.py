@@ -2,31 +2,36 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Optional
-
-import typer
 from rich.table import Table
 
-from ..capture import CaptureOptions, run_capture
+from ..options import CaptureOptions, SplitOptions
 from ..workspace import Workspace
-from .common import DeviceOpt, ForceOpt, JsonOpt, WorkspaceOpt, console, human, print_json, sieve_command
+from .common import (
+    DataRootOpt,
+    ForceOpt,
+    Group,
+    JsonOpt,
+    TaskOpt,
+    WorkspaceOpt,
+    bind_given_task,
+    console,
+    human,
+    print_json,
+    stage_command,
+    workspace_path,
+)
 
 
-@sieve_command
+@stage_command(options=Group(CaptureOptions), split=Group(SplitOptions))
 def capture(
-    workspace: WorkspaceOpt,
-    task: Annotated[Optional[Path], typer.Option("--task", help="Task YAML; omit to use the task bound to the workspace.")] = None,
-    tokens: Annotated[int, typer.Option("--tokens", help="Calibration tokens to capture (padding excluded).")] = CaptureOptions.tokens,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")] = CaptureOptions.batch_size,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Longer examples are cut into pieces of this many tokens.")] = CaptureOptions.seq_len,
-    samples_per_site: Annotated[int, typer.Option("--samples-per-site", help="Raw input rows kept per site (float16, seeded reservoir).")] = CaptureOptions.samples_per_site,
-    chunk_tokens: Annotated[int, typer.Option("--chunk-tokens", help="Tokens per resume chunk: the store is flushed after each.")] = CaptureOptions.chunk_tokens,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the reservoir sample.")] = CaptureOptions.seed,
-    device: DeviceOpt = CaptureOptions.device,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Compute dtype: float32, bfloat16 or float16 (default: the one discover used).")] = None,
+    workspace: WorkspaceOpt = None,
+    task: TaskOpt = None,
+    data_root: DataRootOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
+    *,
+    options: CaptureOptions,
+    split: SplitOptions,
 ) -> None:
     """Run the task's calibration split through the model and store per-site statistics.
 
@@ -38,11 +43,11 @@ def capture(
       sieve capture -w ws --tokens 50000 --batch-size 8 --device cuda --dtype bfloat16\n
       sieve capture -w ws --task other.yaml --force
     """
-    options = CaptureOptions(
-        task=str(task) if task is not None else None, tokens=tokens, batch_size=batch_size, seq_len=seq_len,
-        samples_per_site=samples_per_site, chunk_tokens=chunk_tokens, seed=seed, device=device, dtype=dtype,
-    )
-    ws = Workspace(workspace)
+    # the stage loads torch: imported when the command runs, so `sieve --help` stays fast
+    from ..capture import run_capture
+
+    ws = Workspace(workspace_path(workspace))
+    bind_given_task(ws, task, split, data_root, force)
     summary = run_capture(ws, options, force=force)
     if as_json:
         print_json(summary)

@@ -2,42 +2,52 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from ..discover import DiscoverOptions, run_discover
+from ..options import DiscoverOptions
 from ..workspace import Workspace
-from .common import DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, console, human, print_json, sieve_command
+from .common import (
+    ForceOpt,
+    Group,
+    JsonOpt,
+    WorkspaceOpt,
+    console,
+    human,
+    print_json,
+    stage_command,
+    workspace_path,
+)
 
 
-@sieve_command
+@stage_command(options=Group(DiscoverOptions))
 def discover(
     model: Annotated[str, typer.Argument(help="Hub id, local Hugging Face folder, or .gguf file.")],
-    workspace: Annotated[Optional[Path], typer.Option("--workspace", "-w", help="Bind the model to this workspace.")] = None,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
+    workspace: WorkspaceOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every prunable matrix.")] = False,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
+    *,
+    options: DiscoverOptions,
 ) -> None:
-    """List the model's prunable matrices by type, with true parameter counts.
+    """List the model's prunable matrices by type, with true parameter counts, and bind it to the workspace.
 
     Examples:\n
       sieve discover path/to/model.gguf\n
       sieve discover ./my-hf-model -w ws --verbose\n
       sieve discover gpt2 --json
     """
-    ws = Workspace(workspace) if workspace else None
-    result = run_discover(ws, DiscoverOptions(model=model, dtype=dtype, device=device), force=force)
+    # the stage loads torch: imported when the command runs, so `sieve --help` stays fast
+    from ..discover import run_discover
+
+    ws = Workspace(workspace_path(workspace))
+    result = run_discover(ws, options, force=force)
     if as_json:
         print_json(result if verbose else {k: v for k, v in result.items() if k != "matrices"})
         return
     render(result, verbose)
-    if ws:
-        console.print(f"workspace: {ws.root} (discover/matrices.json)")
 
 
 def render(result: dict, verbose: bool) -> None:

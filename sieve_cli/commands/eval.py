@@ -2,37 +2,35 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Optional
-
-import typer
 from rich.table import Table
 
-from ..evaluate import EvalOptions, run_eval
-from ..tasks import SplitOptions, bind_task
+from ..options import EvalOptions, SplitOptions
 from ..workspace import Workspace
-from .common import DeviceOpt, ForceOpt, JsonOpt, WorkspaceOpt, console, print_json, sieve_command
+from .common import (
+    DataRootOpt,
+    ForceOpt,
+    Group,
+    JsonOpt,
+    TaskOpt,
+    WorkspaceOpt,
+    bind_given_task,
+    console,
+    print_json,
+    stage_command,
+    workspace_path,
+)
 
 
-@sieve_command
+@stage_command(options=Group(EvalOptions), split=Group(SplitOptions))
 def eval(  # noqa: A001 - the command is called `eval`; cli.py imports it under another name
-    workspace: WorkspaceOpt,
-    task: Annotated[Optional[Path], typer.Option("--task", "-t", help="Task YAML to bind if the workspace has none (or to rebind with --force).")] = None,
-    split: Annotated[str, typer.Option("--split", help="Split part to score: test (reported numbers) or search.")] = "test",
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Score only the first N examples of the part.")] = None,
-    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="A pruned model folder from `sieve apply` (or any model folder); default: the dense model.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass.")] = 16,
-    max_length: Annotated[int, typer.Option("--max-length", help="Longest sequence in tokens; longer contexts lose their beginning.")] = 1024,
-    data_root: Annotated[Optional[Path], typer.Option("--data-root", help="Folder that `{data_root}` in the task's data_files means (default: $SIEVE_DATA_ROOT, else the nearest shared/data above the task file).")] = None,
-    search_size: Annotated[float, typer.Option("--search-size", help="Search part when binding: a count, or a fraction below 1.")] = 0.2,
-    test_size: Annotated[float, typer.Option("--test-size", help="Test part when binding: a count, or a fraction below 1.")] = 0.4,
-    max_search: Annotated[int, typer.Option("--max-search", help="Cap on the search part when binding (it is scored many times).")] = 100,
-    max_test: Annotated[int, typer.Option("--max-test", help="Cap on the test part when binding.")] = 300,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the split's shuffle.")] = 0,
-    device: DeviceOpt = "cpu",
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16 or float16 (default: as discover).")] = None,
+    workspace: WorkspaceOpt = None,
+    task: TaskOpt = None,
+    data_root: DataRootOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
+    *,
+    options: EvalOptions,
+    split: SplitOptions,
 ) -> None:
     """Score the workspace's model on the task's test (or search) part: metric, 95% CI, example count.
 
@@ -50,14 +48,11 @@ def eval(  # noqa: A001 - the command is called `eval`; cli.py imports it under 
       sieve eval -w ws --model pruned/ --json\n
       SIEVE_DATA_ROOT=~/data sieve eval -w ws --task examples/tasks/trec.yaml
     """
-    ws = Workspace(workspace)
-    if task is not None:
-        sizes = SplitOptions(search=search_size, test=test_size, max_search=max_search, max_test=max_test, seed=seed)
-        bind_task(ws, task, force=force, split=sizes, data_root=data_root)
-    options = EvalOptions(
-        split=split, limit=limit, model=str(model) if model else None, batch_size=batch_size,
-        max_length=max_length, device=device, dtype=dtype,
-    )
+    # the stage loads torch: imported when the command runs, so `sieve --help` stays fast
+    from ..evaluate import run_eval
+
+    ws = Workspace(workspace_path(workspace))
+    bind_given_task(ws, task, split, data_root, force)
     report = run_eval(ws, options, force=force)
     if as_json:
         print_json({k: v for k, v in report.items() if k != "per_example"})

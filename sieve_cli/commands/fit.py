@@ -2,36 +2,41 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from ..errors import InputError
-from ..fit import METHODS, SUMMARY_LEVELS, FitOptions, run_fit
+from ..options import FIT_METHODS, SUMMARY_LEVELS, FitOptions
 from ..workspace import Workspace
-from .common import DeviceOpt, ForceOpt, JsonOpt, WorkspaceOpt, console, print_json, sieve_command
+from .common import (
+    ForceOpt,
+    Group,
+    JsonOpt,
+    WorkspaceOpt,
+    console,
+    print_json,
+    stage_command,
+    workspace_path,
+)
 
-MethodOpt = Annotated[
+MethodsOpt = Annotated[
     Optional[list[str]],
     typer.Option("--method", "-m", help="output (exact, default), learned (the paper's Adam), svd or pca; repeat, "
                  "comma-separate or say 'all' for several."),
 ]
 
 
-@sieve_command
+@stage_command(options=Group(FitOptions, exclude=("method",)))
 def fit(
-    workspace: WorkspaceOpt,
-    method: MethodOpt = None,
-    device: DeviceOpt = "cpu",
-    levels: Annotated[str, typer.Option("--levels", help="learned: kept fractions to train factors for, comma-separated.")] = "0.9,0.75,0.5",
-    init: Annotated[str, typer.Option("--init", help="learned: start from 'random' (the paper) or the 'output' optimum.")] = "random",
-    epochs: Annotated[int, typer.Option("--epochs", help="learned: passes over the captured sample rows.")] = 2,
-    lr: Annotated[float, typer.Option("--lr", help="learned: Adam learning rate.")] = 1e-3,
-    batch_rows: Annotated[int, typer.Option("--batch-rows", help="learned: sample rows per Adam step.")] = 5000,
-    seed: Annotated[int, typer.Option("--seed", help="learned: seed of the initialisation and row order.")] = 0,
+    workspace: WorkspaceOpt = None,
+    method: MethodsOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
+    *,
+    options: FitOptions,
 ) -> None:
     """Fit low-rank factors for every prunable matrix, from the statistics `sieve capture` wrote.
 
@@ -45,35 +50,25 @@ def fit(
       sieve fit -w ws -m learned --levels 0.9,0.5 --init output --epochs 10\n
       sieve fit -w ws -m all --device cuda
     """
-    ws = Workspace(workspace)
-    parsed_levels = _floats(levels, "--levels")
-    summaries = []
-    for name in _methods(method):
-        options = FitOptions(method=name, device=device, levels=parsed_levels, init=init, lr=lr,
-                             epochs=epochs, batch_rows=batch_rows, seed=seed)
-        summaries.append(run_fit(ws, options, force=force))
+    # the stage loads torch: imported when the command runs, so `sieve --help` stays fast
+    from ..fit import run_fit
+
+    ws = Workspace(workspace_path(workspace))
+    summaries = [run_fit(ws, replace(options, method=name), force=force) for name in _methods(method)]
     if as_json:
         print_json(summaries)
         return
     render(summaries)
-    console.print(f"workspace: {ws.root} (fit/{'|'.join(s['method'] for s in summaries)})")
 
 
 def _methods(given: list[str] | None) -> list[str]:
     names = [n.strip() for item in (given or ["output"]) for n in item.split(",") if n.strip()]
     if "all" in names:
-        return list(METHODS)
+        return list(FIT_METHODS)
     for name in names:
-        if name not in METHODS:
-            raise InputError(f"--method must be one of {', '.join(METHODS)} or all, got {name!r}")
+        if name not in FIT_METHODS:
+            raise InputError(f"--method must be one of {', '.join(FIT_METHODS)} or all, got {name!r}")
     return list(dict.fromkeys(names))
-
-
-def _floats(text: str, flag: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise InputError(f"{flag} takes comma-separated numbers such as 0.9,0.75,0.5, got {text!r}") from None
 
 
 def render(summaries: list[dict]) -> None:

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Optional
-
-import typer
-
-from ..report import ReportOptions, run_report
+from ..options import ReportOptions
 from ..workspace import Workspace
-from .common import JsonOpt, WorkspaceOpt, console, print_json, sieve_command
+from .common import (
+    Group,
+    JsonOpt,
+    WorkspaceOpt,
+    console,
+    print_json,
+    stage_command,
+    workspace_path,
+)
 
 
-@sieve_command
+@stage_command(options=Group(ReportOptions))
 def report(
-    workspace: WorkspaceOpt,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="The HTML file to write (default WS/report/report.html).")] = None,
-    dpi: Annotated[int, typer.Option("--dpi", help="Resolution of the PNG figures.")] = 110,
+    workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
+    *,
+    options: ReportOptions,
 ) -> None:
     """Write a self-contained HTML report (figures embedded) and its PNGs in WS/report/.
 
@@ -30,7 +33,10 @@ def report(
       sieve report -w ws -o smollm2-python.html\n
       sieve report -w ws --json
     """
-    result = run_report(Workspace(workspace), ReportOptions(output=output, dpi=dpi))
+    # matplotlib and torch: imported when the command runs, so `sieve --help` stays fast
+    from ..report import run_report
+
+    result = run_report(Workspace(workspace_path(workspace)), options)
     if as_json:
         print_json({"html": str(result.html), "images": [str(p) for p in result.images],
                     "sections": result.sections, "findings": result.findings})

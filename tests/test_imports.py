@@ -1,0 +1,66 @@
+"""The package's import graph: sibling imports at the top of each module, and no cycle among them."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "sieve_cli"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def resolve(module: str, node: ast.ImportFrom, is_package: bool) -> list[str]:
+    base = module.split(".") if is_package else module.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)] if node.level else []
+    target = ".".join(base + ([node.module] if node.module else []))
+    if node.module is None:  # `from . import x`: x is a module
+        return [f"{target}.{alias.name}" for alias in node.names]
+    return [target]
+
+
+def sibling_imports(path: Path, top_level_only: bool) -> list[str]:
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    found = []
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.level:
+            found += resolve(module_name(path), node, path.name == "__init__.py")
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {name: {t for t in sibling_imports(path, top_level_only=True) if t in modules and t != name}
+            for name, path in modules.items()}
+
+
+def test_no_import_cycle_among_the_package_modules():
+    edges, state, cycles = graph(), {}, []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles
+
+
+def test_sibling_imports_sit_at_the_top_except_where_commands_defer_torch():
+    """Commands import their stage when they run (so `sieve --help` loads no torch); nothing else defers."""
+    late = {}
+    for path in PACKAGE.rglob("*.py"):
+        if "commands" in path.parts:
+            continue
+        deferred = set(sibling_imports(path, top_level_only=False)) - set(sibling_imports(path, top_level_only=True))
+        if deferred:
+            late[module_name(path)] = sorted(deferred)
+    assert not late, late
