@@ -22,13 +22,14 @@ from .capture import capture_statistics
 from .discover import diagnose
 from .errors import InputError
 from .factors import FactorSet
-from .fit import fit_model, save_fit
+from .files import sha256_json
+from .fit import fit_model, record_fit
 from .matrices import Matrix, find_matrices
 from .options import CaptureOptions, FitOptions, GAConfig, SearchOptions
 from .plan import Plan
 from .pruned import prune_in_memory, save_pruned
 from .search import find_plan, swapping_scorer
-from .workspace import Workspace, sha256_json
+from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +143,8 @@ class TransformerPruner:
 
     def _record_fit(self, options: FitOptions, spectrum: dict) -> None:
         """Write the fit as the `fit/<method>` stage, so the GA's greedy seeds can read its spectrum."""
-        ws, stage = self.workspace, self.workspace.fit_stage(options.method)
         inputs = {"options": options.recorded(), "upstream": {"api": sha256_json([t.name for t in self.targets])}}
-        ws.begin(stage, inputs, force=True)
-        ws.finish(stage, inputs, save_fit(ws, options.method, self.factors, spectrum))
+        record_fit(self.workspace, options.method, self.factors, spectrum, inputs)
 
     # ---- search -------------------------------------------------------------------------
     def uniform_prune(self, calibration_loader: Iterable, eval_fn: Callable[[nn.Module], float],

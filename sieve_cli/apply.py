@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .discover import load_workspace_model
 from .errors import InputError
+from .files import read_json, sha256_file, sha256_json, write_json_atomic
 from .fit import load_factors
 from .lowrank import fraction_for_rank, lowrank_params, swap_modules
 from .models import resolve_source, torch_dtype
@@ -34,12 +35,11 @@ from .pruned import (
     read_sieve_json,
     save_pruned,
 )
-from .workspace import Workspace, read_json, sha256_file, sha256_json, write_json_atomic
+from .workspace import Stage, Workspace
 
 log = logging.getLogger(__name__)
 
-STAGE = "apply"
-RESULT = "result.json"
+STAGE = Stage.APPLY
 
 
 
@@ -76,7 +76,7 @@ def predicted_prunable_after(ranks, shapes, layout) -> int:
 # ---- inputs -------------------------------------------------------------------------------
 def read_plan(ws: Workspace, options: ApplyOptions) -> tuple[Plan, Path]:
     if not options.plan:
-        ws.require("search")  # names the command that writes the plan
+        ws.require(Stage.SEARCH)  # names the command that writes the plan
         return Plan.load(ws.plan_json), ws.plan_json
     path = resolved(options.plan)
     if not path.is_file():
@@ -85,7 +85,7 @@ def read_plan(ws: Workspace, options: ApplyOptions) -> tuple[Plan, Path]:
 
 
 def base_folder(ws: Workspace) -> Path | None:
-    source = resolve_source(ws.require("discover")["inputs"]["options"]["model"])
+    source = resolve_source(ws.require(Stage.DISCOVER)["inputs"]["options"]["model"])
     # a .gguf file is the input itself: OUT may sit beside it, but never replace it
     return None if source.kind == "hub" else resolved(source.location)
 
@@ -112,12 +112,12 @@ def run_apply(ws: Workspace, options: ApplyOptions, force: bool = False) -> dict
 
     Re-running with unchanged inputs while OUT still holds the result does nothing.
     """
-    discover = ws.require("discover")
+    discover = ws.require(Stage.DISCOVER)
     shapes = {m["name"]: (m["out_features"], m["in_features"]) for m in read_json(ws.matrices_json)["matrices"]}
     plan, plan_path = read_plan(ws, options)
     ranks = plan.checked_against(shapes, str(plan_path))
     method = plan.method
-    upstream = ws.upstream_hashes("discover", *([] if options.plan else ["search"]), ws.fit_stage(method))
+    upstream = ws.upstream_hashes(Stage.DISCOVER, *([] if options.plan else [Stage.SEARCH]), Stage.fit(method))
     inputs = {"options": options.recorded(), "upstream": upstream, "plan_sha256": sha256_file(plan_path)}
     layout = storage_layout(ranks, shapes, options.dense_above)
     slow = factored_above_crossover(ranks, shapes, layout)
@@ -130,15 +130,14 @@ def run_apply(ws: Workspace, options: ApplyOptions, force: bool = False) -> dict
     guard_out(out, base_folder(ws), force or ours, inputs_sha)
     if not ws.begin(STAGE, inputs, force) and made_from(out, inputs_sha):
         log.info("apply is up to date: %s was built from the same plan and options", out)
-        return {**read_json(ws.stage_dir(STAGE) / RESULT), "up_to_date": True}
+        return {**read_json(ws.apply_result), "up_to_date": True}
     if discover["inputs"]["options"]["dtype"] != options.dtype:
         log.warning("search scored the model in %s; in %s the metric can differ slightly",
                     discover["inputs"]["options"]["dtype"], options.dtype)
 
     result = build_and_save(ws, ranks, layout, plan, method, options, out, inputs_sha) | {"factored_above_crossover": slow}
-    result_path = ws.stage_dir(STAGE) / RESULT
-    write_json_atomic(result_path, result)
-    ws.finish(STAGE, inputs, [result_path], summary={k: result[k] for k in ("out", "params_after", "params_ratio", "file_bytes")})
+    write_json_atomic(ws.apply_result, result)
+    ws.finish(STAGE, inputs, [ws.apply_result], summary={k: result[k] for k in ("out", "params_after", "params_ratio", "file_bytes")})
     return result
 
 
@@ -152,7 +151,7 @@ def build_and_save(ws: Workspace, ranks, layout, plan, method, options: ApplyOpt
     swap_modules(model, build_replacements(model, {n: ranks[n] for n in names if layout[n] == "factored"}, factors))
     stored_dense = sorted(n for n in names if layout[n] == "product")
     extra = {"apply": {"dense_above": options.dense_above, "stored_as_product": stored_dense, "inputs_sha256": inputs_sha}}
-    write_folder(out, lambda folder: save_pruned(model, folder, plan.data, ws.require("discover")["inputs"]["model"],
+    write_folder(out, lambda folder: save_pruned(model, folder, plan.data, ws.require(Stage.DISCOVER)["inputs"]["model"],
                                                  tokenizer, fit_method=method, extra=extra))
     params_after, prunable_after = count_params(model), matrix_params(model, names)
     file_bytes = (out / WEIGHTS).stat().st_size

@@ -27,6 +27,7 @@ from torch import nn
 from . import progress
 from .discover import load_workspace_model
 from .errors import InputError
+from .files import sha256_json
 from .matrices import find_matrices, get_module, sites_of
 from .options import CaptureOptions
 from .statistics import (
@@ -39,11 +40,11 @@ from .statistics import (
     reservoir_slots,
 )
 from .tasks import bind_task
-from .workspace import Workspace, sha256_json
+from .workspace import Stage, Workspace
 
 log = logging.getLogger(__name__)
 
-STAGE = "capture"
+STAGE = Stage.CAPTURE
 STORE_SCHEMA = 1
 STATE_KEY = "sieve_capture"  # root attribute holding the resume state
 # Rows summed in the compute dtype (>= float32) before they are added into float64: a

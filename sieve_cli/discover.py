@@ -10,12 +10,13 @@ from dataclasses import asdict
 
 from torch import nn
 
+from .files import read_json, write_json_atomic
 from .matrices import find_matrices, is_linear_like
 from .models import load_model, model_identity, resolve_source
 from .options import DiscoverOptions
-from .workspace import Workspace, read_json, write_json_atomic
+from .workspace import Stage, Workspace
 
-STAGE = "discover"
+STAGE = Stage.DISCOVER
 
 
 def _unique_params(modules: list[nn.Module]) -> int:

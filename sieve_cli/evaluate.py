@@ -29,16 +29,15 @@ import torch
 from . import progress
 from .discover import load_workspace_model
 from .errors import InputError
-from .files import sha256_bytes
+from .files import read_json, sha256_bytes, write_json_atomic
 from .models import load_model, model_identity, torch_dtype
 from .options import EvalOptions
-from .pruned import load_pruned
+from .pruned import SIEVE_JSON, load_pruned
 from .tasks import BoundTask, Example, bind_task
-from .workspace import Workspace, read_json, write_json_atomic
+from .workspace import Stage, Workspace
 
 log = logging.getLogger(__name__)
 
-STAGE = "eval"
 Z95 = 1.959963984540054
 
 
@@ -427,7 +426,7 @@ def load_eval_model(ws: Workspace, options: EvalOptions):
     folder = Path(options.model).expanduser()
     if not folder.is_dir():
         raise InputError(f"--model {folder} is not a folder; pass the output folder of `sieve apply` or a model folder")
-    if (folder / "sieve.json").exists():
+    if (folder / SIEVE_JSON).exists():
         from transformers import AutoTokenizer
 
         dtype = torch_dtype(options.dtype) if options.dtype else None
@@ -444,13 +443,13 @@ def load_eval_model(ws: Workspace, options: EvalOptions):
 def run_eval(ws: Workspace, options: EvalOptions, force: bool = False) -> dict:
     """Evaluate the workspace's model (or `options.model`) on a split part; writes WS/eval/<run>/."""
     label = run_label(options)
-    stage = f"{STAGE}/{label}"
+    stage = Stage.eval(label)
     bound = bind_task(ws, None)
-    upstream = ws.upstream_hashes("discover", "task")
+    upstream = ws.upstream_hashes(Stage.DISCOVER, Stage.TASK)
 
     identity = {"kind": "dense"} if options.model is None else model_identity(Path(options.model).expanduser())
     inputs = {"options": asdict(options), "upstream": upstream, "model": identity}
-    results_path = ws.eval_dir / label / "results.json"
+    results_path = ws.eval_results(label)
     if not ws.begin(stage, inputs, force):
         log.info("eval %s is up to date; showing the stored result", label)
         return read_json(results_path) | {"reused": True}
@@ -475,7 +474,13 @@ def run_eval(ws: Workspace, options: EvalOptions, force: bool = False) -> dict:
         "input_tokens_per_second": prepared.input_tokens / seconds if seconds > 0 else None,
         "per_example": [{"id": i, "score": s, "weight": w} for i, s, w in zip(result.ids, result.per_example, result.weights)],
     }
-    write_json_atomic(results_path, report)
-    summary = {k: report[k] for k in ("task", "split", "model", "metric", "value", "ci_low", "ci_high", "n")}
-    ws.finish(stage, inputs, [results_path], summary)
+    record_eval(ws, label, report, inputs)
     return report | {"reused": False}
+
+
+def record_eval(ws: Workspace, label: str, report: dict, inputs: dict) -> None:
+    """Write WS/eval/<label>/results.json and finish its stage (the one writer of eval results)."""
+    ws.begin(Stage.eval(label), inputs, force=True)
+    write_json_atomic(ws.eval_results(label), report)
+    summary = {k: report.get(k) for k in ("task", "split", "model", "metric", "value", "ci_low", "ci_high", "n")}
+    ws.finish(Stage.eval(label), inputs, [ws.eval_results(label)], summary)

@@ -34,16 +34,15 @@ from .factorize import (
     truncate,
 )
 from .factors import FactorSet
+from .files import read_json, write_json_atomic
 from .lowrank import rank_for_fraction
 from .matrices import Matrix, find_matrices, sites_of, weight_of
 from .options import FIT_METHODS, SUMMARY_LEVELS, FitOptions
-from .workspace import Workspace, read_json, write_json_atomic
+from .workspace import Stage, Workspace
 
 log = logging.getLogger(__name__)
 
 METHODS = FIT_METHODS
-FACTORS_FILE = "factors.safetensors"
-SPECTRUM_FILE = "spectrum.json"
 
 
 class EmptySiteError(InputError):
@@ -71,13 +70,13 @@ def _require_fit(ws: Workspace, method: str) -> dict:
 def load_factors(ws: Workspace, method: str = "output") -> FactorSet:
     """The fitted factors of `method` in this workspace."""
     _require_fit(ws, method)
-    return FactorSet.load(ws.fit_dir(method) / FACTORS_FILE)
+    return FactorSet.load(ws.factors_file(method))
 
 
 def load_spectrum(ws: Workspace, method: str = "output") -> dict[str, list[float | None]]:
     """{matrix name: relative output error at rank r, r = 0..K}; None at ranks not fitted (learned)."""
     _require_fit(ws, method)
-    return read_json(ws.fit_dir(method) / SPECTRUM_FILE)
+    return read_json(ws.spectrum_json(method), rebuild=f"sieve fit -w {ws.root} --method {method} --force")
 
 
 # ---- the stage ---------------------------------------------------------------------
@@ -90,7 +89,7 @@ def run_fit(ws: Workspace, options: FitOptions, force: bool = False, model: nn.M
     Re-running with unchanged inputs does nothing and returns the recorded summary.
     """
     stage = ws.fit_stage(options.method)
-    inputs = {"options": options.recorded(), "upstream": ws.upstream_hashes("discover", "capture")}
+    inputs = {"options": options.recorded(), "upstream": ws.upstream_hashes(Stage.DISCOVER, Stage.CAPTURE)}
     if not ws.begin(stage, inputs, force):
         log.info("%s is up to date in %s; nothing to do (--force refits)", stage, ws.root)
         return {**ws.read_manifest(stage)["summary"], "up_to_date": True}
@@ -111,11 +110,17 @@ def run_fit(ws: Workspace, options: FitOptions, force: bool = False, model: nn.M
 
 def save_fit(ws: Workspace, method: str, factors: FactorSet, spectrum: dict) -> list[Path]:
     """Write a fit's files into WS/fit/<method>/ (the one writer of the fit format); returns them."""
-    folder = ws.fit_dir(method)
-    folder.mkdir(parents=True, exist_ok=True)
-    factors.save(folder / FACTORS_FILE)
-    write_json_atomic(folder / SPECTRUM_FILE, spectrum)
-    return [folder / FACTORS_FILE, folder / SPECTRUM_FILE]
+    ws.fit_dir(method).mkdir(parents=True, exist_ok=True)
+    factors.save(ws.factors_file(method))
+    write_json_atomic(ws.spectrum_json(method), spectrum)
+    return [ws.factors_file(method), ws.spectrum_json(method)]
+
+
+def record_fit(ws: Workspace, method: str, factors: FactorSet, spectrum: dict, inputs: dict) -> None:
+    """A finished fit/<method> stage from factors made outside `run_fit` (the Python API, test fixtures)."""
+    stage = ws.fit_stage(method)
+    ws.begin(stage, inputs, force=True)
+    ws.finish(stage, inputs, save_fit(ws, method, factors, spectrum))
 
 
 def fit_model(model: nn.Module, store: Path, options: FitOptions) -> tuple[FactorSet, dict]:

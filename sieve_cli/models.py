@@ -20,7 +20,7 @@ import torch
 
 from . import progress
 from .errors import InputError, ModelLoadError
-from .workspace import sha256_file, sha256_json
+from .files import sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from .fit import run_fit
 from .options import ApplyOptions, DiscoverOptions, RunOptions
 from .search import run_search
 from .tasks import bind_task
-from .workspace import Workspace
+from .workspace import Stage, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +60,15 @@ def run_pipeline(options: RunOptions, on_stage: Callable[[StageReport], None] | 
             on_stage(report)
         return result
 
-    stage("discover", "discover", lambda: run_discover(ws, DiscoverOptions(options.model, options.dtype, options.device)))
-    stage("task", "task", lambda: bind_task(ws, options.task, split=options.split, data_root=options.data_root))
-    stage("capture", "capture", lambda: run_capture(ws, options.capture))
+    stage("discover", Stage.DISCOVER, lambda: run_discover(ws, DiscoverOptions(options.model, options.dtype, options.device)))
+    stage("task", Stage.TASK, lambda: bind_task(ws, options.task, split=options.split, data_root=options.data_root))
+    stage("capture", Stage.CAPTURE, lambda: run_capture(ws, options.capture))
     stage("fit", ws.fit_stage(options.fit.method), lambda: run_fit(ws, options.fit))
-    plan = stage("search", "search", lambda: run_search(ws, options.search))
-    applied = stage("apply", "apply", lambda: run_apply(ws, ApplyOptions(out=options.out, dtype=options.apply_dtype)))
+    plan = stage("search", Stage.SEARCH, lambda: run_search(ws, options.search))
+    applied = stage("apply", Stage.APPLY, lambda: run_apply(ws, ApplyOptions(out=options.out, dtype=options.apply_dtype)))
     test = replace(options.eval, split="test", model=None)
-    dense = stage("eval dense", "eval/" + run_label(test), lambda: run_eval(ws, test))
+    dense = stage("eval dense", Stage.eval(run_label(test)), lambda: run_eval(ws, test))
     pruned_eval = replace(test, model=str(options.out))
-    pruned = stage("eval pruned", "eval/" + run_label(pruned_eval), lambda: run_eval(ws, pruned_eval))
+    pruned = stage("eval pruned", Stage.eval(run_label(pruned_eval)), lambda: run_eval(ws, pruned_eval))
     return RunResult(ws.root, Path(options.out).resolve(), reports, plan, applied, dense, pruned)
 

@@ -22,6 +22,7 @@ from .discover import load_workspace_model
 from .errors import InputError, MissingStageError
 from .evaluate import evaluate, prepare
 from .factors import FactorSet
+from .files import read_json, write_json_atomic
 from .fit import load_factors, load_spectrum
 from .genetic import (
     GenerationReport,
@@ -37,11 +38,11 @@ from .plan import Plan, Ranks
 from .pruned import prune_in_memory
 from .tasks import bind_task
 from .uniform import binary_search, uniform_grid
-from .workspace import Workspace, read_json, write_json_atomic
+from .workspace import Stage, Workspace
 
 log = logging.getLogger(__name__)
 
-STAGE = "search"
+STAGE = Stage.SEARCH
 # Greedy seeds at the uniform answer's removal and a few steps beyond it: the GA starts
 # from allocations that are as lean as uniform, and from leaner ones it can back off from.
 GREEDY_STEPS = (0.0, 0.02, 0.05, 0.1, 0.2)
@@ -180,7 +181,7 @@ def run_search(ws: Workspace, options: SearchOptions, force: bool = False, score
     nothing and returns the plan on disk; an interrupted run with the same inputs resumes.
     """
     inputs = {"options": options.recorded(),
-              "upstream": ws.upstream_hashes("discover", "task", ws.fit_stage(options.method))}
+              "upstream": ws.upstream_hashes(Stage.DISCOVER, Stage.TASK, Stage.fit(options.method))}
     resume = ws.resumable(STAGE, inputs)
     if not ws.begin(STAGE, inputs, force):
         log.info("search is up to date in %s; nothing to do (--force searches again)", ws.root)
@@ -196,7 +197,8 @@ def run_search(ws: Workspace, options: SearchOptions, force: bool = False, score
     plan = find_plan(ws, options, scorer, targets, factors, model_total, resume, checkpoint, on_generation)
     plan.save(ws.plan_json)
     ws.search_checkpoint.unlink(missing_ok=True)
-    ws.finish(STAGE, inputs, [ws.plan_json, ws.history_jsonl], summary=summarise(plan.data))
+    # the history is a log for the report, not an output later stages need: only the plan is checked
+    ws.finish(STAGE, inputs, [ws.plan_json], summary=summarise(plan.data))
     return plan.data
 
 

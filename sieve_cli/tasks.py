@@ -30,12 +30,13 @@ from typing import Any
 import yaml
 
 from .errors import InputError, MissingStageError, TaskError
+from .files import sha256_json, write_json_atomic
 from .options import SplitOptions
-from .workspace import Workspace, sha256_json, write_json_atomic
+from .workspace import Stage, Workspace
 
 log = logging.getLogger(__name__)
 
-STAGE = "task"
+STAGE = Stage.TASK
 DEFAULT_TASK = Path(__file__).resolve().parent / "builtin_tasks" / "python_stdlib.yaml"
 DATA_ROOT_ENV = "SIEVE_DATA_ROOT"
 OUTPUT_TYPES = ("multiple_choice", "generate_until", "text_modelling")

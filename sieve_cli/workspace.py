@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, MissingStageError, StaleStageError, WorkspaceError
-from .files import read_json, sha256_bytes, sha256_file, sha256_json, write_json_atomic  # noqa: F401 - re-exported
+from .files import read_json, sha256_file, write_json_atomic
 from .version import __version__
 
 log = logging.getLogger(__name__)
@@ -23,14 +23,36 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
+
+class Stage:
+    """The stage keys: each is a folder under WS/ holding the stage's files and manifest.json."""
+
+    DISCOVER = "discover"
+    TASK = "task"
+    CAPTURE = "capture"
+    SEARCH = "search"
+    APPLY = "apply"
+    REPORT = "report"
+
+    @staticmethod
+    def fit(method: str) -> str:
+        """Each fit method is its own stage (`fit/<method>`) so methods coexist."""
+        return f"fit/{method}"
+
+    @staticmethod
+    def eval(label: str) -> str:
+        """Each evaluation (model, split part, limit) is its own stage: `eval/<label>`."""
+        return f"eval/{label}"
+
+
 # What to run to produce each stage, for "missing upstream" messages.
 STAGE_COMMANDS = {
-    "discover": "sieve discover MODEL -w {ws}",
-    "task": "sieve capture -w {ws} --task TASK.yaml",
-    "capture": "sieve capture -w {ws} --task TASK.yaml",
+    Stage.DISCOVER: "sieve discover MODEL -w {ws}",
+    Stage.TASK: "sieve capture -w {ws} --task TASK.yaml",
+    Stage.CAPTURE: "sieve capture -w {ws} --task TASK.yaml",
     "fit": "sieve fit -w {ws}",
-    "search": "sieve search -w {ws} --strategy uniform",
-    "apply": "sieve apply -w {ws} -o OUT",
+    Stage.SEARCH: "sieve search -w {ws} --strategy uniform",
+    Stage.APPLY: "sieve apply -w {ws} -o OUT",
     "eval": "sieve eval -w {ws}",
 }
 
@@ -58,69 +80,107 @@ class Workspace:
 
     @property
     def matrices_json(self) -> Path:
-        return self.stage_dir("discover") / "matrices.json"
+        return self.stage_dir(Stage.DISCOVER) / "matrices.json"
 
     @property
     def task_yaml(self) -> Path:
-        return self.stage_dir("task") / "task.yaml"
+        return self.stage_dir(Stage.TASK) / "task.yaml"
 
     @property
     def split_json(self) -> Path:
-        return self.stage_dir("task") / "split.json"
+        return self.stage_dir(Stage.TASK) / "split.json"
 
     @property
     def capture_store(self) -> Path:
-        return self.stage_dir("capture") / "stats.zarr"
+        return self.stage_dir(Stage.CAPTURE) / "stats.zarr"
 
     def fit_dir(self, method: str) -> Path:
-        return self.stage_dir("fit") / method
+        return self.stage_dir(Stage.fit(method))
 
     def fit_stage(self, method: str) -> str:
-        """Each fit method is its own stage (`fit/<method>`) so methods coexist."""
-        return f"fit/{method}"
+        return Stage.fit(method)
+
+    def factors_file(self, method: str) -> Path:
+        return self.fit_dir(method) / "factors.safetensors"
+
+    def spectrum_json(self, method: str) -> Path:
+        return self.fit_dir(method) / "spectrum.json"
 
     @property
     def plan_json(self) -> Path:
-        return self.stage_dir("search") / "plan.json"
+        return self.stage_dir(Stage.SEARCH) / "plan.json"
 
     @property
     def history_jsonl(self) -> Path:
-        return self.stage_dir("search") / "history.jsonl"
+        return self.stage_dir(Stage.SEARCH) / "history.jsonl"
 
     @property
     def search_checkpoint(self) -> Path:
-        return self.stage_dir("search") / "checkpoint.json"
+        return self.stage_dir(Stage.SEARCH) / "checkpoint.json"
+
+    @property
+    def apply_result(self) -> Path:
+        return self.stage_dir(Stage.APPLY) / "result.json"
 
     @property
     def eval_dir(self) -> Path:
         return self.stage_dir("eval")
 
+    def eval_results(self, label: str) -> Path:
+        return self.stage_dir(Stage.eval(label)) / "results.json"
+
     @property
     def report_dir(self) -> Path:
-        return self.stage_dir("report")
+        return self.stage_dir(Stage.REPORT)
+
+    @property
+    def report_html(self) -> Path:
+        return self.report_dir / "report.html"
 
     # ---- manifests ---------------------------------------------------------------
     def read_manifest(self, stage: str) -> dict | None:
         path = self.manifest_path(stage)
-        return read_json(path) if path.exists() else None
+        if not path.exists():
+            return None
+        manifest = read_json(path, rebuild=f"{self.command_for(stage)} --force")
+        if not isinstance(manifest, dict):
+            raise WorkspaceError(f"{path} is not a stage manifest; delete it and rerun `{self.command_for(stage)}`")
+        return manifest
 
     def manifest_hash(self, stage: str) -> str | None:
         path = self.manifest_path(stage)
         return sha256_file(path) if path.exists() else None
 
+    def command_for(self, stage: str) -> str:
+        """The command that (re)makes `stage` in this workspace."""
+        base, _, detail = stage.partition("/")
+        command = STAGE_COMMANDS.get(base, f"sieve {base} -w {{ws}}").format(ws=self.root)
+        return command + (f" --method {detail}" if base == "fit" and detail else "")
+
     def require(self, stage: str) -> dict:
-        """The completed manifest of `stage`, or an error naming the command that makes it."""
+        """The completed manifest of `stage`, or an error naming the command that makes it.
+
+        A manifest that says complete while a file it lists is gone is an error too, so a
+        later stage never reads half a stage.
+        """
         manifest = self.read_manifest(stage)
         if manifest is None or not manifest.get("complete"):
-            base, _, detail = stage.partition("/")
-            command = STAGE_COMMANDS.get(base, f"sieve {base} -w {{ws}}").format(ws=self.root)
-            if base == "fit" and detail:
-                command += f" --method {detail}"
             state = "has not finished" if manifest else "has no"
             raise MissingStageError(
-                f"workspace {self.root} {state} {stage} stage; run `{command}` first"
+                f"workspace {self.root} {state} {stage} stage; run `{self.command_for(stage)}` first"
+            )
+        missing = self.missing_files(manifest)
+        if missing:
+            raise MissingStageError(
+                f"{self.root / missing[0]}, written by the {stage} stage, is missing; "
+                f"run `{self.command_for(stage)} --force` to rebuild it"
             )
         return manifest
+
+    def missing_files(self, manifest: dict) -> list[str]:
+        """The files a manifest lists that are no longer in the workspace."""
+        files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+        return [name for name in files if not (self.root / name).exists()]
 
     def upstream_hashes(self, *stages: str) -> dict[str, str]:
         """Hashes of the (required) upstream manifests, recorded as a stage's inputs."""
@@ -140,11 +200,18 @@ class Workspace:
         unfinished manifest is written so a crash is later recognised as resumable.
         """
         self.lock()
-        manifest = self.read_manifest(stage)
+        try:
+            manifest = self.read_manifest(stage)
+        except (InputError, WorkspaceError):
+            if not force:
+                raise
+            manifest = None  # --force replaces a damaged manifest, as the error says it will
         if manifest is not None and not force:
             same = manifest.get("inputs") == _normalise(inputs)
             if same and manifest.get("complete"):
-                return False
+                if not self.missing_files(manifest):
+                    return False
+                log.info("%s: files %s are missing; rebuilding them", stage, ", ".join(self.missing_files(manifest)))
             changed = describe_changes(manifest.get("inputs") or {}, _normalise(inputs))
             if not same and self.replace_stale:
                 log.info("%s: inputs %s; re-running it", stage, changed)

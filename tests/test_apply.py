@@ -12,7 +12,9 @@ from sieve_cli.cli import app
 from sieve_cli.discover import DiscoverOptions, run_discover
 from sieve_cli.errors import InputError, MissingStageError
 from sieve_cli.lowrank import LowRankLinear, lowrank_params
+from sieve_cli.matrices import Matrix
 from sieve_cli.models import load_model
+from sieve_cli.plan import Plan
 from sieve_cli.pruned import (
     SIEVE_JSON,
     WEIGHTS,
@@ -21,7 +23,8 @@ from sieve_cli.pruned import (
     plan_ranks,
     prune_in_memory,
 )
-from sieve_cli.workspace import Workspace, write_json_atomic
+from sieve_cli.ranks import rank_for_fraction
+from sieve_cli.workspace import Workspace
 
 from .test_pruned import svd_factors
 
@@ -31,33 +34,24 @@ IDS = torch.randint(3, 100, (2, 13), generator=torch.Generator().manual_seed(4))
 
 def write_fit(ws: Workspace, model, method="output") -> None:
     """SVD factors where fit/<method> keeps them, with a finished manifest (the basis does not matter here)."""
-    from sieve_cli.fit import FACTORS_FILE
+    from sieve_cli.fit import record_fit
 
-    stage, inputs = ws.fit_stage(method), {"options": {"method": method}}
-    ws.begin(stage, inputs)
     factors = svd_factors(model)
     factors.method = method
-    factors.save(ws.fit_dir(method) / FACTORS_FILE)
-    ws.finish(stage, inputs, [ws.fit_dir(method) / FACTORS_FILE])
+    record_fit(ws, method, factors, {}, {"options": {"method": method}})
 
 
 def write_plan(ws: Workspace, kept: dict[str, float], method="output") -> dict:
     """A plan in the format search writes: kept fraction per matrix kind (1.0: dense)."""
     found = json.loads(ws.matrices_json.read_text())
-    matrices = {}
-    for m in found["matrices"]:
-        p = kept[m["kind"]]
-        rank = None if p >= 1 else int(p * m["out_features"] * m["in_features"] / (m["out_features"] + m["in_features"]))
-        matrices[m["name"]] = {"kind": m["kind"], "block": m["block"], "rank": rank, "params_before": m["params"],
-                               "params_after": lowrank_params(rank, m["out_features"], m["in_features"])}
-    before = sum(e["params_before"] for e in matrices.values())
-    after = sum(e["params_after"] for e in matrices.values())
-    plan = {"schema": 1, "strategy": "uniform", "method": method, "matrices": matrices,
-            "params": {"prunable_before": before, "prunable_after": after, "model_before": found["total_params"],
-                       "model_after": found["total_params"] - before + after}}
+    records = [Matrix.from_dict(m) for m in found["matrices"]]
+    ranks = {m.name: rank_for_fraction(kept[m.kind], m.out_features, m.in_features) for m in records}
+    plan = Plan.build(strategy="uniform", method=method, tolerance=0.05, absolute=False, matrices=records,
+                      ranks=ranks, model_total=found["total_params"], metric="accuracy", dense=1.0, plan_metric=1.0)
     ws.begin("search", {"plan": kept}, force=True)
-    write_json_atomic(ws.plan_json, plan)
+    plan.save(ws.plan_json)
     ws.finish("search", {"plan": kept}, [ws.plan_json])
+    plan = plan.data
     return plan
 
 

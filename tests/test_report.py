@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 
 from sieve_cli.discover import DiscoverOptions, run_discover
 from sieve_cli.errors import InputError
+from sieve_cli.evaluate import record_eval
 from sieve_cli.factors import FactorSet
-from sieve_cli.fit import FACTORS_FILE, SPECTRUM_FILE
+from sieve_cli.fit import record_fit
 from sieve_cli.lowrank import fraction_for_rank
 from sieve_cli.matrices import find_matrices, weight_of
 from sieve_cli.options import CaptureOptions, GAConfig, SplitOptions
@@ -26,7 +27,7 @@ from sieve_cli.report import (
     run_report,
 )
 from sieve_cli.search import Scorer, SearchOptions, run_search
-from sieve_cli.workspace import Workspace, write_json_atomic
+from sieve_cli.workspace import Workspace
 
 from .tiny import tiny_model
 
@@ -43,12 +44,7 @@ def write_fit(ws: Workspace, model, method: str, power: float = 2.0) -> None:
         full[m.name] = ((U * S).float(), Vh.float())
         energy = (S**power).tolist()
         spectrum[m.name] = [sum(energy[r:]) / sum(energy) for r in range(len(energy) + 1)]
-    stage, inputs = ws.fit_stage(method), {"options": {"method": method}}
-    ws.begin(stage, inputs)
-    folder = ws.fit_dir(method)
-    FactorSet(method, full=full).save(folder / FACTORS_FILE)
-    write_json_atomic(folder / SPECTRUM_FILE, spectrum)
-    ws.finish(stage, inputs, [folder / FACTORS_FILE, folder / SPECTRUM_FILE])
+    record_fit(ws, method, FactorSet(method, full=full), spectrum, {"options": {"method": method}})
 
 
 def synthetic_scorer(ws: Workspace) -> Scorer:
@@ -65,12 +61,9 @@ def synthetic_scorer(ws: Workspace) -> Scorer:
 
 def write_eval(ws: Workspace, label: str, model: str, value: float) -> None:
     """A finished eval run in the layout of evaluate.run_eval: WS/eval/<run>/results.json + manifest."""
-    stage, inputs = f"eval/{label}", {"options": {"split": "test", "model": model}}
-    ws.begin(stage, inputs)
-    path = ws.eval_dir / label / "results.json"
-    write_json_atomic(path, {"run": label, "split": "test", "model": model, "metric": "accuracy", "value": value,
-                             "ci_low": value - 0.05, "ci_high": value + 0.04, "n": 120})
-    ws.finish(stage, inputs, [path])
+    record_eval(ws, label, {"run": label, "split": "test", "model": model, "metric": "accuracy", "value": value,
+                            "ci_low": value - 0.05, "ci_high": value + 0.04, "n": 120},
+                {"options": {"split": "test", "model": model}})
 
 
 def base_workspace(root, tiny_dir) -> Workspace:

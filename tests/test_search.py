@@ -11,12 +11,13 @@ from sieve_cli.acceptance import is_acceptable
 from sieve_cli.discover import DiscoverOptions, run_discover
 from sieve_cli.errors import InputError, StaleStageError
 from sieve_cli.factors import FactorSet
+from sieve_cli.fit import record_fit
 from sieve_cli.lowrank import fraction_for_rank
 from sieve_cli.matrices import Matrix, find_matrices, weight_of
 from sieve_cli.options import GAConfig
 from sieve_cli.plan import Plan
 from sieve_cli.search import Scorer, SearchOptions, rank_at, run_search
-from sieve_cli.workspace import Workspace, write_json_atomic
+from sieve_cli.workspace import Workspace
 
 
 def target(name: str, h: int, d: int) -> Matrix:
@@ -30,8 +31,6 @@ SENSITIVITY = {"q": 0.02, "k": 0.02, "v": 1.0, "o": 1.0, "gate": 0.02, "up": 0.0
 
 def fake_fit(ws: Workspace, model) -> None:
     """A task-blind SVD 'fit' written where fit/output keeps its files, with its manifest."""
-    from sieve_cli.fit import FACTORS_FILE, SPECTRUM_FILE
-
     full, spectrum = {}, {}
     for m in find_matrices(model):
         W = weight_of(model.get_submodule(m.name)).detach().double()
@@ -39,12 +38,7 @@ def fake_fit(ws: Workspace, model) -> None:
         full[m.name] = ((U * S).float(), Vh.float())
         energy = (S**2).tolist()
         spectrum[m.name] = [sum(energy[r:]) / sum(energy) for r in range(len(energy) + 1)]
-    stage = ws.fit_stage("output")
-    ws.begin(stage, {"options": {"method": "output"}})
-    folder = ws.fit_dir("output")
-    FactorSet("output", full=full).save(folder / FACTORS_FILE)
-    write_json_atomic(folder / SPECTRUM_FILE, spectrum)
-    ws.finish(stage, {"options": {"method": "output"}}, [folder / FACTORS_FILE, folder / SPECTRUM_FILE])
+    record_fit(ws, "output", FactorSet("output", full=full), spectrum, {"options": {"method": "output"}})
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from sieve_cli.errors import InputError, MissingStageError, StaleStageError
-from sieve_cli.workspace import Workspace, write_json_atomic
+from sieve_cli.files import write_json_atomic
+from sieve_cli.workspace import Workspace
 
 
 def test_require_names_the_command_to_run(tmp_path):
@@ -89,3 +90,44 @@ def test_a_second_process_cannot_use_a_busy_workspace(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert "refused:" in out and "in use by pid" in out
+
+
+def test_a_complete_stage_whose_file_is_gone_is_named_in_one_line(tmp_path):
+    from sieve_cli.errors import MissingStageError
+    from sieve_cli.files import write_json_atomic
+
+    ws = Workspace(tmp_path / "ws")
+    inputs = {"options": {"a": 1}}
+    assert ws.begin("search", inputs)
+    write_json_atomic(ws.plan_json, {"x": 1})
+    ws.finish("search", inputs, [ws.plan_json])
+    assert ws.require("search")["complete"]
+    ws.plan_json.unlink()
+    with pytest.raises(MissingStageError, match=r"plan\.json, written by the search stage, is missing.*--force"):
+        ws.require("search")
+    # the stage itself, rerun with the same inputs, rebuilds instead of calling itself up to date
+    assert ws.begin("search", inputs) is True
+
+
+def test_a_garbled_manifest_is_one_line_and_force_replaces_it(tmp_path):
+    from sieve_cli.errors import SieveError
+
+    ws = Workspace(tmp_path / "ws")
+    ws.manifest_path("capture").parent.mkdir(parents=True)
+    ws.manifest_path("capture").write_text("[]")
+    with pytest.raises(SieveError, match="not a stage manifest"):
+        ws.begin("capture", {"options": {}})
+    ws.manifest_path("capture").write_text("{garbled")
+    with pytest.raises(SieveError, match=r"not valid JSON.*sieve capture .*--force"):
+        ws.begin("capture", {"options": {}})
+    assert ws.begin("capture", {"options": {}}, force=True) is True  # what the message promised
+    assert ws.read_manifest("capture")["complete"] is False
+
+
+def test_a_plan_rank_of_true_is_refused_not_read_as_one():
+    from sieve_cli.errors import InputError
+    from sieve_cli.plan import Plan
+
+    with pytest.raises(InputError, match="rank of m must be a non-negative integer"):
+        Plan.parse({"method": "output", "matrices": {"m": {"rank": True}}})
+    assert Plan.parse({"method": "output", "matrices": {"m": {"rank": 3}, "n": {"rank": None}}}).ranks() == {"m": 3, "n": None}

@@ -27,6 +27,8 @@ from rich.console import Console
 from .. import progress
 from ..errors import SieveError
 from ..options import default_workspace
+from ..units import count as human  # noqa: F401 - the commands print counts through it
+from ..units import file_size  # noqa: F401 - and byte sizes
 
 console = Console()
 err_console = Console(stderr=True)
@@ -218,21 +220,3 @@ def bind_given_task(ws, task: Path | None, split, data_root: Path | None, force:
 # ---- output ----------------------------------------------------------------------------------------
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def human(n: float) -> str:
-    """12_345_678 -> '12.3M' (counts; byte sizes go through `file_size`)."""
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.1f}{unit}"
-    return f"{n:.0f}"
-
-
-def file_size(n: float | None) -> str:
-    """Bytes in binary units, the one format every command prints: 538_123_456 -> '513.2 MiB'."""
-    if n is None:
-        return ""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"
