@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from .discover import load_workspace_model
@@ -22,9 +23,10 @@ from .errors import InputError
 from .files import read_json, sha256_file, sha256_json, write_json_atomic
 from .fit import load_factors
 from .lowrank import fraction_for_rank, lowrank_params, swap_modules
+from .matrices import Matrix
 from .models import resolve_source, torch_dtype
 from .options import DENSE_ABOVE, ApplyOptions, resolved
-from .plan import Plan
+from .plan import Plan, Ranks
 from .pruned import (
     WEIGHTS,
     build_replacements,
@@ -46,31 +48,34 @@ STAGE = Stage.APPLY
 
 
 # ---- pure: layout and predicted counts -------------------------------------------------------
-def factored_above_crossover(ranks: dict[str, int | None], shapes: dict[str, tuple[int, int]], layout: dict[str, str]) -> int:
+def kept(matrix: Matrix, rank: int | None) -> float:
+    return fraction_for_rank(rank, matrix.out_features, matrix.in_features)
+
+
+def factored_above_crossover(ranks: Ranks, matrices: Mapping[str, Matrix], layout: dict[str, str]) -> int:
     """How many factored matrices keep so much that they run slower than dense (see DENSE_ABOVE)."""
     return sum(1 for name, kind in layout.items()
-               if kind == "factored" and fraction_for_rank(ranks[name], *shapes[name]) > DENSE_ABOVE)
+               if kind == "factored" and kept(matrices[name], ranks[name]) > DENSE_ABOVE)
 
 
-def storage_layout(ranks: dict[str, int | None], shapes: dict[str, tuple[int, int]], dense_above: float) -> dict[str, str]:
+def storage_layout(ranks: Ranks, matrices: Mapping[str, Matrix], dense_above: float) -> dict[str, str]:
     """name -> "factored" | "product" | "dense" (see the module docstring)."""
     layout = {}
     for name, rank in ranks.items():
-        h, d = shapes[name]
         if rank is None:
             layout[name] = "dense"
-        elif dense_above < 1.0 and fraction_for_rank(rank, h, d) > dense_above:
+        elif dense_above < 1.0 and kept(matrices[name], rank) > dense_above:
             layout[name] = "product"
         else:
             layout[name] = "factored"
     return layout
 
 
-def predicted_prunable_after(ranks, shapes, layout) -> int:
-    return sum(
-        lowrank_params(ranks[n], *shapes[n]) if layout[n] == "factored" else shapes[n][0] * shapes[n][1]
-        for n in ranks
-    )
+def predicted_prunable_after(ranks: Ranks, matrices: Mapping[str, Matrix], layout: dict[str, str]) -> int:
+    def after(m: Matrix) -> int:
+        return lowrank_params(ranks[m.name], m.out_features, m.in_features) if layout[m.name] == "factored" else m.params
+
+    return sum(after(matrices[n]) for n in ranks)
 
 
 # ---- inputs -------------------------------------------------------------------------------
@@ -113,16 +118,17 @@ def run_apply(ws: Workspace, options: ApplyOptions, force: bool = False) -> dict
     Re-running with unchanged inputs while OUT still holds the result does nothing.
     """
     discover = ws.require(Stage.DISCOVER)
-    shapes = {m["name"]: (m["out_features"], m["in_features"]) for m in read_json(ws.matrices_json)["matrices"]}
+    found = read_json(ws.matrices_json, rebuild=ws.command_for(Stage.DISCOVER) + " --force")
+    matrices = {m["name"]: Matrix.from_dict(m) for m in found["matrices"]}
     plan, plan_path = read_plan(ws, options)
-    ranks = plan.checked_against(shapes, str(plan_path))
+    ranks = plan.checked_against(matrices, str(plan_path))
     method = plan.method
     upstream = ws.upstream_hashes(Stage.DISCOVER, *([] if options.plan else [Stage.SEARCH]), Stage.fit(method))
     inputs = {"options": options.recorded(), "upstream": upstream, "plan_sha256": sha256_file(plan_path)}
-    layout = storage_layout(ranks, shapes, options.dense_above)
-    slow = factored_above_crossover(ranks, shapes, layout)
+    layout = storage_layout(ranks, matrices, options.dense_above)
+    slow = factored_above_crossover(ranks, matrices, layout)
     if options.dry_run:
-        return predict(read_json(ws.matrices_json), ranks, shapes, layout, options, plan) | {"factored_above_crossover": slow}
+        return predict(found, ranks, matrices, layout, options, plan) | {"factored_above_crossover": slow}
 
     out, inputs_sha = resolved(options.out), sha256_json(inputs)
     # `sieve run` (replace_stale) may replace a pruned model that this workspace wrote earlier
@@ -182,10 +188,11 @@ def write_folder(out: Path, write) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def predict(matrices_json: dict, ranks, shapes, layout, options: ApplyOptions, plan: Plan) -> dict:
+def predict(matrices_json: dict, ranks: Ranks, matrices: Mapping[str, Matrix], layout, options: ApplyOptions,
+            plan: Plan) -> dict:
     """The numbers apply would print, from the plan and discover's counts, without loading anything."""
-    prunable_before = sum(shapes[n][0] * shapes[n][1] for n in ranks)
-    prunable_after = predicted_prunable_after(ranks, shapes, layout)
+    prunable_before = sum(matrices[n].params for n in ranks)
+    prunable_after = predicted_prunable_after(ranks, matrices, layout)
     params_before = matrices_json["total_params"]
     params_after = params_before - prunable_before + prunable_after
     nbytes = torch_dtype(options.dtype).itemsize

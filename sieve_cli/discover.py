@@ -63,7 +63,7 @@ def diagnose(model: nn.Module) -> dict:
     }
 
 
-def run_discover(workspace: Workspace | None, options: DiscoverOptions, force: bool = False, model=None) -> dict:
+def run_discover(workspace: Workspace | None, options: DiscoverOptions, force: bool = False) -> dict:
     """Diagnose the model; with a workspace, bind the model to it and write matrices.json.
 
     A workspace already bound to other weights or options is refused unless `force`.
@@ -71,12 +71,11 @@ def run_discover(workspace: Workspace | None, options: DiscoverOptions, force: b
     that is up to date returns its matrices.json without loading the model at all.
     """
     source = resolve_source(options.model)  # a bad path fails before any loading
-    if workspace is not None and model is None and source.kind != "hub":
+    if workspace is not None and source.kind != "hub":
         inputs = {"options": asdict(options), "model": model_identity(options.model)}
         if not workspace.begin(STAGE, inputs, force=force):
             return read_json(workspace.matrices_json)
-    if model is None:
-        model, _ = load_model(options.model, options.dtype, options.device)
+    model, _ = load_model(options.model, options.dtype, options.device)
     result = diagnose(model)
     result["model"] = model_identity(options.model, model)
     if workspace is None:

@@ -107,7 +107,6 @@ def pca_basis(W: torch.Tensor, C: torch.Tensor, eigen: GramEigen | None = None) 
     return Basis(B=WV[:, :K], A=eigen.vectors[:, :K].T, errors=tail_sums(per_direction)[: K + 1])
 
 
-BASES = {"output": output_basis, "svd": svd_basis, "pca": pca_basis}
 
 
 def truncate(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,7 +210,6 @@ def learn_factors(
 
 
 __all__ = [
-    "BASES",
     "Basis",
     "GramEigen",
     "TrainSettings",

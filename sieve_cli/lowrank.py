@@ -26,20 +26,6 @@ class LowRankLinear(nn.Module):
         self.A = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
         self.B = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
 
-    @classmethod
-    def from_factors(cls, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None = None,
-                     dtype: torch.dtype | None = None) -> "LowRankLinear":
-        """Build from B (H x R), A (R x D) and the original bias (H) if any."""
-        dtype = dtype or A.dtype
-        out_features, rank = B.shape
-        module = cls(A.shape[1], out_features, rank, bias=bias is not None, dtype=dtype, device=A.device)
-        with torch.no_grad():
-            module.A.weight.copy_(A.to(dtype))
-            module.B.weight.copy_(B.to(dtype))
-            if bias is not None:
-                module.B.bias.copy_(bias.to(dtype))
-        return module
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.B(self.A(x))
 

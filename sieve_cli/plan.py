@@ -120,10 +120,10 @@ class Plan:
     def kept(self) -> dict[str, float]:
         return {name: float(entry["kept"]) for name, entry in self.matrices.items()}
 
-    def checked_against(self, shapes: Mapping[str, tuple[int, int]], source: str) -> Ranks:
+    def checked_against(self, matrices: Mapping[str, Any], source: str) -> Ranks:
         """The ranks, after checking that every planned matrix is a prunable matrix of the model."""
         for name in self.matrices:
-            if name not in shapes:
+            if name not in matrices:
                 raise InputError(f"{source} names {name}, which is not a prunable matrix of the workspace's model")
         return self.ranks()
 

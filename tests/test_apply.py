@@ -182,10 +182,10 @@ def test_plan_file_option_and_bad_plans(ws, tmp_path):
 
 
 def test_storage_layout_by_kept_fraction():
-    shapes = {"a": (100, 100), "b": (100, 100), "c": (100, 100)}
+    matrices = {n: Matrix(n, 0, "q", "attention", "0.attn_in", 100, 100, False, False) for n in "abc"}
     ranks = {"a": None, "b": 45, "c": 20}  # b keeps 0.9, c keeps 0.4
-    assert storage_layout(ranks, shapes, 0.8) == {"a": "dense", "b": "product", "c": "factored"}
-    assert storage_layout(ranks, shapes, 1.0) == {"a": "dense", "b": "factored", "c": "factored"}
+    assert storage_layout(ranks, matrices, 0.8) == {"a": "dense", "b": "product", "c": "factored"}
+    assert storage_layout(ranks, matrices, 1.0) == {"a": "dense", "b": "factored", "c": "factored"}
 
 
 def test_cli_apply_prints_counts_and_dry_run_json(ws, tmp_path):

@@ -9,6 +9,7 @@ from sieve_cli.lowrank import (
     rank_for_fraction,
     swap_modules,
 )
+from sieve_cli.pruned import lowrank_from_pair
 
 
 @pytest.mark.parametrize("h, d", [(576, 576), (1536, 576), (192, 576), (7, 3)])
@@ -28,7 +29,7 @@ def test_dense_at_p_one():
 def test_lowrank_linear_computes_b_a_x_plus_bias():
     torch.manual_seed(0)
     B, A, bias = torch.randn(6, 2), torch.randn(2, 4), torch.randn(6)
-    module = LowRankLinear.from_factors(B, A, bias)
+    module = lowrank_from_pair(B, A, bias, torch.float32, torch.device("cpu"))
     x = torch.randn(5, 4)
     torch.testing.assert_close(module(x), x @ (B @ A).T + bias)
     assert sum(p.numel() for p in module.parameters()) == 2 * (6 + 4) + 6
