@@ -167,6 +167,9 @@ class EvalResult:
     per_example: list[float]
     weights: list[float] = field(default_factory=list)  # tokens per example for text modelling, else 1
     ids: list[str] = field(default_factory=list)
+    # a low-noise per-example signal for paired comparisons (higher is better): the log-probability of
+    # the gold choice among the choices, or the mean log-likelihood per target token; none for generation
+    soft: list[float] = field(default_factory=list)
 
 
 def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
@@ -291,10 +294,11 @@ def _multiple_choice_result(prepared: PreparedSplit, scores) -> EvalResult:
     for seq, spans in zip(prepared.sequences, scores):
         for span, (lp, _, _) in zip(seq.spans, spans):
             loglik[seq.example][span.choice] = lp
-    acc, acc_norm = [], []
+    acc, acc_norm, soft = [], [], []
     for e, ll in zip(prepared.examples, loglik):
         lengths = [len(prepared.target_delimiter + c) for c in e.choices]
         acc.append(float(_argmax(ll) == e.gold))
+        soft.append(_log_softmax_at(ll, e.gold))
         acc_norm.append(float(_argmax([l / max(n_, 1) for l, n_ in zip(ll, lengths)]) == e.gold))
     value = sum(acc) / n
     low, high = wilson_interval(sum(acc), n)
@@ -304,7 +308,12 @@ def _multiple_choice_result(prepared: PreparedSplit, scores) -> EvalResult:
         "chance": sum(1 / len(e.choices) for e in prepared.examples) / n,
         "input_tokens": prepared.input_tokens,
     }
-    return EvalResult("accuracy", value, low, high, n, extra, acc, [1.0] * n, prepared.ids)
+    return EvalResult("accuracy", value, low, high, n, extra, acc, [1.0] * n, prepared.ids, soft)
+
+
+def _log_softmax_at(values: list[float], index: int) -> float:
+    top = max(values)
+    return values[index] - (top + math.log(sum(math.exp(v - top) for v in values)))
 
 
 def _argmax(values: list[float]) -> int:
@@ -331,7 +340,8 @@ def _text_modelling_result(prepared: PreparedSplit, scores) -> EvalResult:
         "tokens": int(total),
         "input_tokens": prepared.input_tokens,
     }
-    return EvalResult("token_accuracy", value, low, high, n, extra, per_example, counts, prepared.ids)
+    soft = [-x / c if c else 0.0 for x, c in zip(nll, counts)]
+    return EvalResult("token_accuracy", value, low, high, n, extra, per_example, counts, prepared.ids, soft)
 
 
 # ---- generation -------------------------------------------------------------------------------------

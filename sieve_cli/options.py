@@ -24,7 +24,7 @@ FIT_INITS = ("random", "output")
 SUMMARY_LEVELS = (0.9, 0.75, 0.5)  # kept fractions reported in every fit summary
 STRATEGIES = ("uniform", "adaptive")
 DEFAULT_LEVELS = (1.0, 0.9, 0.75, 0.6, 0.5, 0.35, 0.25, 0.2, 0.1, 0.05)  # adaptive: kept fractions a gene may take
-EVAL_PARTS = ("test", "search", "calibration")
+EVAL_PARTS = ("test", "confirm", "search", "calibration")
 # Kept fraction above which a factored matrix runs slower than the dense one. Measured on
 # SmolLM2's shapes (bench/pruned_speed.py, 1 CPU thread, dense time / factored time): at 0.85
 # and above nearly every shape is slower factored (prefill 0.81-1.18x, decode 0.64-0.92x); at
@@ -123,47 +123,56 @@ def no_limit(limit: int | None) -> int | None:
 # ---- the stages' options -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SplitOptions:
-    """Sizes of the calibration, search and test parts: a count (>= 1) or a fraction (< 1) of all examples.
+    """Sizes of the calibration, search, confirm and test parts: a count (>= 1) or a fraction (< 1).
 
-    Search and test are capped at `max_search` / `max_test` examples (None: no cap) so that the
-    search split stays cheap to score many times; calibration gets the rest (or its own size).
-    Parts are drawn in the order test, search, calibration from one seeded shuffle. Used when a
-    command binds a task (--task); a bound task keeps its split.
+    Search, confirm and test are capped (None: no cap) so that the search split stays cheap to
+    score many times; calibration gets the rest (or its own size). Confirm holds examples that
+    neither calibration nor the search sees: the chosen plan must keep the tolerance there too
+    (0: no confirmation). Parts are drawn in the order test, confirm, search, calibration from
+    one seeded shuffle. Used when a command binds a task (--task); a bound task keeps its split.
     """
 
-    search: float = opt(0.2, "Search part when binding a task: a count, or a fraction below 1.", flag="--search-size")
-    test: float = opt(0.4, "Test part when binding a task: a count, or a fraction below 1.", flag="--test-size")
+    search: float = opt(0.25, "Search part when binding a task: a count, or a fraction below 1.", flag="--search-size")
+    test: float = opt(0.3, "Test part when binding a task: a count, or a fraction below 1.", flag="--test-size")
+    confirm: float = opt(0.15, "Confirm part when binding a task: a count, or a fraction below 1 (0: none).",
+                         flag="--confirm-size")
     calibration: float | None = opt(None, "Calibration part when binding a task (default: every example not in "
-                                          "search or test).", flag="--calibration-size")
-    max_search: int | None = opt(100, "Cap on the search part when binding (it is scored many times).")
+                                          "search, confirm or test).", flag="--calibration-size")
+    max_search: int | None = opt(200, "Cap on the search part when binding (it is scored many times).")
     max_test: int | None = opt(300, "Cap on the test part when binding.")
+    max_confirm: int | None = opt(150, "Cap on the confirm part when binding.")
     seed: int = opt(0, "Seed of the split's shuffle when binding a task.", flag="--split-seed")
 
     def __post_init__(self) -> None:
-        check_finite(search_size=self.search, test_size=self.test, calibration_size=self.calibration)
+        check_finite(search_size=self.search, test_size=self.test, confirm_size=self.confirm,
+                     calibration_size=self.calibration)
         for flag, value in (("--search-size", self.search), ("--test-size", self.test),
                             ("--calibration-size", self.calibration)):
             if value is not None and value <= 0:
                 raise InputError(f"split size {flag} must be > 0 (a count, or a fraction below 1), got {value}")
-        for flag, value in (("--max-search", self.max_search), ("--max-test", self.max_test)):
+        if self.confirm < 0:
+            raise InputError(f"split size --confirm-size must be >= 0 (0: no confirm part), got {self.confirm}")
+        for flag, value in (("--max-search", self.max_search), ("--max-test", self.max_test),
+                            ("--max-confirm", self.max_confirm)):
             if value is not None and value < 1:
                 raise InputError(f"split cap {flag} must be >= 1, got {value}")
 
     def sizes(self, total: int) -> dict[str, int]:
         def count(value: float, cap: int | None) -> int:
-            n = int(value) if value >= 1 else round(value * total)
+            n = int(value) if value >= 1 or value == 0 else round(value * total)
             return min(n, cap) if cap is not None else n
 
         test = count(self.test, self.max_test)
+        confirm = count(self.confirm, self.max_confirm)
         search = count(self.search, self.max_search)
-        rest = total - test - search
+        rest = total - test - confirm - search
         calibration = rest if self.calibration is None else count(self.calibration, None)
-        if min(test, search, calibration) < 1 or test + search + calibration > total:
+        if min(test, search, calibration) < 1 or test + confirm + search + calibration > total:
             raise TaskError(
-                f"cannot split {total} examples into test {test}, search {search}, calibration {calibration}; "
-                f"use smaller split sizes (fractions such as 0.2) or a larger dataset"
+                f"cannot split {total} examples into test {test}, confirm {confirm}, search {search}, calibration "
+                f"{calibration}; use smaller split sizes (fractions such as 0.2) or a larger dataset"
             )
-        return {"calibration": calibration, "search": search, "test": test}
+        return {"calibration": calibration, "search": search, "confirm": confirm, "test": test}
 
 
 @dataclass(frozen=True)
@@ -280,6 +289,11 @@ class SearchOptions:
                                     parse=floats("--levels"), show=joined)
     grid_step: float = opt(0.01, "Uniform: grid of p to binary search; 0.01 costs 7 evaluations, 0.05 costs 5.")
     ga: GAConfig = field(default_factory=GAConfig)
+    confidence: float = opt(0.9, "A candidate is acceptable when, paired with dense on the same examples, its "
+                                 "metric's drop is within the tolerance at this one-sided confidence (0.5: the "
+                                 "point estimate). The chosen plan must also hold on the confirm part.")
+    allow_chance: bool = opt(False, "Search even when the dense model is not clearly above the task's chance "
+                                    "level (a tolerance means nothing there).")
     limit: int | None = limit_opt()
     batch_size: int = batch_opt(16, "Examples per forward pass.")
     device: str = device_opt()
@@ -290,7 +304,9 @@ class SearchOptions:
             raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.method not in FIT_METHODS:
             raise InputError(f"--method must be one of {', '.join(FIT_METHODS)}, got {self.method!r}")
-        check_finite(tolerance=self.tolerance)
+        check_finite(tolerance=self.tolerance, confidence=self.confidence)
+        if not 0.5 <= self.confidence < 1:
+            raise InputError(f"--confidence must be in [0.5, 1), got {self.confidence}")
         if not 0 <= self.tolerance < (float("inf") if self.absolute else 1):
             raise InputError(f"--tolerance must be >= 0 (and < 1 unless --absolute), got {self.tolerance}")
         if not self.levels or any(not (0 < p <= 1) for p in self.levels):

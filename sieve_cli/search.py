@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from . import progress
-from .acceptance import acceptance_threshold, is_acceptable
+from .acceptance import Measurement, acceptance_threshold, is_acceptable, judge
 from .discover import load_workspace_model
 from .errors import InputError, MissingStageError
 from .evaluate import evaluate, prepare
@@ -49,47 +49,64 @@ GREEDY_STEPS = (0.0, 0.02, 0.05, 0.1, 0.2)
 
 
 
-# ---- the scorer: ranks -> metric on the search split --------------------------------------
+# ---- the scorer: ranks -> metric on a split part ---------------------------------------------
 @dataclass
 class Scorer:
-    """Scores one allocation (matrix name -> rank, None = dense) on the search split.
+    """Scores one allocation (matrix name -> rank, None = dense) on a split part.
 
-    `metric` is the metric's name; a scorer may fill it in on its first call.
+    `score` returns a `Measurement` (with per-example scores, so candidates are judged paired
+    with dense) or a bare float (a user's metric: judged on its point value). `metric` is the
+    metric's name; a scorer may fill it in on its first call.
     """
 
-    score: Callable[[Ranks], float]
+    score: Callable[[Ranks], "Measurement | float"]
     metric: str = "metric"
     examples: int | None = None
 
-    def __call__(self, ranks: Ranks) -> float:
-        return self.score(ranks)
+    def __call__(self, ranks: Ranks) -> Measurement:
+        result = self.score(ranks)
+        return result if isinstance(result, Measurement) else Measurement(float(result))
 
 
-def swapping_scorer(model, factors: FactorSet, measure: Callable[[object], float], metric: str = "metric") -> Scorer:
+def swapping_scorer(model, factors: FactorSet, measure: Callable[[object], "Measurement | float"],
+                    metric: str = "metric") -> Scorer:
     """A scorer that swaps each candidate's factors into `model`, measures it, and restores it."""
 
-    def score(ranks: Ranks) -> float:
+    def score(ranks: Ranks) -> Measurement | float:
         restore = prune_in_memory(model, ranks, factors)
         try:
-            return float(measure(model))
+            return measure(model)
         finally:
             restore()
 
     return Scorer(score=score, metric=metric)
 
 
-def build_scorer(ws: Workspace, options: SearchOptions, factors: FactorSet) -> Scorer:
-    """Load the model once, tokenise the search split once; each call swaps factors in and out."""
+def measurement(result) -> Measurement:
+    """An evaluator result as the acceptance rule reads it."""
+    extra = {k: result.extra[k] for k in ("chance", "majority") if k in result.extra}
+    return Measurement(result.value, tuple(result.per_example), tuple(result.weights), tuple(result.soft),
+                       extra | {"ci_low": result.ci_low, "n": result.n})
+
+
+def build_scorers(ws: Workspace, options: SearchOptions, factors: FactorSet) -> tuple[Scorer, Scorer | None]:
+    """Scorers of the search and confirm parts, sharing one loaded model; each call swaps factors in and out."""
     model, tokenizer = load_workspace_model(ws, options.dtype, options.device)
-    prepared = prepare(bind_task(ws, None), "search", tokenizer, limit=options.limit)
+    bound = bind_task(ws, None)
 
-    def measure(candidate) -> float:
-        result = evaluate(candidate, prepared, batch_size=options.batch_size, show_progress=False)
-        scorer.metric, scorer.examples = result.metric, result.n
-        return result.value
+    def scorer_for(part: str, limit: int | None) -> Scorer:
+        prepared = prepare(bound, part, tokenizer, limit=limit)
 
-    scorer = swapping_scorer(model, factors, measure)
-    return scorer
+        def measure(candidate) -> Measurement:
+            result = evaluate(candidate, prepared, batch_size=options.batch_size, show_progress=False)
+            scorer.metric, scorer.examples = result.metric, result.n
+            return measurement(result)
+
+        scorer = swapping_scorer(model, factors, measure)
+        return scorer
+
+    confirm = scorer_for("confirm", None) if bound.ids("confirm") else None
+    return scorer_for("search", options.limit), confirm
 
 
 # ---- the matrices and their ranks at each level -------------------------------------------
@@ -125,25 +142,29 @@ def params_after(targets: list[Matrix], ranks: Ranks) -> int:
 
 # ---- evaluation bookkeeping: memo, history, checkpoint -------------------------------------
 class Evaluations:
-    """Every evaluation goes through here: memoised by ranks, appended to history.jsonl.
+    """Every evaluation goes through here: memoised by ranks, judged against dense, appended to history.jsonl.
 
-    On resume, the history already on disk (including evaluations made after the last
+    `metric()` returns what the acceptance rule compares: the candidate's lower confidence
+    bound, paired with dense (`acceptance.judge`); the point value is kept beside it. On
+    resume, the history already on disk (including evaluations made after the last
     checkpoint) fills the memo, so nothing is scored twice and nothing is logged twice.
     """
 
     def __init__(self, ws: Workspace, scorer: Scorer, targets: list[Matrix], factors: FactorSet,
-                 resume: bool) -> None:
+                 resume: bool, confidence: float = 0.5) -> None:
         self.ws, self.scorer, self.targets, self.factors = ws, scorer, targets, factors
+        self.confidence = confidence
         self.total = sum(t.params for t in targets)
-        self.memo: dict[tuple, float] = {}
+        self.memo: dict[tuple, tuple[float, float]] = {}  # ranks -> (point value, judged value)
+        self.dense: Measurement | None = None
         self.threshold: float | None = None
         self.scored = 0  # evaluations actually run in this process
         if resume and ws.history_jsonl.exists():
-            for line in ws.history_jsonl.read_text().splitlines():
-                if line.strip():
-                    entry = json.loads(line)
-                    kept = entry["genome"] if entry.get("genome") is not None else [entry["p"]] * len(targets)
-                    self.memo[self.key(ranks_for(targets, kept, factors))] = entry["metric"]
+            for entry in read_history(ws.history_jsonl):
+                if entry.get("strategy") == "confirm":
+                    continue
+                kept = entry["genome"] if entry.get("genome") is not None else [entry["p"]] * len(targets)
+                self.memo[self.key(ranks_for(targets, kept, factors))] = (entry["metric"], entry.get("lower", entry["metric"]))
 
     def key(self, ranks: Ranks) -> tuple:
         return tuple(ranks[t.name] for t in self.targets)
@@ -151,32 +172,79 @@ class Evaluations:
     def metric(self, kept: list[float], record: dict) -> float:
         ranks = ranks_for(self.targets, kept, self.factors)
         key = self.key(ranks)
-        if key in self.memo:
-            return self.memo[key]
-        value = float(self.scorer(ranks))
-        self.memo[key] = value
-        self.scored += 1
+        if key not in self.memo:
+            self.memo[key] = self.log(self.scorer(ranks), ranks, record, self.dense)
+            self.scored += 1
+        return self.memo[key][1]
+
+    def point(self, kept: list[float]) -> float:
+        return self.memo[self.key(ranks_for(self.targets, kept, self.factors))][0]
+
+    def log(self, m: Measurement, ranks: Ranks, record: dict, dense: Measurement | None,
+            threshold: float | None = None) -> tuple[float, float]:
+        """Judge `m` against `dense` and append it to the history; returns (point, judged)."""
+        verdict = judge(dense, m, self.confidence) if dense is not None else None
+        judged = m.value if verdict is None else verdict.lower
+        threshold = self.threshold if threshold is None else threshold
         after = params_after(self.targets, ranks)
-        entry = {**record, "metric": value, "params_after": after, "removed_fraction": 1 - after / self.total,
-                 "acceptable": True if self.threshold is None else is_acceptable(value, self.threshold)}
+        entry = {**record, "metric": m.value, "lower": judged, "params_after": after,
+                 "removed_fraction": 1 - after / self.total,
+                 "acceptable": True if threshold is None else is_acceptable(judged, threshold)}
+        if verdict is not None:
+            entry |= {"drop": verdict.drop, "se": verdict.se, "signal": verdict.signal}
         with open(self.ws.history_jsonl, "a") as f:
             f.write(json.dumps(entry) + "\n")
-        return value
+        return m.value, judged
+
+
+def read_history(path) -> list[dict]:
+    """history.jsonl's entries; a torn last line (a crash mid-write) is skipped, not fatal."""
+    entries = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("skipping a damaged line in %s", path)
+    return entries
+
+
+def dense_from_checkpoint(checkpoint: dict) -> Measurement | None:
+    saved = checkpoint.get("dense_measurement")
+    if saved is not None:
+        return Measurement(saved["value"], tuple(saved["scores"]), tuple(saved["weights"]), tuple(saved["soft"]),
+                           saved.get("extra", {}))
+    return None if checkpoint.get("dense") is None else Measurement(float(checkpoint["dense"]))
+
+
+def check_above_chance(dense: Measurement, metric: str, allow: bool) -> None:
+    """A tolerance means nothing where the dense model is at chance: stop with one line (unless allowed)."""
+    level = max(dense.extra.get("chance", -1.0), dense.extra.get("majority", -1.0))
+    low = dense.extra.get("ci_low")
+    if level < 0 or low is None or low > level or allow:
+        return
+    raise InputError(
+        f"the dense model's {metric} on the search part is {dense.value:.3f} (95% interval from {low:.3f}), "
+        f"not clearly above the task's chance/majority level {level:.3f}: no pruning can be judged on this task; "
+        f"use a task the model can do or more search examples, or pass --allow-chance"
+    )
 
 
 # ---- the stage ----------------------------------------------------------------------------
 @dataclass
 class Outcome:
     kept: list[float]  # per target
-    metric: float
+    metric: float  # the judged value it was accepted at
     extra: dict = field(default_factory=dict)
 
 
 def run_search(ws: Workspace, options: SearchOptions, force: bool = False, scorer: Scorer | None = None,
-               on_generation: Callable[[GenerationReport, float], None] | None = None) -> dict:
+               on_generation: Callable[[GenerationReport, float], None] | None = None,
+               confirm_scorer: Scorer | None = None) -> dict:
     """Search a plan and write plan.json + history.jsonl; returns the plan.
 
-    `scorer` replaces the real evaluator (tests, custom metrics); `on_generation(report,
+    `scorer` (and `confirm_scorer`, for the confirm part) replace the real evaluator (tests,
+    custom metrics); without `confirm_scorer` a custom scorer's plan is not confirmed. `on_generation(report,
     seconds)` is called after each GA generation. Re-running with unchanged inputs does
     nothing and returns the plan on disk; an interrupted run with the same inputs resumes.
     """
@@ -193,8 +261,9 @@ def run_search(ws: Workspace, options: SearchOptions, force: bool = False, score
     factors = load_factors(ws, options.method)
     checkpoint = read_json(ws.search_checkpoint) if resume and ws.search_checkpoint.exists() else {}
     if scorer is None:
-        scorer = build_scorer(ws, options, factors)
-    plan = find_plan(ws, options, scorer, targets, factors, model_total, resume, checkpoint, on_generation)
+        scorer, confirm_scorer = build_scorers(ws, options, factors)
+    plan = find_plan(ws, options, scorer, targets, factors, model_total, resume, checkpoint, on_generation,
+                     confirm_scorer)
     plan.save(ws.plan_json)
     ws.search_checkpoint.unlink(missing_ok=True)
     # the history is a log for the report, not an output later stages need: only the plan is checked
@@ -204,37 +273,81 @@ def run_search(ws: Workspace, options: SearchOptions, force: bool = False, score
 
 def find_plan(ws: Workspace, options: SearchOptions, scorer: Scorer, targets: list[Matrix], factors: FactorSet,
               model_total: int, resume: bool = False, checkpoint: dict | None = None,
-              on_generation: Callable[[GenerationReport, float], None] | None = None) -> Plan:
-    """The search itself (uniform, then the GA for adaptive), shared by `sieve search` and the Python API.
+              on_generation: Callable[[GenerationReport, float], None] | None = None,
+              confirm_scorer: Scorer | None = None) -> Plan:
+    """The search itself, shared by `sieve search` and the Python API.
 
-    Every evaluation goes to WS/search/history.jsonl; `checkpoint` (the dense metric, the GA
-    state) is written to WS/search/checkpoint.json so an interrupted search resumes exactly. A
-    checkpoint that already holds `dense` (e.g. the API's baseline) is not scored again.
+    Uniform, then the GA for adaptive; every candidate judged paired with dense at
+    `options.confidence`; then the chosen plan confirmed on the confirm part, backing off
+    toward dense until it holds there. Every evaluation goes to WS/search/history.jsonl;
+    `checkpoint` (the dense measurement, the GA state) to WS/search/checkpoint.json so an
+    interrupted search resumes exactly. A checkpoint that already holds `dense` (the API's
+    baseline) is not scored again.
     """
     started = time.perf_counter()
     checkpoint = dict(checkpoint or {})
-    evals = Evaluations(ws, scorer, targets, factors, resume)
-    dense = checkpoint.get("dense")
+    evals = Evaluations(ws, scorer, targets, factors, resume, options.confidence)
+    dense = dense_from_checkpoint(checkpoint)
     if dense is None:  # the dense model is scored once and kept in the checkpoint
-        dense = evals.metric([1.0] * len(targets), {"strategy": options.strategy, "generation": None, "p": 1.0})
-        checkpoint = {"dense": dense, "metric": scorer.metric, "examples": scorer.examples}
+        dense_ranks = ranks_for(targets, [1.0] * len(targets), factors)
+        dense = scorer(dense_ranks)
+        evals.log(dense, dense_ranks, {"strategy": options.strategy, "generation": None, "p": 1.0}, None)
+        checkpoint = {"dense": dense.value, "metric": scorer.metric, "examples": scorer.examples,
+                      "dense_measurement": {"value": dense.value, "scores": dense.scores, "weights": dense.weights,
+                                            "soft": dense.soft, "extra": dense.extra}}
         write_json_atomic(ws.search_checkpoint, checkpoint)
     scorer.metric = checkpoint.get("metric", scorer.metric)
     scorer.examples = checkpoint.get("examples", scorer.examples)
-    evals.threshold = acceptance_threshold(dense, options.tolerance, options.absolute)
-    log.info("dense %s on the search split: %.4f; acceptable from %.4f", scorer.metric, dense, evals.threshold)
+    check_above_chance(dense, scorer.metric, options.allow_chance)
+    evals.dense = dense
+    evals.memo[evals.key(ranks_for(targets, [1.0] * len(targets), factors))] = (dense.value, dense.value)
+    evals.threshold = acceptance_threshold(dense.value, options.tolerance, options.absolute)
+    log.info("dense %s on the search split: %.4f; acceptable from %.4f at %.0f%% confidence", scorer.metric,
+             dense.value, evals.threshold, 100 * options.confidence)
 
     uniform = search_uniform(evals, options, targets)
     if options.strategy == "uniform":
-        outcome = Outcome([uniform.p] * len(targets), dense if uniform.metric is None else uniform.metric,
+        outcome = Outcome([uniform.p] * len(targets), dense.value if uniform.metric is None else uniform.metric,
                           {"uniform_p": uniform.p})
     else:
         outcome = search_adaptive(ws, evals, options, targets, factors, uniform, checkpoint, on_generation)
-    ranks = ranks_for(targets, outcome.kept, factors)
+    confirmed = confirm_plan(evals, options, outcome.kept, confirm_scorer) if confirm_scorer else None
+    kept = outcome.kept if confirmed is None else confirmed.pop("kept")
+    judged = evals.metric(kept, {"strategy": "backoff", "generation": None, "genome": kept})  # memo if not backed off
+    ranks = ranks_for(targets, kept, factors)
     outcome.extra.update(evaluations=len(evals.memo), evaluated_now=evals.scored,
                          seconds=round(time.perf_counter() - started, 1), limit=options.limit,
-                         examples=scorer.examples)
-    return build_plan(options, targets, ranks, model_total, scorer.metric, dense, outcome)
+                         examples=scorer.examples, confidence=options.confidence, lower=judged)
+    if confirmed is not None:
+        outcome.extra["confirm"] = confirmed
+    return build_plan(options, targets, ranks, model_total, scorer.metric, dense.value, evals.point(kept), outcome)
+
+
+BACK_OFF = (0.0, 0.1, 0.2, 0.35, 0.5, 0.75)  # steps toward dense (then dense): kept -> kept + t (1 - kept)
+
+
+def confirm_plan(evals: Evaluations, options: SearchOptions, kept: list[float], scorer: Scorer) -> dict:
+    """The first plan on the way from `kept` to dense that keeps the tolerance on the confirm part.
+
+    Examples the search never saw judge it, paired with dense on the same examples and at the
+    same confidence, so the search's winner's curse (the best of many noisy scores) does not
+    reach the plan. Dense itself always holds; each step costs one evaluation of the confirm part.
+    """
+    dense = scorer(ranks_for(evals.targets, [1.0] * len(kept), evals.factors))
+    threshold = acceptance_threshold(dense.value, options.tolerance, options.absolute)
+    for step in (*BACK_OFF, 1.0):
+        candidate = [k + step * (1 - k) for k in kept]
+        ranks = ranks_for(evals.targets, candidate, evals.factors)
+        scored = dense if step == 1.0 else scorer(ranks)  # dense holds by definition: no need to score it again
+        point, judged = evals.log(scored, ranks, {"strategy": "confirm", "generation": None, "step": step,
+                                                  "genome": candidate}, dense, threshold)
+        if is_acceptable(judged, threshold):
+            break
+    log.info("confirm part: %s (%s %.4f, lower bound %.4f, dense %.4f)",
+             "the plan holds" if step == 0 else f"held after backing off {step:.0%} toward dense",
+             scorer.metric, point, judged, dense.value)
+    return {"kept": candidate, "dense": dense.value, "plan": point, "lower": judged, "threshold": threshold,
+            "back_off": step, "examples": scorer.examples}
 
 
 def search_uniform(evals: Evaluations, options: SearchOptions, targets: list[Matrix]):
@@ -323,10 +436,10 @@ def search_adaptive(ws, evals: Evaluations, options: SearchOptions, targets, fac
 
 
 def build_plan(options: SearchOptions, targets: list[Matrix], ranks: Ranks, model_total: int, metric: str,
-               dense: float, outcome: Outcome) -> Plan:
+               dense: float, point: float, outcome: Outcome) -> Plan:
     return Plan.build(strategy=options.strategy, method=options.method, tolerance=options.tolerance,
                       absolute=options.absolute, matrices=targets, ranks=ranks, model_total=model_total,
-                      metric=metric, dense=dense, plan_metric=outcome.metric, search=outcome.extra)
+                      metric=metric, dense=dense, plan_metric=point, search=outcome.extra)
 
 
 def summarise(plan: dict) -> dict:

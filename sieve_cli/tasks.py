@@ -40,7 +40,7 @@ STAGE = Stage.TASK
 DEFAULT_TASK = Path(__file__).resolve().parent / "builtin_tasks" / "python_stdlib.yaml"
 DATA_ROOT_ENV = "SIEVE_DATA_ROOT"
 OUTPUT_TYPES = ("multiple_choice", "generate_until", "text_modelling")
-PARTS = ("calibration", "search", "test")
+PARTS = ("calibration", "search", "confirm", "test")
 LOCAL_BUILDERS = ("json", "csv", "text", "python_stdlib")
 
 _KNOWN_FIELDS = {
@@ -422,11 +422,11 @@ def make_split(ids: list[str], options: SplitOptions) -> dict[str, list[str]]:
     sizes = options.sizes(len(ids))
     order = list(ids)
     random.Random(options.seed).shuffle(order)
-    test = order[: sizes["test"]]
-    search = order[sizes["test"] : sizes["test"] + sizes["search"]]
-    start = sizes["test"] + sizes["search"]
-    calibration = order[start : start + sizes["calibration"]]
-    return {"calibration": calibration, "search": search, "test": test}
+    parts, start = {}, 0
+    for name in ("test", "confirm", "search", "calibration"):  # the draw order: test first, so it never moves
+        parts[name] = order[start : start + sizes[name]]
+        start += sizes[name]
+    return parts
 
 
 def record_ids(task: Task, records: list[dict]) -> list[str]:
@@ -481,7 +481,7 @@ class BoundTask:
     def ids(self, part: str) -> list[str]:
         if part not in PARTS:
             raise InputError(f"unknown split part {part!r}; use one of {', '.join(PARTS)}")
-        return list(self.split["ids"][part])
+        return list(self.split["ids"].get(part, []))  # workspaces bound before the confirm part have none
 
     def examples(self, part: str) -> list[Example]:
         """The rendered examples of one part, in split order."""

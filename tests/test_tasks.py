@@ -134,7 +134,8 @@ def test_split_is_deterministic_disjoint_and_sized():
     a = make_split(ids, SplitOptions(seed=3))
     assert a == make_split(ids, SplitOptions(seed=3))
     assert a != make_split(ids, SplitOptions(seed=4))
-    assert [len(a[p]) for p in ("calibration", "search", "test")] == [600, 100, 300]  # capped 200->100, 400->300
+    # test 30% (cap 300), confirm 15% (cap 150), search 25% capped 250 -> 200, calibration the rest
+    assert [len(a[p]) for p in ("calibration", "search", "confirm", "test")] == [350, 200, 150, 300]
     sets = [set(v) for v in a.values()]
     assert sum(map(len, sets)) == len(set().union(*sets)) == 1000
     small = make_split(ids[:50], SplitOptions(search=0.2, test=10, calibration=5))
@@ -156,9 +157,9 @@ def test_bind_writes_copy_split_and_manifest(tmp_path):
     bound, task_path = bind(tmp_path, num_fewshot=2)
     ws = Workspace(tmp_path / "ws")
     split = json.loads(ws.split_json.read_text())
-    assert split["counts"] == {"calibration": 12, "search": 4, "test": 8}
-    parts = [set(split["ids"][p]) for p in ("calibration", "search", "test")]
-    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert split["counts"] == {"calibration": 8, "search": 4, "confirm": 4, "test": 8}
+    parts = [set(split["ids"][p]) for p in ("calibration", "search", "confirm", "test")]
+    assert sum(map(len, parts)) == len(set().union(*parts)) == 24  # disjoint
     # few-shot demonstrations only ever come from calibration
     assert len(split["fewshot"]) == 3 and set(split["fewshot"]) <= parts[0]
     copy = yaml.safe_load(ws.task_yaml.read_text())
@@ -231,7 +232,7 @@ def test_stdlib_task_is_split_by_file(tmp_path):
     assert all(200 <= len(r["text"]) <= 1200 for r in records)
     bound = bind_task(Workspace(tmp_path / "ws"), DEFAULT_TASK)
     assert bound.output_type == "text_modelling"
-    assert set(bound.ids("test")) <= set(paths) and bound.split["counts"]["search"] == 100
+    assert set(bound.ids("test")) <= set(paths) and bound.split["counts"]["search"] == min(200, round(0.25 * len(records)))
     assert bound.texts("search")[0] == bound.records[bound.ids("search")[0]]["text"]
 
 

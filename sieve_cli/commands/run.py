@@ -28,6 +28,7 @@ from .common import (
     stage_command,
     workspace_path,
 )
+from .search import confirm_line
 
 if TYPE_CHECKING:
     from ..pipeline import RunResult, StageReport
@@ -102,6 +103,7 @@ def render_summary(result: RunResult) -> None:
         f"plan: {result.plan['strategy']}, {removed:.1%} of prunable parameters removed "
         f"(search split: dense {result.plan['metric']['dense']:.4f}, plan {result.plan['metric']['plan']:.4f})"
     )
+    console.print(confirm_line(result.plan))
     console.print(f"workspace: {result.workspace}\npruned model: {result.out}  (load with sieve_cli.load_pruned)")
 
 

@@ -82,3 +82,16 @@ def render(data: dict) -> None:
         extra = f", {s['generations']} generations, stopped by {s['stopped']}" if "generations" in s else ""
         console.print(f"uniform p = {s.get('uniform_p')}; {s.get('evaluations')} evaluations{extra}; "
                       f"{s.get('seconds')} s")
+        console.print(confirm_line(data))
+
+
+def confirm_line(plan: dict) -> str:
+    """The plan's evidence: its lower bound on the search part, and how it fared on the confirm part."""
+    s, m = plan.get("search", {}), plan["metric"]
+    line = f"accepted at {s.get('confidence', 0.5):.0%} confidence: lower bound {s.get('lower', m['plan']):.4f} on the search part"
+    c = s.get("confirm")
+    if c is None:
+        return line + "; not confirmed (no confirm part in this task's split)"
+    held = "held" if c["back_off"] == 0 else f"held after backing off {c['back_off']:.0%} toward dense"
+    return line + (f"; confirm part ({c['examples']} examples): dense {c['dense']:.4f}, plan {c['plan']:.4f} "
+                   f"(lower bound {c['lower']:.4f}), {held}")

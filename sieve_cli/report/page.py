@@ -91,9 +91,17 @@ def summary_rows(data: Data) -> list[tuple]:
 def plan_sentence(plan: dict, threshold: float) -> str:
     metric = plan["metric"]
     kind = "absolute" if plan.get("absolute") else "relative to dense"
-    return (f"The {plan['strategy']} search over the {plan['method']} fit, tolerance {plan['tolerance']:g} ({kind}): "
-            f"a plan is acceptable when {metric['name']} on the {metric.get('split', 'search')} split is at least "
-            f"{threshold:.4g}.")
+    search = plan.get("search", {})
+    sentence = (f"The {plan['strategy']} search over the {plan['method']} fit, tolerance {plan['tolerance']:g} ({kind}): "
+                f"a plan is acceptable when {metric['name']} on the {metric.get('split', 'search')} split, paired with "
+                f"dense on the same examples, is at least {threshold:.4g} at {search.get('confidence', 0.5):.0%} "
+                f"confidence (this plan's lower bound: {search.get('lower', metric['plan']):.4g}).")
+    confirm = search.get("confirm")
+    if confirm:
+        held = "it held" if confirm["back_off"] == 0 else f"it held after backing off {confirm['back_off']:.0%} toward dense"
+        sentence += (f" On the confirm part ({confirm['examples']} examples the search never saw) dense scored "
+                     f"{confirm['dense']:.4g} and the plan {confirm['plan']:.4g}: {held}.")
+    return sentence
 
 
 def _stored_dense(applied: dict) -> str:

@@ -213,6 +213,8 @@ def read_trials(ws: Workspace, plan: dict) -> list[Trials]:
         if not line.strip():
             continue
         entry = json.loads(line)
+        if entry.get("strategy") not in ("uniform", "adaptive", None):
+            continue  # confirm-part checks and back-off steps are not search-split trials
         method = entry.get("method") or plan.get("method", "output")
         trials = by_method.setdefault(method, Trials(method, [], []))
         point = (float(entry["removed_fraction"]), float(entry["metric"]))
