@@ -44,10 +44,13 @@ CALIBRATION = "calibration"
 class BoundTask:
     """A task bound to a workspace: its records, split, few-shot examples and rendered examples."""
 
-    def __init__(self, task: Task, split: dict, records: dict[str, dict] | None = None) -> None:
+    def __init__(
+        self, task: Task, split: dict, records: dict[str, dict] | None = None, fewshot_pool: dict[str, dict] | None = None
+    ) -> None:
         self.task = task
         self.split = split  # the contents of split.json
         self._records = records
+        self._fewshot_pool = fewshot_pool  # the candidates bind_task already read, if any
         self._renderer = Renderer(task)
 
     @property
@@ -69,7 +72,10 @@ class BoundTask:
         """The few-shot pool in draw order (num_fewshot + 1, so an example never demonstrates itself)."""
         ids = self.split.get("fewshot", [])
         source = self.split.get("fewshot_from", CALIBRATION)
-        pool = self.records if source == CALIBRATION else dict(fewshot_pool(self.task, source, self.records, []))
+        if source == CALIBRATION:
+            pool = self.records
+        else:
+            pool = self._fewshot_pool or dict(fewshot_pool(self.task, source, self.records, []))
         missing = [i for i in ids if i not in pool]
         if missing:
             raise _data_changed(self.task, f"few-shot example {missing[0]!r} is gone")
@@ -188,13 +194,14 @@ def bind_task(
         return load_bound_task(ws)
     parts = make_split(list(records), options)
     source = fewshot_source(task)
+    pool = fewshot_pool(task, source, records, parts[CALIBRATION]) if task.num_fewshot else []
     content = {
         "schema": SPLIT_SCHEMA,
         "task": task.name,
         "options": asdict(options),
         "counts": {p: len(v) for p, v in parts.items()},
         "ids": parts,
-        "fewshot": draw_fewshot(task, fewshot_pool(task, source, records, parts[CALIBRATION]), options.seed),
+        "fewshot": draw_fewshot(task, pool, options.seed),
         "fewshot_sampler": task.fewshot_sampler,
         "fewshot_from": source,
         "data": fingerprint,
@@ -205,7 +212,7 @@ def bind_task(
     summary = {"task": task.name, "output_type": task.output_type, "source": task.source, "data_root": task.data_root, **content["counts"]}
     ws.finish(STAGE, inputs, [ws.task_yaml, ws.split_json], summary)
     log.info("bound task %s: %s", task.name, ", ".join(f"{p} {n}" for p, n in content["counts"].items()))
-    return BoundTask(task, content, records)
+    return BoundTask(task, content, records, dict(pool) if source != CALIBRATION else None)
 
 
 def _recorded_split(ws: Workspace, task: Task) -> SplitOptions | None:
