@@ -191,7 +191,7 @@ def bind_task(
     fingerprint = data_fingerprint(task, list(records.values()))
     inputs = {"task": task.identity(), "split": asdict(options), "data": sha256_json(fingerprint)}
     if not ws.begin(STAGE, inputs, force):
-        return load_bound_task(ws)
+        return _load_checked(ws, records)
     parts = make_split(list(records), options)
     source = fewshot_source(task)
     pool = fewshot_pool(task, source, records, parts[CALIBRATION]) if task.num_fewshot else []
@@ -227,15 +227,22 @@ def _recorded_split(ws: Workspace, task: Task) -> SplitOptions | None:
 def load_bound_task(ws: Workspace) -> BoundTask:
     """The task bound to the workspace, read from WS/task (its copy of the task file and split),
     after checking that its data is still what was bound."""
+    return _load_checked(ws, None)
+
+
+def _load_checked(ws: Workspace, records: dict[str, dict] | None) -> BoundTask:
+    """`records`: the task's records by id when the caller has just read them."""
     ws.require(STAGE)
     task = load_task(ws.task_yaml)
     split = _read_split(ws, task)
-    records = None if task.dataset_path in LOCAL_BUILDERS else read_records(task)
-    recorded, now = split.get("data") or {}, data_fingerprint(task, records)
+    if records is None and task.dataset_path not in LOCAL_BUILDERS:  # no files to hash: hash the records
+        records = records_by_id(task, read_records(task))
+    recorded = split.get("data") or {}
+    now = data_fingerprint(task, list(records.values()) if records is not None else None)
     if now != recorded:
         changed = sorted(k for k in set(now) | set(recorded) if now.get(k) != recorded.get(k))
         raise _data_changed(task, f"{changed[0]} differs")
-    return BoundTask(task, split, records_by_id(task, records) if records is not None else None)
+    return BoundTask(task, split, records)
 
 
 def _read_split(ws: Workspace, task: Task) -> dict:
