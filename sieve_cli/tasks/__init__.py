@@ -10,7 +10,16 @@
 from .binding import PARTS, STAGE, BoundTask, bind_task, draw_fewshot, fewshot_pool, fewshot_source, load_bound_task
 from .data import LOCAL_BUILDERS, data_fingerprint, read_records, stdlib_records
 from .render import Example, Renderer
-from .spec import DATA_ROOT_ENV, DEFAULT_TASK, FEWSHOT_SAMPLERS, OUTPUT_TYPES, Task, find_data_root, load_task, parse_task
+from .spec import (
+    DATA_ROOT_ENV,
+    DEFAULT_TASK,
+    FEWSHOT_SAMPLERS,
+    OUTPUT_TYPES,
+    Task,
+    find_data_root,
+    load_task,
+    parse_task,
+)
 from .split import SplitOptions, content_ids, make_split, record_ids  # SplitOptions lives in options.py
 
 __all__ = [
