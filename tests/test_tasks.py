@@ -341,7 +341,7 @@ def demonstrated(bound) -> list[str]:
 def test_first_n_sampler_takes_the_first_rows_in_file_order(tmp_path):
     bound = bind_task(Workspace(tmp_path / "ws"), sampler_task(tmp_path, "first_n"), split=SplitOptions(search=4, test=8))
     assert demonstrated(bound) == [f"train {i}" for i in range(4)]
-    assert bound.split["fewshot_sampler"] == "first_n" and bound.split["fewshot_from"] == "train"
+    assert bound.split["fewshot_sampler"] == "first_n" and bound.split["fewshot_from"] == "split:train"
 
 
 def test_balanced_sampler_cycles_through_the_classes(tmp_path):

@@ -39,6 +39,7 @@ STAGE = "task"
 PARTS = ("calibration", "search", "test")
 SPLIT_SCHEMA = 2  # 2: content ids, few-shot sampler and source, data fingerprint
 CALIBRATION = "calibration"
+FROM_SPLIT = "split:"  # fewshot_from "split:NAME": demonstrations from dataset split NAME
 
 
 class BoundTask:
@@ -71,8 +72,8 @@ class BoundTask:
     def _shots(self) -> list[tuple[str, dict]]:
         """The few-shot pool in draw order (num_fewshot + 1, so an example never demonstrates itself)."""
         ids = self.split.get("fewshot", [])
-        source = self.split.get("fewshot_from", CALIBRATION)
-        if source == CALIBRATION:
+        source = fewshot_split_of(self.split.get("fewshot_from", CALIBRATION))
+        if source is None:
             pool = self.records
         else:
             pool = self._fewshot_pool or dict(fewshot_pool(self.task, source, self.records, []))
@@ -111,23 +112,29 @@ def records_by_id(task: Task, records: list[dict]) -> dict[str, dict]:
 # ---- few-shot demonstrations --------------------------------------------------------------------
 
 
-def fewshot_source(task: Task) -> str:
-    """Where demonstrations come from: `fewshot_split` when it holds other data, else calibration."""
+def fewshot_split_of(recorded: str) -> str | None:
+    """The dataset split named by split.json's `fewshot_from`, None for the calibration part."""
+    return recorded[len(FROM_SPLIT):] if recorded.startswith(FROM_SPLIT) else None
+
+
+def fewshot_source(task: Task) -> str | None:
+    """The dataset split demonstrations come from: `fewshot_split` when it holds other data than
+    the evaluated split, else None: the calibration part."""
     if task.num_fewshot == 0 or task.fewshot_split is None:
-        return CALIBRATION
+        return None
     if reads_same_data(task, task.split, task.fewshot_split):
         log.warning(
             "task %s: fewshot_split %r reads the same data as the evaluated split; "
             "demonstrations come from calibration instead, so no search or test example is shown",
             task.name, task.fewshot_split,
         )
-        return CALIBRATION
+        return None
     return task.fewshot_split
 
 
-def fewshot_pool(task: Task, source: str, records: dict[str, dict], calibration: list[str]) -> list[tuple[str, dict]]:
-    """Candidate demonstrations in data order: the calibration records, or the records of `source`."""
-    if source == CALIBRATION:
+def fewshot_pool(task: Task, source: str | None, records: dict[str, dict], calibration: list[str]) -> list[tuple[str, dict]]:
+    """Candidate demonstrations in data order: the calibration records (source None), or those of split `source`."""
+    if source is None:
         chosen = set(calibration)
         return [(i, r) for i, r in records.items() if i in chosen]
     pool = read_records(task, source)
@@ -203,7 +210,7 @@ def bind_task(
         "ids": parts,
         "fewshot": draw_fewshot(task, pool, options.seed),
         "fewshot_sampler": task.fewshot_sampler,
-        "fewshot_from": source,
+        "fewshot_from": CALIBRATION if source is None else f"{FROM_SPLIT}{source}",
         "data": fingerprint,
     }
     ws.task_yaml.parent.mkdir(parents=True, exist_ok=True)
@@ -212,7 +219,7 @@ def bind_task(
     summary = {"task": task.name, "output_type": task.output_type, "source": task.source, "data_root": task.data_root, **content["counts"]}
     ws.finish(STAGE, inputs, [ws.task_yaml, ws.split_json], summary)
     log.info("bound task %s: %s", task.name, ", ".join(f"{p} {n}" for p, n in content["counts"].items()))
-    return BoundTask(task, content, records, dict(pool) if source != CALIBRATION else None)
+    return BoundTask(task, content, records, dict(pool) if source is not None else None)
 
 
 def _recorded_split(ws: Workspace, task: Task) -> SplitOptions | None:
