@@ -5,7 +5,8 @@ from git history into this process; "after" is the current `sieve_cli.tasks` pac
 the same task file on the same data, alternating, in one process run:
 - records: `read_records` of the evaluated split and the few-shot split (warm: median of --repeats);
 - bind: `bind_task` into a fresh workspace, then render every test example (warm, median);
-- cold: the first `read_records` in a fresh Python process, imports included (median of --cold).
+- cold: the first `read_records` in a fresh Python process, imports included (median of --cold);
+- in stage: the same after `import torch, transformers` (untimed), as in a capture/eval/search process.
 
     PYTHONPATH=$PWD python bench/task_load.py [--task examples/tasks/sst2.yaml] [--data-root /work/shared/data]
 """
@@ -55,6 +56,8 @@ def bind_and_render(tasks, task_path: str, data_root: str) -> int:
 
 COLD = """
 import sys, time
+if {preimport}:
+    import torch, transformers  # noqa: F401 - what every stage that binds a task has loaded already
 start = time.perf_counter()
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {bench!r})
 import task_load
@@ -64,8 +67,8 @@ print(time.perf_counter() - start)
 """
 
 
-def cold_seconds(which: str, task: str, root: str) -> float:
-    code = COLD.format(repo=str(REPO), bench=str(REPO / "bench"), which=which, task=task, root=root)
+def cold_seconds(which: str, task: str, root: str, preimport: bool) -> float:
+    code = COLD.format(repo=str(REPO), bench=str(REPO / "bench"), which=which, task=task, root=root, preimport=preimport)
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -89,7 +92,7 @@ def main() -> None:
     sides = {"before": before, "after": after}
     for tasks in sides.values():  # warm-up: imports, page cache
         read_both_splits(tasks, args.task, args.data_root)
-    results: dict[str, dict[str, list[float]]] = {name: {"records": [], "bind": [], "cold": []} for name in sides}
+    results: dict[str, dict[str, list[float]]] = {name: {"records": [], "bind": [], "cold": [], "in_stage": []} for name in sides}
     counts = {}
     for _ in range(args.repeats):
         for name, tasks in sides.items():
@@ -98,13 +101,15 @@ def main() -> None:
             results[name]["bind"].append(timed(bind_and_render, tasks, args.task, args.data_root)[0])
     for _ in range(args.cold):
         for name in sides:
-            results[name]["cold"].append(cold_seconds(name, args.task, args.data_root))
+            results[name]["cold"].append(cold_seconds(name, args.task, args.data_root, preimport=False))
+            results[name]["in_stage"].append(cold_seconds(name, args.task, args.data_root, preimport=True))
     summary = {name: {k: round(statistics.median(v), 4) for k, v in r.items()} | {"rows": counts[name]}
                for name, r in results.items()}
     print(json.dumps({"task": Path(args.task).name, **summary}, indent=1))
-    print(f"{'':8} {'records (warm)':>15} {'bind+render':>12} {'cold (fresh process)':>21}")
+    print(f"{'':8} {'records (warm)':>15} {'bind+render':>12} {'cold (fresh process)':>21} {'cold in stage':>14}")
     for name, s in summary.items():
-        print(f"{name:8} {s['records']:14.3f}s {s['bind']:11.3f}s {s['cold']:20.2f}s   ({s['rows']} rows)")
+        print(f"{name:8} {s['records']:14.3f}s {s['bind']:11.3f}s {s['cold']:20.2f}s {s['in_stage']:13.2f}s"
+              f"   ({s['rows']} rows)")
 
 
 if __name__ == "__main__":
