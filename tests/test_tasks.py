@@ -89,9 +89,13 @@ def test_malformed_task_names_the_field(tmp_path, change, field):
 
 
 def test_template_errors_name_the_field_and_the_record_fields(tmp_path):
-    bound, _ = bind(tmp_path, doc_to_text="Q: {{ sentense }}")
     with pytest.raises(TaskError, match=r"'doc_to_text'.*sentense.*sentence"):
-        bound.examples("test")
+        bind(tmp_path, doc_to_text="Q: {{ sentense }}")
+    assert not Workspace(tmp_path / "ws").manifest_path("task").exists()  # caught before anything is recorded
+    # fails only on later records whose sentence is one word: found when they are rendered
+    bound, _ = bind(tmp_path, doc_to_text="Q: {{ sentence if uid == 'r0' else sentence.split()[1] }}")
+    with pytest.raises(TaskError, match=r"'doc_to_text'.*no element 1"):
+        [bound.examples(part) for part in ("calibration", "search", "test")]
 
 
 def test_not_yaml_and_missing_file(tmp_path):

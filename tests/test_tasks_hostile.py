@@ -37,9 +37,8 @@ def payload(marker: Path) -> str:
 def test_template_payload_does_not_run(tmp_path):
     marker = tmp_path / "PWNED"
     task = write_task(tmp_path, "multiple_choice", doc_to_text=payload(marker))
-    bound = bind_task(Workspace(tmp_path / "ws"), task, split=SplitOptions(search=4, test=8))
     with pytest.raises(TaskError) as exc:
-        bound.examples("test")
+        bind_task(Workspace(tmp_path / "ws"), task, split=SplitOptions(search=4, test=8)).examples("test")
     assert "doc_to_text" in one_line(exc)
     assert not marker.exists()
 

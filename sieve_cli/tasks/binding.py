@@ -197,6 +197,7 @@ def bind_task(
     records = records_by_id(task, read_records(task))
     fingerprint = data_fingerprint(task, list(records.values()))
     inputs = {"task": task.identity(), "split": asdict(options), "data": sha256_json(fingerprint)}
+    _render_first(task, records)  # a broken template fails here, before the workspace records a binding
     if not ws.begin(STAGE, inputs, force):
         return _load_checked(ws, records)
     parts = make_split(list(records), options)
@@ -220,6 +221,13 @@ def bind_task(
     ws.finish(STAGE, inputs, [ws.task_yaml, ws.split_json], summary)
     log.info("bound task %s: %s", task.name, ", ".join(f"{p} {n}" for p, n in content["counts"].items()))
     return BoundTask(task, content, records, dict(pool) if source is not None else None)
+
+
+def _render_first(task: Task, records: dict[str, dict]) -> None:
+    if not records:
+        raise TaskError(f"task {task.name}: the data holds no records; check 'data_files' and 'split'")
+    first_id, first = next(iter(records.items()))
+    Renderer(task).example(first_id, first, [first] if task.num_fewshot else [])
 
 
 def _recorded_split(ws: Workspace, task: Task) -> SplitOptions | None:
