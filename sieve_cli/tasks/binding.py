@@ -27,7 +27,7 @@ import yaml
 from ..errors import InputError, MissingStageError, TaskError
 from ..files import sha256_json, write_json_atomic
 from ..options import SplitOptions
-from ..workspace import Workspace
+from ..workspace import Stage, Workspace
 from .data import LOCAL_BUILDERS, data_fingerprint, read_records, reads_same_data
 from .render import Example, Renderer
 from .spec import DEFAULT_TASK, Task, load_task
@@ -35,7 +35,7 @@ from .split import content_ids, make_split, record_ids
 
 log = logging.getLogger(__name__)
 
-STAGE = "task"
+STAGE = Stage.TASK
 PARTS = ("calibration", "search", "test")
 SPLIT_SCHEMA = 2  # 2: content ids, few-shot sampler and source, data fingerprint
 CALIBRATION = "calibration"
