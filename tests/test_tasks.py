@@ -16,6 +16,7 @@ from sieve_cli.tasks import (
     load_bound_task,
     load_task,
     make_split,
+    read_records,
     stdlib_records,
 )
 from sieve_cli.workspace import Workspace
@@ -88,9 +89,13 @@ def test_malformed_task_names_the_field(tmp_path, change, field):
 
 
 def test_template_errors_name_the_field_and_the_record_fields(tmp_path):
-    bound, _ = bind(tmp_path, doc_to_text="Q: {{ sentense }}")
     with pytest.raises(TaskError, match=r"'doc_to_text'.*sentense.*sentence"):
-        bound.examples("test")
+        bind(tmp_path, doc_to_text="Q: {{ sentense }}")
+    assert not Workspace(tmp_path / "ws").manifest_path("task").exists()  # caught before anything is recorded
+    # fails only on later records whose sentence is one word: found when they are rendered
+    bound, _ = bind(tmp_path, doc_to_text="Q: {{ sentence if uid == 'r0' else sentence.split()[1] }}")
+    with pytest.raises(TaskError, match=r"'doc_to_text'.*no element 1"):
+        [bound.examples(part) for part in ("calibration", "search", "test")]
 
 
 def test_not_yaml_and_missing_file(tmp_path):
@@ -266,3 +271,104 @@ def test_rebinding_the_same_task_keeps_its_split_sizes(tmp_path):
     first = bind_task(ws, task, split=SplitOptions(search=3, test=5))
     again = bind_task(ws, task)  # e.g. `sieve capture --task T` after `sieve eval --task T --search-size 3`
     assert again.split["ids"] == first.split["ids"] and len(again.ids("search")) == 3
+
+
+# ---- local data through datasets' builders ---------------------------------------------------------
+
+
+def headerless_task(tmp_path: Path, **kwargs) -> Path:
+    (tmp_path / "rows.tsv").write_text("".join(f"row {i} text\t{i % 2}\n" for i in range(30)))
+    return write_task(tmp_path, "multiple_choice", dataset_path="csv", data_files="rows.tsv", id_field=None,
+                      doc_to_text="{{ sentence }}", dataset_kwargs={"delimiter": "\t", **kwargs})
+
+
+def test_csv_without_header_reads_every_row_with_column_names(tmp_path):
+    task = load_task(headerless_task(tmp_path, column_names=["sentence", "label"]))
+    records = read_records(task)
+    assert records == [{"sentence": f"row {i} text", "label": i % 2} for i in range(30)]  # row 0 is data, not a header
+
+
+def test_unknown_dataset_kwarg_is_one_line(tmp_path):
+    task = load_task(headerless_task(tmp_path, colum_names=["sentence", "label"]))
+    with pytest.raises(TaskError, match="'colum_names'") as exc:
+        read_records(task)
+    assert "\n" not in str(exc.value)
+
+
+def test_local_builders_read_offline_and_leave_no_files(tmp_path, monkeypatch):
+    import socket
+    import tempfile
+
+    import datasets
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("reading local task data opened a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    hf_cache = Path(datasets.config.HF_DATASETS_CACHE)
+    cache_before = sorted(hf_cache.rglob("*")) if hf_cache.exists() else []
+    temp_before = set(Path(tempfile.gettempdir()).glob("sieve-datasets-*"))
+    rows = [{"sentence": f"s{i}", "label": i % 2} for i in range(6)]
+    import pandas as pd
+
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
+    (tmp_path / "d.txt").write_text("".join(f"s{i}\n\n" for i in range(6)))  # blank lines are no records
+    (tmp_path / "keyed.json").write_text(json.dumps({f"k{i}": r for i, r in enumerate(rows)}))
+    expect = {"parquet": rows, "csv": rows, "text": [{"text": f"s{i}"} for i in range(6)],
+              "json": [{"id": f"k{i}", **r} for i, r in enumerate(rows)]}
+    for builder, name in [("parquet", "d.parquet"), ("csv", "d.csv"), ("text", "d.txt"), ("json", "keyed.json")]:
+        task = load_task(write_task(tmp_path, "text_modelling", dataset_path=builder, data_files=name))
+        assert read_records(task) == expect[builder], builder
+    assert (sorted(hf_cache.rglob("*")) if hf_cache.exists() else []) == cache_before
+    assert set(Path(tempfile.gettempdir()).glob("sieve-datasets-*")) == temp_before
+
+
+# ---- few-shot samplers ---------------------------------------------------------------------------------
+
+
+def sampler_task(tmp_path: Path, sampler: str | None, k: int = 4) -> Path:
+    """Examples in test.jsonl, demonstrations from train.jsonl: 30 rows, 3 classes in runs of 10."""
+    for name in ("test", "train"):
+        (tmp_path / f"{name}.jsonl").write_text(
+            "".join(json.dumps({"sentence": f"{name} {i}", "label": i // 10}) + "\n" for i in range(30)))
+    extra = {"fewshot_config": {"sampler": sampler}} if sampler else {}
+    return write_task(tmp_path, "multiple_choice", data_files={"test": "test.jsonl", "train": "train.jsonl"},
+                      split="test", fewshot_split="train", num_fewshot=k, id_field=None,
+                      doc_to_choice=["a", "b", "c"], **extra)
+
+
+def demonstrated(bound) -> list[str]:
+    example = bound.examples("test")[0]
+    return [shot.split("\n")[0].removeprefix("Q: ") for shot in example.context.split("\n\n")[:-1]]
+
+
+def test_first_n_sampler_takes_the_first_rows_in_file_order(tmp_path):
+    bound = bind_task(Workspace(tmp_path / "ws"), sampler_task(tmp_path, "first_n"), split=SplitOptions(search=4, test=8))
+    assert demonstrated(bound) == [f"train {i}" for i in range(4)]
+    assert bound.split["fewshot_sampler"] == "first_n" and bound.split["fewshot_from"] == "split:train"
+
+
+def test_balanced_sampler_cycles_through_the_classes(tmp_path):
+    bound = bind_task(Workspace(tmp_path / "ws"), sampler_task(tmp_path, "balanced", k=5), split=SplitOptions(search=4, test=8))
+    labels = [int(s.split()[1]) // 10 for s in demonstrated(bound)]
+    assert labels == [0, 1, 2, 0, 1]
+
+
+def test_default_sampler_is_recorded_and_draws_at_random(tmp_path):
+    bound = bind_task(Workspace(tmp_path / "ws"), sampler_task(tmp_path, None), split=SplitOptions(search=4, test=8))
+    assert bound.split["fewshot_sampler"] == "default" and len(bound.split["fewshot"]) == 5
+    assert demonstrated(bound) != [f"train {i}" for i in range(4)]  # not simply the first rows
+    assert all(s.startswith("train ") for s in demonstrated(bound))
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"sampler": "stratified"}, "'fewshot_config.sampler' is 'stratified'"),
+    ({"sampler": "first_n", "samples": 3}, "'fewshot_config' must be a mapping with one key"),
+])
+def test_bad_fewshot_config_names_the_field(tmp_path, config, message):
+    path = write_task(tmp_path, "multiple_choice", fewshot_config=config)
+    with pytest.raises(TaskError, match=message):
+        load_task(path)
+    with pytest.raises(TaskError, match="balanced needs output_type multiple_choice"):
+        load_task(write_task(tmp_path, "text_modelling", fewshot_config={"sampler": "balanced"}))
