@@ -1,12 +1,14 @@
-"""Search quality on SmolLM2-135M: uniform vs adaptive plans, per task and tolerance.
+"""Search quality on SmolLM2-135M: does the tolerance hold on examples the search never saw?
 
-For each task: discover, capture (--tokens), fit (output, plus the compared methods), then
-for each tolerance a uniform and an adaptive search. Reports prunable parameters removed,
-the search-split metric of each plan (what the search saw) and its test-split metric (what
-we report), evaluations and wall time; then, at the uniform plan's p, the test metric of the
-same uniform allocation with the bases of each fit method (output, learned, svd, pca).
+For each task: discover, capture (--tokens), fit (output), then for each tolerance a uniform
+and an adaptive search with the search's own defaults (paired acceptance at its default
+confidence, confirm part with back-off). Reports prunable parameters removed and, for every
+chosen plan, its metric on the search part (what the search saw), on the confirm part (what
+confirmed it) and on the test part (what we report), evaluations and wall time. Headline: the
+worst ratio, over all cells, of the test part's relative drop to the tolerance (<= 1: held).
+With --methods, the test metric of the uniform plan's allocation with each fit method's bases.
 
-    python bench/search_quality.py                               # sst2 and trec, 1% and 5%
+    python bench/search_quality.py                               # sst2, trec, mbpp at 1% and 5%
     python bench/search_quality.py --tasks sst2 --tolerances 0.05 --population 8 --generations 3
 
 Workspaces are kept under --work so a rerun reuses capture and fits. Exact numbers go to
@@ -33,7 +35,8 @@ from sieve_cli.discover import DiscoverOptions, load_workspace_model, run_discov
 from sieve_cli.evaluate import evaluate, prepare  # noqa: E402
 from sieve_cli.fit import FitOptions, load_factors, run_fit  # noqa: E402
 from sieve_cli.models import smollm2_gguf  # noqa: E402
-from sieve_cli.pruned import plan_ranks, prune_in_memory  # noqa: E402
+from sieve_cli.options import GAConfig  # noqa: E402
+from sieve_cli.pruned import prune_in_memory  # noqa: E402
 from sieve_cli.search import SearchOptions, rank_at, read_targets, run_search  # noqa: E402
 from sieve_cli.tasks import bind_task  # noqa: E402
 from sieve_cli.workspace import Workspace  # noqa: E402
@@ -43,14 +46,15 @@ log = logging.getLogger("bench")
 
 def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", default="sst2,trec", help="names of examples/tasks/<name>.yaml")
+    ap.add_argument("--tasks", default="sst2,trec,mbpp", help="names of examples/tasks/<name>.yaml")
     ap.add_argument("--tolerances", default="0.01,0.05")
     ap.add_argument("--strategies", default="uniform,adaptive")
-    ap.add_argument("--methods", default="output,learned,svd,pca", help="fit methods compared at the uniform p")
+    ap.add_argument("--methods", default="", help="fit methods compared at the uniform p, e.g. output,learned,svd,pca")
     ap.add_argument("--tokens", type=int, default=50_000, help="calibration tokens to capture")
-    ap.add_argument("--population", type=int, default=SearchOptions.population)
-    ap.add_argument("--generations", type=int, default=SearchOptions.generations)
-    ap.add_argument("--patience", type=int, default=SearchOptions.patience)
+    ap.add_argument("--population", type=int, default=GAConfig.population)
+    ap.add_argument("--generations", type=int, default=GAConfig.generations)
+    ap.add_argument("--patience", type=int, default=GAConfig.patience)
+    ap.add_argument("--confidence", type=float, default=SearchOptions.confidence)
     ap.add_argument("--limit", type=int, default=SearchOptions.limit, help="search-split examples per evaluation")
     ap.add_argument("--test-limit", type=int, default=None, help="test-split examples (default: all)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/sieve-bench-search"))
@@ -72,8 +76,7 @@ class TestScorer:
         self.prepared = prepare(bind_task(ws, None), "test", tokenizer, limit=limit)
 
     def __call__(self, ranks: dict, factors) -> float:
-        plan = {"matrices": {n: {"rank": r} for n, r in ranks.items()}}
-        restore = prune_in_memory(self.model, plan_ranks(plan), factors)
+        restore = prune_in_memory(self.model, ranks, factors)
         try:
             return evaluate(self.model, self.prepared, batch_size=16, show_progress=False).value
         finally:
@@ -92,21 +95,28 @@ def run_task(task: str, args) -> dict:
     plans_dir.mkdir(parents=True, exist_ok=True)
     for tolerance in map(float, args.tolerances.split(",")):
         for strategy in args.strategies.split(","):
-            options = SearchOptions(strategy=strategy, tolerance=tolerance, population=args.population,
-                                    generations=args.generations, patience=args.patience, limit=args.limit)
+            ga = GAConfig(population=args.population, generations=args.generations, patience=args.patience)
+            options = SearchOptions(strategy=strategy, tolerance=tolerance, ga=ga, limit=args.limit,
+                                    confidence=args.confidence)
             plan = run_search(ws, options, force=True)
             shutil.copy(ws.plan_json, plans_dir / f"{strategy}-{tolerance:g}.json")
             shutil.copy(ws.history_jsonl, plans_dir / f"{strategy}-{tolerance:g}.history.jsonl")
             ranks = {n: m["rank"] for n, m in plan["matrices"].items()}
+            confirm = plan["search"].get("confirm") or {}
+            test_plan = test(ranks, output_factors)
+            test_drop = (result["dense_test"] - test_plan) / abs(result["dense_test"])
             row = {"tolerance": tolerance, "strategy": strategy,
                    "removed_prunable": plan["params"]["removed_fraction_prunable"],
                    "removed_model": plan["params"]["removed_fraction_model"],
                    "search_dense": plan["metric"]["dense"], "search_plan": plan["metric"]["plan"],
-                   "test_plan": test(ranks, output_factors), "evaluations": plan["search"]["evaluations"],
+                   "confirm_dense": confirm.get("dense"), "confirm_plan": confirm.get("plan"),
+                   "back_off": confirm.get("back_off"), "test_plan": test_plan,
+                   "test_drop_over_tolerance": test_drop / tolerance,
+                   "evaluations": plan["search"]["evaluations"],
                    "seconds": plan["search"]["seconds"], "uniform_p": plan["search"]["uniform_p"]}
             log.info("%s", row)
             result["plans"].append(row)
-    result["methods"] = compare_methods(ws, test, result["plans"], args)
+    result["methods"] = compare_methods(ws, test, result["plans"], args) if args.methods else []
     return result
 
 
@@ -132,19 +142,26 @@ def compare_methods(ws: Workspace, test: TestScorer, plans: list[dict], args) ->
 
 
 def render(results: list[dict]) -> None:
-    print("\nplans (removed = share of the 210 prunable matrices' parameters; metric = accuracy)")
+    print("\nplans (removed = share of the prunable matrices' parameters; metric: the task's)")
     print(f"{'task':6} {'tol':>5} {'strategy':9} {'removed':>8} {'model':>7} {'search d->p':>13} "
-          f"{'test d->p':>13} {'evals':>6} {'time s':>7}")
+          f"{'confirm d->p':>13} {'back-off':>8} {'test d->p':>13} {'drop/tol':>8} {'evals':>6} {'time s':>7}")
     for r in results:
         for p in r["plans"]:
+            confirm = (f"{p['confirm_dense']:>6.3f}->{p['confirm_plan']:.3f}" if p["confirm_dense"] is not None
+                       else f"{'-':>13}")
             print(f"{r['task']:6} {p['tolerance']:>5.2f} {p['strategy']:9} {p['removed_prunable']:>8.2%} "
-                  f"{p['removed_model']:>7.2%} {p['search_dense']:>6.3f}->{p['search_plan']:.3f} "
-                  f"{r['dense_test']:>6.3f}->{p['test_plan']:.3f} {p['evaluations']:>6} {p['seconds']:>7.0f}")
-    print("\ntest metric of the uniform plan's allocation, by fit method")
-    print(f"{'task':6} {'tol':>5} {'p':>5} {'method':8} {'test':>7}")
-    for r in results:
-        for m in r["methods"]:
-            print(f"{r['task']:6} {m['tolerance']:>5.2f} {m['p']:>5.2f} {m['method']:8} {m['test']:>7.3f}")
+                  f"{p['removed_model']:>7.2%} {p['search_dense']:>6.3f}->{p['search_plan']:.3f} {confirm} "
+                  f"{p['back_off'] if p['back_off'] is not None else '-':>8} "
+                  f"{r['dense_test']:>6.3f}->{p['test_plan']:.3f} {p['test_drop_over_tolerance']:>8.2f} "
+                  f"{p['evaluations']:>6} {p['seconds']:>7.0f}")
+    worst = max(p["test_drop_over_tolerance"] for r in results for p in r["plans"])
+    print(f"\nheadline: worst test-part relative drop / tolerance over all cells = {worst:.2f} (<= 1: the tolerance held)")
+    if any(r["methods"] for r in results):
+        print("\ntest metric of the uniform plan's allocation, by fit method")
+        print(f"{'task':6} {'tol':>5} {'p':>5} {'method':8} {'test':>7}")
+        for r in results:
+            for m in r["methods"]:
+                print(f"{r['task']:6} {m['tolerance']:>5.2f} {m['p']:>5.2f} {m['method']:8} {m['test']:>7.3f}")
 
 
 def main() -> None:
