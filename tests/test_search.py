@@ -218,7 +218,7 @@ def test_both_strategies_on_real_smollm2(smollm2_gguf, data_root, tmp_path):
     run_discover(ws, DiscoverOptions(model=str(smollm2_gguf)))
     run_capture(ws, CaptureOptions(task=str(REPO / "examples" / "tasks" / "sst2.yaml"), tokens=2048))
     run_fit(ws, FitOptions(method="output"))
-    common = dict(tolerance=0.1, limit=16, grid_step=0.25)
+    common = dict(tolerance=0.1, limit=16, grid_step=0.25, allow_chance=True)  # 16 examples: not enough to clear the guard
     uniform = run_search(ws, SearchOptions(strategy="uniform", **common))
     assert len(uniform["matrices"]) == 210 and len(history(ws)) <= 4
     adaptive = run_search(ws, SearchOptions(strategy="adaptive", ga=GAConfig(population=3, generations=1, patience=1), **common),
