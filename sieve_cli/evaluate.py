@@ -34,8 +34,17 @@ from .models import load_model, model_identity, torch_dtype
 from .options import EvalOptions
 from .pruned import SIEVE_JSON, load_pruned
 from .scoring import (  # noqa: F401  (the scoring names stay importable from here, as before the split)
-    MIN_SHARED_PREFIX, Sequence, Span, batches_by_length, cache_argument, device_of, left_pad, null_bar, returned_cache,
-    score_sequences, shared_prefix_length,
+    MIN_SHARED_PREFIX,
+    Sequence,
+    Span,
+    batches_by_length,
+    cache_argument,
+    device_of,
+    left_pad,
+    null_bar,
+    returned_cache,
+    score_sequences,
+    shared_prefix_length,
 )
 from .tasks import BoundTask, Example, bind_task
 from .workspace import Stage, Workspace

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sieve_cli.evaluate import MIN_SHARED_PREFIX, Sequence, Span, evaluate, prepare, score_sequences, shared_prefix_length
+from sieve_cli.evaluate import (
+    MIN_SHARED_PREFIX,
+    Sequence,
+    Span,
+    evaluate,
+    prepare,
+    score_sequences,
+    shared_prefix_length,
+)
 
 from .test_tasks import bind
 from .tiny import tiny_model, tiny_tokenizer
