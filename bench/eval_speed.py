@@ -116,7 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--limit", type=int, default=100, help="sst2 search examples (search's default split has 100)")
-    parser.add_argument("--text-limit", type=int, default=24, help="python_stdlib search examples")
+    parser.add_argument("--text-limit", type=int, default=8, help="python_stdlib search examples")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--data-root", default=None, help="task data (default: $SIEVE_DATA_ROOT or the nearest shared/data)")
