@@ -122,8 +122,10 @@ def shared_prefix_length(sequences: list[Sequence]) -> int:
 
 
 def _span_scores(logits: torch.Tensor, seq: Sequence, keep: int) -> list[SpanScore]:
-    """Scores of each span of `seq` from its last `keep` rows of logits (row keep-1 predicts the last target)."""
-    # row by row, so the float32 log-softmax temporaries stay one row of logits in size
+    """Scores of each span of `seq` from its `keep` rows of logits (row keep-1 predicts the last target).
+
+    Called one sequence at a time, so the float32 log-softmax temporaries stay one row of logits in size.
+    """
     row = logits.float()
     norm = torch.logsumexp(row, dim=-1)
     top = row.argmax(dim=-1)
