@@ -1,9 +1,10 @@
 """The evaluator: a task metric on one split part, in memory (`prepare` + `evaluate`) or as stage `eval`.
 
 `prepare` tokenises a part once into scoring sequences; `evaluate` runs them through a model
-in length-sorted, left-padded batches with explicit position ids, so every sequence is
-scored exactly as it would be alone, and only the logits of scored positions are computed
-(`logits_to_keep`). No disk I/O in either, so `search` can call `evaluate` many times.
+(`scoring.score_sequences`: length-sorted batches, every sequence scored exactly as it would be
+alone, only the logits of scored positions computed, a few-shot prefix shared by all sequences
+run once per call and reused from the KV cache). Generation (`generate_until`) runs whole
+prompts, left-padded. No disk I/O in either, so `search` can call `evaluate` many times.
 
 Metrics (value is always higher-is-better):
 - multiple_choice: accuracy of the choice with the highest summed log-likelihood
@@ -15,7 +16,6 @@ Metrics (value is always higher-is-better):
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import re
@@ -33,6 +33,19 @@ from .files import read_json, sha256_bytes, write_json_atomic
 from .models import load_model, model_identity, torch_dtype
 from .options import EvalOptions
 from .pruned import SIEVE_JSON, load_pruned
+from .scoring import (  # noqa: F401  (the scoring names stay importable from here, as before the split)
+    MIN_SHARED_PREFIX,
+    Sequence,
+    Span,
+    batches_by_length,
+    cache_argument,
+    device_of,
+    left_pad,
+    null_bar,
+    returned_cache,
+    score_sequences,
+    shared_prefix_length,
+)
 from .tasks import BoundTask, Example, bind_task
 from .workspace import Stage, Workspace
 
@@ -42,21 +55,6 @@ Z95 = 1.959963984540054
 
 
 # ---- prepared sequences ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Span:
-    """Target tokens predicted by the last len(targets) input positions of a sequence."""
-
-    choice: int  # index of the choice it scores (0 for text modelling)
-    targets: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Sequence:
-    example: int  # index into PreparedSplit.examples
-    tokens: tuple[int, ...]  # model input (the full text minus its last token)
-    spans: tuple[Span, ...]
 
 
 @dataclass
@@ -196,82 +194,17 @@ def ratio_interval(correct: list[float], counts: list[float], z: float = Z95) ->
     return max(0.0, r - half), min(1.0, r + half)
 
 
-# ---- scoring --------------------------------------------------------------------------------------
+# ---- evaluation --------------------------------------------------------------------------------------
 
 
-def _device_of(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _batches(lengths: list[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
-    """Indices grouped longest first, each batch within `batch_size` rows and `max_batch_tokens` padded tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches, current = [], []
-    for i in order:
-        width = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) >= batch_size or width * (len(current) + 1) > max_batch_tokens):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def _left_pad(rows: list[tuple[int, ...]], pad_id: int, device: torch.device):
-    """Left-padded ids, attention mask and position ids that restart at 0 on each row's first real token."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), positions.to(device)
-
-
-@torch.inference_mode()
-def score_sequences(model, sequences: list[Sequence], pad_id: int, batch_size: int = 16, max_batch_tokens: int = 8192, show_progress: bool = True) -> list[list[tuple[float, int, int]]]:
-    """Per sequence, per span: (sum log p(targets), targets predicted top-1, number of targets)."""
-    device = _device_of(model)
-    out: list[list[tuple[float, int, int]]] = [[] for _ in sequences]
-    batches = _batches([len(s.tokens) for s in sequences], batch_size, max_batch_tokens)
-    with progress.bar("eval", total=len(sequences)) if show_progress else _null_bar() as bar:
-        for batch in batches:
-            rows = [sequences[i] for i in batch]
-            keep = max(len(span.targets) for s in rows for span in s.spans)
-            ids, mask, positions = _left_pad([s.tokens for s in rows], pad_id, device)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep, use_cache=False).logits
-            for r, seq in enumerate(rows):
-                # row by row, so the float32 log-softmax temporaries stay one row of logits in size
-                row = logits[r].float()
-                norm = torch.logsumexp(row, dim=-1)
-                top = row.argmax(dim=-1)
-                for span in seq.spans:
-                    k = len(span.targets)
-                    target = torch.tensor(span.targets, device=row.device)
-                    lp = row[keep - k :].gather(-1, target[:, None])[:, 0] - norm[keep - k :]
-                    hits = int((top[keep - k :] == target).sum())
-                    out[batch[r]].append((float(lp.double().sum()), hits, k))
-            bar.advance(len(batch))
-    return out
-
-
-class _null_bar:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def advance(self, n: float = 1) -> None:
-        pass
-
-
-def evaluate(model, prepared: PreparedSplit, batch_size: int = 16, max_batch_tokens: int = 8192, show_progress: bool = True) -> EvalResult:
+def evaluate(
+    model, prepared: PreparedSplit, batch_size: int = 16, max_batch_tokens: int = 8192, show_progress: bool = True,
+    reuse_prefix: bool = True,
+) -> EvalResult:
     """The task metric of `model` on a prepared split part; no disk I/O, runs on the model's device.
 
-    The same prepared split, batch size and weights always give the same numbers.
+    The same prepared split, batch size and weights always give the same numbers. `reuse_prefix=False`
+    runs every sequence whole (the evaluator before prefix caching; same numbers within float rounding).
     """
     if not prepared.examples:
         raise InputError(f"the {prepared.part} part of task {prepared.task} has no examples to score")
@@ -280,7 +213,7 @@ def evaluate(model, prepared: PreparedSplit, batch_size: int = 16, max_batch_tok
     try:
         if prepared.output_type == "generate_until":
             return _evaluate_generation(model, prepared, batch_size, show_progress)
-        scores = score_sequences(model, prepared.sequences, prepared.pad_id, batch_size, max_batch_tokens, show_progress)
+        scores = score_sequences(model, prepared.sequences, prepared.pad_id, batch_size, max_batch_tokens, show_progress, reuse_prefix)
     finally:
         model.train(was_training)
     if prepared.output_type == "multiple_choice":
@@ -367,20 +300,19 @@ def generate_greedy(model, prompts: list[tuple[int, ...]], pad_id: int, eos_id: 
 
     A row stops at EOS or when `stop(tokens)` says so; the batch stops when every row has.
     """
-    device = _device_of(model)
-    # transformers renamed `past_key_values` to `cache` during 5.x; use whichever this version takes
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    device = device_of(model)
+    cache_arg = cache_argument(model)
     outputs: list[list[int]] = [[] for _ in prompts]
-    batches = _batches([len(p) for p in prompts], batch_size, 1 << 30)
-    with progress.bar("generate", total=len(prompts)) if show_progress else _null_bar() as bar:
+    batches = batches_by_length([len(p) for p in prompts], batch_size, 1 << 30)
+    with progress.bar("generate", total=len(prompts)) if show_progress else null_bar() as bar:
         for batch in batches:
-            ids, mask, positions = _left_pad([prompts[i] for i in batch], pad_id, device)
+            ids, mask, positions = left_pad([prompts[i] for i in batch], pad_id, device)
             done = torch.zeros(len(batch), dtype=torch.bool, device=device)
             cache = None
             step_ids, step_pos = ids, positions
             for _ in range(max_new):
                 out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, logits_to_keep=1, **{cache_arg: cache})
-                cache = out["cache"] if "cache" in out else out["past_key_values"]
+                cache = returned_cache(out)
                 nxt = out.logits[:, -1].argmax(-1)
                 for r, i in enumerate(batch):
                     if not done[r]:

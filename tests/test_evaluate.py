@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sieve_cli.evaluate import (
+    MIN_SHARED_PREFIX,
     Sequence,
     Span,
     cut_at_stop,
@@ -17,6 +18,7 @@ from sieve_cli.evaluate import (
     prepare,
     ratio_interval,
     score_sequences,
+    shared_prefix_length,
     wilson_interval,
 )
 from sieve_cli.tasks import SplitOptions
@@ -178,7 +180,7 @@ def test_empty_or_bad_options(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_beats_chance_on_sst2(smollm2_gguf, data_root, tmp_path):
-    """The real SmolLM2 on a small slice of sst2: the evaluator must see that it beats chance."""
+    """The real SmolLM2 on a small slice of sst2: the evaluator must see that it beats chance, with the prefix cached."""
     from sieve_cli.models import load_model
     from sieve_cli.tasks import bind_task
     from sieve_cli.workspace import Workspace
@@ -193,3 +195,10 @@ def test_smollm2_beats_chance_on_sst2(smollm2_gguf, data_root, tmp_path):
     assert result.n == 48 and result.extra["chance"] == 0.5
     assert result.value > 0.6, result  # README reference: 68% over 500 examples, 4-shot
     assert result.ci_low < result.value < result.ci_high
+    # the 4-shot prefix is shared and cached; the log-likelihoods equal whole, left-padded sequences
+    assert shared_prefix_length(prepared.sequences) >= MIN_SHARED_PREFIX
+    some = prepared.sequences[:12]
+    cached = score_sequences(model, some, prepared.pad_id, batch_size=8, show_progress=False)
+    whole = score_sequences(model, some, prepared.pad_id, batch_size=8, show_progress=False, reuse_prefix=False)
+    for a, b in zip(cached, whole, strict=True):
+        assert [s[0] for s in a] == pytest.approx([s[0] for s in b], abs=1e-4) and [s[1:] for s in a] == [s[1:] for s in b]
