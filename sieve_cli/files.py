@@ -1,7 +1,9 @@
-"""Generic file helpers: content hashes and JSON written atomically, read with a one-line error."""
+"""Generic file helpers: content hashes, JSON written atomically and read with a one-line error, appends
+that never follow a symlink."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -9,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, WorkspaceError
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -31,19 +33,72 @@ def sha256_json(obj: Any) -> str:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON so that a crash leaves either the old file or the new one, never half."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file through a temporary sibling and a rename: a crash leaves the old file or the
+    new one, never half; a symlink at `path` is replaced, never written through."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs get the user's usual mode
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def open_no_follow(path: Path, flags: int) -> int:
+    """os.open that refuses a symlink as the last component, so a write never lands on the link's target."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise WorkspaceError(f"{path} is a symlink; sieve does not write through links: delete it and rerun") from None
+        raise
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line to a log file (created if missing), never through a symlink."""
+    fd = open_no_follow(Path(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
+def read_jsonl(path: Path, rebuild: str) -> list:
+    """The records of a JSON-lines log; a partial last line (a run killed mid-write) is cut off the file.
+
+    Any other damaged line is one error naming the file.
+    """
+    path = Path(path)
+    lines = path.read_bytes().split(b"\n")
+    records, good = [], 0
+    for number, line in enumerate(lines):
+        if not line.strip():
+            good += len(line) + 1
+            continue
+        try:
+            records.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if number == len(lines) - 1:  # no newline after it: the write was cut short
+                with open(open_no_follow(path, os.O_WRONLY), "wb") as f:
+                    f.truncate(good)
+                return records
+            raise InputError(f"{path} line {number + 1} is not valid JSON; rerun `{rebuild}` to rebuild it") from None
+        good += len(line) + 1
+    return records
 
 
 def read_json(path: Path, rebuild: str | None = None) -> Any:

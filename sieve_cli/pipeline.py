@@ -18,6 +18,7 @@ from .apply import run_apply
 from .capture import run_capture
 from .discover import run_discover
 from .evaluate import run_eval, run_label
+from .files import sha256_file
 from .fit import run_fit
 from .options import ApplyOptions, DiscoverOptions, RunOptions
 from .search import run_search
@@ -50,11 +51,15 @@ def run_pipeline(options: RunOptions, on_stage: Callable[[StageReport], None] | 
     ws = Workspace(options.workspace, replace_stale=True)
     reports: list[StageReport] = []
 
+    def written(stage: str) -> str | None:  # the manifest file itself: rewritten exactly when the stage ran
+        path = ws.manifest_path(stage)
+        return sha256_file(path) if path.exists() else None
+
     def stage(name: str, manifest_stage: str, fn: Callable[[], dict]) -> dict:
-        before = ws.manifest_hash(manifest_stage)
+        before = written(manifest_stage)
         started = time.perf_counter()
         result = fn()
-        report = StageReport(name, ws.manifest_hash(manifest_stage) != before, time.perf_counter() - started)
+        report = StageReport(name, written(manifest_stage) != before, time.perf_counter() - started)
         reports.append(report)
         if on_stage:
             on_stage(report)

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping
 
 from .errors import InputError
 from .files import read_json, write_json_atomic
+from .options import FIT_METHODS
 from .ranks import fraction_for_rank, lowrank_params
 
 PLAN_SCHEMA = 1
@@ -76,6 +77,9 @@ class Plan:
         """
         if not isinstance(data, dict) or not isinstance(data.get("matrices"), dict) or "method" not in data:
             raise InputError(f"{source} is not a sieve plan (it needs `method` and `matrices`); run `{rebuild}`")
+        if data["method"] not in FIT_METHODS:  # it names a folder of the workspace: never a path
+            raise InputError(f"{source}: method {data['method']!r} is not a fit method ({', '.join(FIT_METHODS)}); "
+                             f"run `{rebuild}`")
         for name, entry in data["matrices"].items():
             rank = entry.get("rank", "missing") if isinstance(entry, dict) else "missing"
             if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):

@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass, field
 from . import progress
 from .acceptance import Measurement, acceptance_threshold, is_acceptable, judge
 from .discover import load_workspace_model
-from .errors import InputError, MissingStageError
+from .errors import InputError
 from .evaluate import evaluate, prepare
 from .factors import FactorSet
-from .files import read_json, write_json_atomic
+from .files import append_line, read_json, read_jsonl, write_json_atomic
 from .fit import load_factors, load_spectrum
 from .genetic import (
     GenerationReport,
@@ -160,7 +160,7 @@ class Evaluations:
         self.threshold: float | None = None
         self.scored = 0  # evaluations actually run in this process
         if resume and ws.history_jsonl.exists():
-            for entry in read_history(ws.history_jsonl):
+            for entry in read_history(ws.history_jsonl, rebuild=f"{ws.command_for(STAGE)} --force"):
                 if entry.get("strategy") == "confirm":
                     continue
                 kept = entry["genome"] if entry.get("genome") is not None else [entry["p"]] * len(targets)
@@ -192,21 +192,14 @@ class Evaluations:
                  "acceptable": True if threshold is None else is_acceptable(judged, threshold)}
         if verdict is not None:
             entry |= {"drop": verdict.drop, "se": verdict.se, "signal": verdict.signal}
-        with open(self.ws.history_jsonl, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        append_line(self.ws.history_jsonl, json.dumps(entry))  # never through a symlink
         return m.value, judged
 
 
-def read_history(path) -> list[dict]:
-    """history.jsonl's entries; a torn last line (a crash mid-write) is skipped, not fatal."""
-    entries = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("skipping a damaged line in %s", path)
-    return entries
+def read_history(path, rebuild: str = "sieve search --force") -> list[dict]:
+    """history.jsonl's entries; a torn last line (a crash mid-write) is cut off the file, so the next
+    entry starts on a line of its own."""
+    return read_jsonl(path, rebuild=rebuild)
 
 
 def dense_from_checkpoint(checkpoint: dict) -> Measurement | None:
@@ -374,10 +367,9 @@ def spectrum_errors(ws: Workspace, options: SearchOptions, targets: list[Matrix]
     (when fitted) stands in, else the greedy seeds are skipped.
     """
     for method in dict.fromkeys((options.method, "output")):
-        try:
-            spectrum = load_spectrum(ws, method)
-        except (InputError, MissingStageError):  # no such fit in this workspace: try the next
-            continue
+        if not (ws.read_manifest(Stage.fit(method)) or {}).get("complete"):
+            continue  # no such fit in this workspace: try the next
+        spectrum = load_spectrum(ws, method)  # a damaged spectrum is an error, not greedy seeds silently dropped
         errors = []
         for t in targets:
             row = []

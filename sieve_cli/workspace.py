@@ -7,15 +7,16 @@ upstream manifests), so a rerun can tell "up to date" from "stale" from "resume"
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import InputError, MissingStageError, StaleStageError, WorkspaceError
-from .files import read_json, sha256_file, write_json_atomic
+from .files import open_no_follow, read_json, sha256_file, sha256_json, write_json_atomic
 from .version import __version__
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ STAGE_COMMANDS = {
     Stage.TASK: "sieve capture -w {ws} --task TASK.yaml",
     Stage.CAPTURE: "sieve capture -w {ws} --task TASK.yaml",
     "fit": "sieve fit -w {ws}",
-    Stage.SEARCH: "sieve search -w {ws} --strategy uniform",
+    Stage.SEARCH: "sieve search -w {ws}",
     Stage.APPLY: "sieve apply -w {ws} -o OUT",
     "eval": "sieve eval -w {ws}",
 }
@@ -72,27 +73,39 @@ class Workspace:
         return f"Workspace({str(self.root)!r})"
 
     # ---- paths -------------------------------------------------------------------
+    def inside(self, path: Path) -> Path:
+        """`path`, after checking that it (and any link on the way) stays inside the workspace.
+
+        Stage names come from files too (a plan's method): `fit/../../x` or a folder linked
+        elsewhere must never make a stage read or write outside the workspace.
+        """
+        resolved = path.resolve()
+        if resolved != self.root and self.root not in resolved.parents:
+            raise WorkspaceError(f"{path} leads outside the workspace {self.root} (to {resolved}); "
+                                 f"a workspace path must stay inside it: remove the link or fix the name")
+        return path
+
     def stage_dir(self, stage: str) -> Path:
-        return self.root / stage
+        return self.inside(self.root / stage)
 
     def manifest_path(self, stage: str) -> Path:
-        return self.stage_dir(stage) / MANIFEST
+        return self.inside(self.stage_dir(stage) / MANIFEST)
 
     @property
     def matrices_json(self) -> Path:
-        return self.stage_dir(Stage.DISCOVER) / "matrices.json"
+        return self.inside(self.stage_dir(Stage.DISCOVER) / "matrices.json")
 
     @property
     def task_yaml(self) -> Path:
-        return self.stage_dir(Stage.TASK) / "task.yaml"
+        return self.inside(self.stage_dir(Stage.TASK) / "task.yaml")
 
     @property
     def split_json(self) -> Path:
-        return self.stage_dir(Stage.TASK) / "split.json"
+        return self.inside(self.stage_dir(Stage.TASK) / "split.json")
 
     @property
     def capture_store(self) -> Path:
-        return self.stage_dir(Stage.CAPTURE) / "stats.zarr"
+        return self.inside(self.stage_dir(Stage.CAPTURE) / "stats.zarr")
 
     def fit_dir(self, method: str) -> Path:
         return self.stage_dir(Stage.fit(method))
@@ -101,33 +114,33 @@ class Workspace:
         return Stage.fit(method)
 
     def factors_file(self, method: str) -> Path:
-        return self.fit_dir(method) / "factors.safetensors"
+        return self.inside(self.fit_dir(method) / "factors.safetensors")
 
     def spectrum_json(self, method: str) -> Path:
-        return self.fit_dir(method) / "spectrum.json"
+        return self.inside(self.fit_dir(method) / "spectrum.json")
 
     @property
     def plan_json(self) -> Path:
-        return self.stage_dir(Stage.SEARCH) / "plan.json"
+        return self.inside(self.stage_dir(Stage.SEARCH) / "plan.json")
 
     @property
     def history_jsonl(self) -> Path:
-        return self.stage_dir(Stage.SEARCH) / "history.jsonl"
+        return self.inside(self.stage_dir(Stage.SEARCH) / "history.jsonl")
 
     @property
     def search_checkpoint(self) -> Path:
-        return self.stage_dir(Stage.SEARCH) / "checkpoint.json"
+        return self.inside(self.stage_dir(Stage.SEARCH) / "checkpoint.json")
 
     @property
     def apply_result(self) -> Path:
-        return self.stage_dir(Stage.APPLY) / "result.json"
+        return self.inside(self.stage_dir(Stage.APPLY) / "result.json")
 
     @property
     def eval_dir(self) -> Path:
         return self.stage_dir("eval")
 
     def eval_results(self, label: str) -> Path:
-        return self.stage_dir(Stage.eval(label)) / "results.json"
+        return self.inside(self.stage_dir(Stage.eval(label)) / "results.json")
 
     @property
     def report_dir(self) -> Path:
@@ -135,7 +148,7 @@ class Workspace:
 
     @property
     def report_html(self) -> Path:
-        return self.report_dir / "report.html"
+        return self.inside(self.report_dir / "report.html")
 
     # ---- manifests ---------------------------------------------------------------
     def read_manifest(self, stage: str) -> dict | None:
@@ -148,14 +161,33 @@ class Workspace:
         return manifest
 
     def manifest_hash(self, stage: str) -> str | None:
+        """What a later stage records of `stage`: a hash of what it was made from and what it wrote.
+
+        Not of the manifest file, whose time stamp changes when a stage is rerun with --force on
+        the same inputs: such a rerun writes the same files and must not make later stages stale.
+        """
         path = self.manifest_path(stage)
-        return sha256_file(path) if path.exists() else None
+        if not path.exists():
+            return None
+        manifest = self.read_manifest(stage) or {}
+        return sha256_json({key: manifest.get(key) for key in ("stage", "complete", "inputs", "files")})
 
     def command_for(self, stage: str) -> str:
-        """The command that (re)makes `stage` in this workspace."""
+        """The command that (re)makes `stage` in this workspace (with the strategy an unfinished search used)."""
         base, _, detail = stage.partition("/")
         command = STAGE_COMMANDS.get(base, f"sieve {base} -w {{ws}}").format(ws=self.root)
+        if base == Stage.SEARCH:
+            command += f" --strategy {self._recorded_strategy()}"
         return command + (f" --method {detail}" if base == "fit" and detail else "")
+
+    def _recorded_strategy(self) -> str:
+        try:  # read directly: read_manifest's own message would ask for this command again
+            manifest = json.loads(self.manifest_path(Stage.SEARCH).read_text())
+        except (OSError, ValueError):
+            manifest = {}
+        inputs = manifest.get("inputs") if isinstance(manifest, dict) else None
+        strategy = ((inputs or {}).get("options") or {}).get("strategy")
+        return strategy if strategy in ("uniform", "adaptive") else "uniform"
 
     def require(self, stage: str) -> dict:
         """The completed manifest of `stage`, or an error naming the command that makes it.
@@ -183,12 +215,31 @@ class Workspace:
         return [name for name in files if not (self.root / name).exists()]
 
     def upstream_hashes(self, *stages: str) -> dict[str, str]:
-        """Hashes of the (required) upstream manifests, recorded as a stage's inputs."""
+        """Hashes of the (required, up-to-date) upstream manifests, recorded as a stage's inputs."""
         hashes = {}
         for stage in stages:
-            self.require(stage)
+            self.require_fresh(stage)
             hashes[stage] = self.manifest_hash(stage)
         return hashes
+
+    def require_fresh(self, stage: str) -> dict:
+        """`require(stage)`, and every stage it was made from unchanged since, through the whole chain.
+
+        A fit made from a capture that was redone since is stale even though the fit's own
+        manifest is intact: later stages must not use it.
+        """
+        manifest = self.require(stage)
+        recorded = (manifest.get("inputs") or {}).get("upstream")
+        for upstream, digest in (recorded.items() if isinstance(recorded, dict) else []):
+            if upstream.partition("/")[0] not in STAGE_COMMANDS:
+                continue  # not a workspace stage (the Python API records its matrices here)
+            if self.manifest_hash(upstream) != digest:
+                raise StaleStageError(
+                    f"{stage} in {self.root} was made from an earlier {upstream} stage ({upstream} was rerun or "
+                    f"removed since); run `{self.command_for(stage)} --force` to rebuild it from the current one"
+                )
+            self.require_fresh(upstream)
+        return manifest
 
     def begin(self, stage: str, inputs: dict, force: bool = False) -> bool:
         """Decide whether `stage` must run for these `inputs`.
@@ -213,7 +264,10 @@ class Workspace:
                     return False
                 log.info("%s: files %s are missing; rebuilding them", stage, ", ".join(self.missing_files(manifest)))
             changed = describe_changes(manifest.get("inputs") or {}, _normalise(inputs))
-            if not same and self.replace_stale:
+            if not same and not manifest.get("complete"):
+                log.info("%s: an unfinished run with other inputs is on disk; starting over", stage)
+                force = True  # a crashed run made nothing a later stage uses: just restart
+            elif not same and self.replace_stale:
                 log.info("%s: inputs %s; re-running it", stage, changed)
                 force = True
             elif not same:
@@ -237,7 +291,7 @@ class Workspace:
         import fcntl
 
         self.root.mkdir(parents=True, exist_ok=True)
-        handle = open(self.root / ".lock", "a+")
+        handle = os.fdopen(open_no_follow(self.root / ".lock", os.O_RDWR | os.O_CREAT), "r+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -251,6 +305,23 @@ class Workspace:
         handle.write(f"pid {os.getpid()}")
         handle.flush()
         _HELD_LOCKS[self.root] = handle
+
+    def unlock(self) -> None:
+        """Let other processes use the workspace again (the Python API, between calls)."""
+        handle = _HELD_LOCKS.pop(self.root, None)
+        if handle is not None:
+            handle.close()  # closing the file releases the flock
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator["Workspace"]:
+        """Hold the lock for the block; release it after unless it was held before."""
+        held_before = self.root in _HELD_LOCKS
+        self.lock()
+        try:
+            yield self
+        finally:
+            if not held_before:
+                self.unlock()
 
     def resumable(self, stage: str, inputs: dict) -> bool:
         """True when an unfinished run of `stage` with exactly these inputs is on disk."""

@@ -25,7 +25,7 @@ from functools import cached_property
 import yaml
 
 from ..errors import InputError, MissingStageError, TaskError
-from ..files import sha256_json, write_json_atomic
+from ..files import sha256_json, write_json_atomic, write_text_atomic
 from ..options import SplitOptions
 from ..workspace import Stage, Workspace
 from .data import LOCAL_BUILDERS, data_fingerprint, read_records, reads_same_data
@@ -215,7 +215,7 @@ def bind_task(
         "data": fingerprint,
     }
     ws.task_yaml.parent.mkdir(parents=True, exist_ok=True)
-    ws.task_yaml.write_text(yaml.safe_dump(task.to_yaml_dict(), sort_keys=False, allow_unicode=True))
+    write_text_atomic(ws.task_yaml, yaml.safe_dump(task.to_yaml_dict(), sort_keys=False, allow_unicode=True))
     write_json_atomic(ws.split_json, content)
     summary = {"task": task.name, "output_type": task.output_type, "source": task.source, "data_root": task.data_root, **content["counts"]}
     ws.finish(STAGE, inputs, [ws.task_yaml, ws.split_json], summary)
