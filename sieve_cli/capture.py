@@ -29,6 +29,7 @@ from .discover import load_workspace_model
 from .errors import InputError
 from .files import sha256_json
 from .matrices import find_matrices, get_module, sites_of
+from .models import check_fits_positions
 from .options import CaptureOptions
 from .statistics import (
     add_gram,
@@ -404,6 +405,7 @@ def run_capture(ws: Workspace, options: CaptureOptions, force: bool = False) -> 
     model, tokenizer = load_workspace_model(ws, options.dtype, options.device)
     texts = bound.texts("calibration")
     sequences, exhausted = tokenize_calibration(tokenizer, texts, options.seq_len, options.tokens)
+    check_fits_positions(model, max(map(len, sequences), default=0), "--seq-len")
     if exhausted:
         log.warning(
             "the calibration split of %s holds only %s tokens, fewer than --tokens %s: capturing all of them",

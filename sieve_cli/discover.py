@@ -6,13 +6,14 @@ binds a model to a workspace, so later stages know what to load.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from torch import nn
 
+from .errors import StaleStageError
 from .files import read_json, write_json_atomic
 from .matrices import find_matrices, is_linear_like
-from .models import load_model, model_identity, resolve_source
+from .models import load_model, model_identity, model_stat, resolve_source
 from .options import DiscoverOptions
 from .workspace import Stage, Workspace
 
@@ -71,6 +72,8 @@ def run_discover(workspace: Workspace | None, options: DiscoverOptions, force: b
     that is up to date returns its matrices.json without loading the model at all.
     """
     source = resolve_source(options.model)  # a bad path fails before any loading
+    if source.kind != "hub":  # recorded absolute: a later stage run from another folder loads this model
+        options = replace(options, model=source.location)
     if workspace is not None and source.kind != "hub":
         inputs = {"options": asdict(options), "model": model_identity(options.model)}
         if not workspace.begin(STAGE, inputs, force=force):
@@ -83,7 +86,8 @@ def run_discover(workspace: Workspace | None, options: DiscoverOptions, force: b
     inputs = {"options": asdict(options), "model": result["model"]}
     if workspace.begin(STAGE, inputs, force=force):
         write_json_atomic(workspace.matrices_json, result)
-        workspace.finish(STAGE, inputs, [workspace.matrices_json], summary={"prunable": result["prunable"]})
+        summary = {"prunable": result["prunable"], "model_stat": model_stat(options.model)}
+        workspace.finish(STAGE, inputs, [workspace.matrices_json], summary=summary)
     return result
 
 
@@ -92,7 +96,27 @@ def workspace_model_source(workspace: Workspace) -> str:
     return workspace.require(STAGE)["inputs"]["options"]["model"]
 
 
+def check_model_unchanged(workspace: Workspace) -> dict:
+    """The discover manifest, after checking the model's files are still the ones discover hashed.
+
+    Size and modification time first (free); where they changed, the content hash decides, so
+    weights replaced after fit are named instead of silently used with the old factors.
+    """
+    manifest = workspace.require(STAGE)
+    recorded, source = manifest["inputs"].get("model") or {}, manifest["inputs"]["options"]["model"]
+    if recorded.get("kind") not in ("local", "gguf"):
+        return manifest
+    if (manifest.get("summary") or {}).get("model_stat") == model_stat(source):
+        return manifest
+    if model_identity(source).get("sha256") != recorded.get("sha256"):
+        raise StaleStageError(
+            f"the model at {source} changed since `sieve discover` bound it to {workspace.root} (its files were "
+            f"replaced); rerun `sieve discover {source} -w {workspace.root} --force`, then the later stages"
+        )
+    return manifest
+
+
 def load_workspace_model(workspace: Workspace, dtype: str | None = None, device: str = "cpu"):
     """(model, tokenizer) of the workspace's model; dtype defaults to the one discover used."""
-    options = workspace.require(STAGE)["inputs"]["options"]
+    options = check_model_unchanged(workspace)["inputs"]["options"]
     return load_model(options["model"], dtype or options["dtype"], device)

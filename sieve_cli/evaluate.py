@@ -30,7 +30,7 @@ from . import progress
 from .discover import load_workspace_model
 from .errors import InputError
 from .files import read_json, sha256_bytes, write_json_atomic
-from .models import load_model, model_identity, torch_dtype
+from .models import check_fits_positions, load_model, model_identity, torch_dtype
 from .options import EvalOptions
 from .pruned import SIEVE_JSON, load_pruned
 from .scoring import (  # noqa: F401  (the scoring names stay importable from here, as before the split)
@@ -104,6 +104,13 @@ def prepare(bound: BoundTask, part: str, tokenizer, limit: int | None = None, ma
     for index, example in enumerate(examples):
         prepared.sequences.extend(_sequences_of(index, example, task.target_delimiter, task.output_type, tokenizer, max_length))
     return prepared
+
+
+def longest_input(prepared: PreparedSplit) -> int:
+    """Tokens of the longest sequence the model will see (a generation's prompt plus what it may add)."""
+    if prepared.output_type == "generate_until":
+        return max(map(len, prepared.prompts), default=0) + prepared.max_gen_toks
+    return max((len(s.tokens) for s in prepared.sequences), default=0)
 
 
 def split_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -373,7 +380,7 @@ def load_eval_model(ws: Workspace, options: EvalOptions):
 
         dtype = torch_dtype(options.dtype) if options.dtype else None
         model = load_pruned(folder, device=options.device, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         model.eval()
@@ -397,6 +404,7 @@ def run_eval(ws: Workspace, options: EvalOptions, force: bool = False) -> dict:
         return read_json(results_path) | {"reused": True}
     model, tokenizer, _ = load_eval_model(ws, options)
     prepared = prepare(bound, options.split, tokenizer, options.limit, options.max_length)
+    check_fits_positions(model, longest_input(prepared), "--max-length")
     start = time.perf_counter()
     result = evaluate(model, prepared, options.batch_size)
     seconds = time.perf_counter() - start

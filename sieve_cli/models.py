@@ -7,12 +7,15 @@ are keyed by the weights and not only by a name.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import torch
 
 from . import progress
 from .errors import InputError, ModelLoadError
-from .files import sha256_file, sha256_json
+from .files import current_umask, sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +79,20 @@ def load_model(source: str | os.PathLike, dtype: str = "float32", device: str = 
 
     # transformers' own bars follow ours: on in the CLI on a terminal, off in notebooks, tests, --json
     (hf_logging.enable_progress_bar if progress.is_enabled() else hf_logging.disable_progress_bar)()
+    check_device_available(device)
     src = resolve_source(source)
     if src.kind == "gguf":
         src = ModelSource("local", str(_dequantised_copy(src)))
     kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    if src.kind == "local":
+        refuse_remote_code(Path(src.folder))
     if src.kind == "hub" and not _in_hub_cache(src.location):
         _require_hub_reachable(src.location)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src.folder, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(src.folder, dtype=torch_dtype(dtype), **kwargs)
+        # never the model's own code, and never transformers' "run it? [y/N]" prompt
+        tokenizer = AutoTokenizer.from_pretrained(src.folder, trust_remote_code=False, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(src.folder, dtype=torch_dtype(dtype), trust_remote_code=False,
+                                                     **kwargs)
     except InputError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:
@@ -95,8 +103,54 @@ def load_model(source: str | os.PathLike, dtype: str = "float32", device: str = 
     return model, tokenizer
 
 
+def refuse_remote_code(folder: Path) -> None:
+    """One line instead of running (or offering to run) Python files shipped with a model folder."""
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            config = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # absent or damaged: transformers says so when it loads the folder
+        if isinstance(config, dict) and "auto_map" in config:
+            raise ModelLoadError(
+                f"{folder / name} has an auto_map: the model needs its own Python code, which sieve never runs; "
+                f"use a model whose architecture transformers ships (see `sieve discover --help`)"
+            )
+
+
+def check_device_available(device: str | torch.device) -> None:
+    """A device this machine lacks is one line, not torch's assertion deep in `model.to`."""
+    kind, _, index = str(device).partition(":")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (index and int(index) >= count):
+            have = f"{count} CUDA device(s)" if count else "no CUDA device (or a torch built without CUDA)"
+            raise InputError(f"--device {device}: this machine has {have}; use --device cpu")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model was built for (None where the config does not say)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_fits_positions(model, longest: int, flag: str) -> None:
+    """Refuse sequences longer than the model's positions: some models fail, rotary ones go on silently."""
+    positions = max_positions(getattr(model, "config", None))
+    if positions is not None and longest > positions:
+        raise InputError(f"{flag} gives sequences of {longest} tokens, longer than the model's {positions} "
+                         f"positions; pass {flag} {positions} or less")
+
+
 def cache_root() -> Path:
-    return Path(os.environ.get("SIEVE_CACHE", Path.home() / ".cache" / "sieve")).expanduser()
+    root = Path(os.environ.get("SIEVE_CACHE", Path.home() / ".cache" / "sieve")).expanduser()
+    if root.exists() and not root.is_dir():
+        raise InputError(f"SIEVE_CACHE={root} is a file, not a folder; point SIEVE_CACHE at a folder or unset it")
+    return root
 
 
 def _dequantised_copy(src: ModelSource) -> Path:
@@ -107,19 +161,27 @@ def _dequantised_copy(src: ModelSource) -> Path:
     copy loads in about a second.
     """
     folder = cache_root() / "gguf" / sha256_file(src.location)[:32]
+    _remove_abandoned_copies(folder.parent)
     if (folder / "model.safetensors").exists():
-        return folder
+        if _complete_safetensors(folder / "model.safetensors"):
+            return folder
+        log.warning("the cached copy %s is damaged; making it again from %s", folder, src.location)
+        shutil.rmtree(folder, ignore_errors=True)
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("dequantising %s once into %s", src.location, folder)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src.folder, gguf_file=src.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(src.folder, gguf_file=src.gguf_file, dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:
+        with _quiet_gguf_bar():
+            tokenizer = AutoTokenizer.from_pretrained(src.folder, gguf_file=src.gguf_file, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(src.folder, gguf_file=src.gguf_file, dtype=torch.float32,
+                                                         trust_remote_code=False)
+    except (OSError, ValueError, RuntimeError, KeyError, ImportError, struct.error, EOFError) as exc:  # a cut .gguf
         raise ModelLoadError(_load_failure_message(src, exc)) from exc
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    # the pid in the name tells a later run whether the writer is still alive (see _remove_abandoned_copies)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f"{TMP_PREFIX}{os.getpid()}-"))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700: the cache is as shareable as the user's files
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -130,6 +192,64 @@ def _dequantised_copy(src: ModelSource) -> Path:
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+TMP_PREFIX = ".tmp-"
+ABANDONED_AFTER_S = 3600  # an unnamed temporary copy older than this belongs to no running conversion
+
+
+def _remove_abandoned_copies(cache: Path) -> None:
+    """Remove half-written copies (hundreds of MB each) left by a conversion that was killed."""
+    for tmp in cache.glob(TMP_PREFIX + "*") if cache.is_dir() else []:
+        owner = tmp.name[len(TMP_PREFIX):].split("-", 1)[0]
+        alive = _pid_alive(int(owner)) if owner.isdigit() else time.time() - tmp.stat().st_mtime < ABANDONED_AFTER_S
+        if tmp.is_dir() and not tmp.is_symlink() and not alive:
+            log.info("removing %s, left by an interrupted conversion", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def _complete_safetensors(path: Path) -> bool:
+    """True when the file holds every byte its header promises (a cut copy is caught without loading it)."""
+    try:
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+        return path.stat().st_size == 8 + header_len + max(ends, default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_gguf_bar():
+    """transformers draws its GGUF conversion bar with plain tqdm, which its own switch does not reach:
+    when our bars are off (-q, --json, off a terminal), give that module a silent tqdm for the call."""
+    if progress.is_enabled():
+        yield
+        return
+    from functools import partial
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:  # a transformers that draws it another way: nothing to silence here
+        yield
+        return
+    gguf_utils.tqdm = partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def _in_hub_cache(repo_id: str) -> bool:
@@ -168,6 +288,20 @@ def _load_failure_message(src: ModelSource, exc: Exception) -> str:
     return f"could not load the model at {src.location}: {first_line[:200]}"
 
 
+def model_files(folder: Path) -> list[Path]:
+    """The files that make a local model what it is (weights, config, tokenizer)."""
+    return sorted(p for p in folder.iterdir() if p.suffix in {".safetensors", ".bin", ".json"})
+
+
+def model_stat(source: str | os.PathLike) -> dict:
+    """Size and modification time of the model's files: cheap to compare before trusting a recorded hash."""
+    src = resolve_source(source)
+    if src.kind == "hub":
+        return {}
+    files = [Path(src.location)] if src.kind == "gguf" else model_files(Path(src.location))
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+
+
 def model_identity(source: str | os.PathLike, model=None) -> dict:
     """What identifies the weights: hub id + revision, or a content hash of local files."""
     src = resolve_source(source)
@@ -176,9 +310,7 @@ def model_identity(source: str | os.PathLike, model=None) -> dict:
         return {"kind": "hub", "id": src.location, "revision": revision}
     if src.kind == "gguf":
         return {"kind": "gguf", "path": src.location, "sha256": sha256_file(src.location)}
-    folder = Path(src.location)
-    weights = sorted(p for p in folder.iterdir() if p.suffix in {".safetensors", ".bin", ".json"})
-    hashes = {p.name: sha256_file(p) for p in weights}
+    hashes = {p.name: sha256_file(p) for p in model_files(Path(src.location))}
     return {"kind": "local", "path": src.location, "sha256": sha256_json(hashes)}
 
 

@@ -23,9 +23,10 @@ from torch import nn
 
 from .errors import InputError
 from .factors import FactorSet
+from .files import read_json
 from .lowrank import LowRankLinear, bias_of, swap_modules
 from .matrices import weight_of
-from .models import torch_dtype
+from .models import check_device_available, refuse_remote_code, torch_dtype
 from .plan import Plan
 from .version import __version__
 
@@ -185,10 +186,12 @@ def save_pruned(model: nn.Module, out_dir: str | Path, plan: Mapping, base_ident
     config = copy.deepcopy(model.config)
     config.dtype = dtype  # the dtype the weights are stored in, so from_config rebuilds it alike
     config.save_pretrained(out)
+    written = [WEIGHTS, "config.json"]
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)
+        written.append("generation_config.json")
     if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+        written += [Path(f).name for f in tokenizer.save_pretrained(out)]
     info = {
         "format": FORMAT,
         "sieve_version": __version__,
@@ -201,6 +204,8 @@ def save_pruned(model: nn.Module, out_dir: str | Path, plan: Mapping, base_ident
         "tied": tied,
         "params": count_params(model),
         "plan": dict(plan),
+        # what this folder holds of ours: `sieve apply` replaces a folder only when it holds nothing else
+        "files": sorted({name for name in written if (out / name).is_file()} | {SIEVE_JSON}),
         **dict(extra or {}),
     }
     (out / SIEVE_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n")
@@ -216,7 +221,9 @@ def read_sieve_json(path: str | Path) -> dict:
     file = Path(path) / SIEVE_JSON
     if not file.is_file():
         raise InputError(f"{path} is not a sieve pruned model (no {SIEVE_JSON}); make one with `sieve apply -o {path}`")
-    info = json.loads(file.read_text())
+    info = read_json(file, rebuild=f"sieve apply -o {path} --force")
+    if not isinstance(info, dict) or not isinstance(info.get("format", 0), int) or not isinstance(info.get("factored"), dict):
+        raise InputError(f"{file} is not a sieve.json written by sieve apply; rerun `sieve apply -o {path} --force`")
     if info.get("format", 0) > FORMAT:
         raise InputError(f"{file} has format {info['format']}, newer than this sieve reads ({FORMAT}); upgrade sieve")
     return info
@@ -242,10 +249,23 @@ def _empty_model(path: Path, dtype: torch.dtype) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
+    refuse_remote_code(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     # Buffers (rotary frequencies, masks) are computed in __init__ and not saved: keep them real.
     with init_empty_weights(include_buffers=False):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def read_weights(file: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The tensors of a pruned folder's weights file; a cut or damaged file is one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file), device=str(device))
+    except (SafetensorError, OSError) as exc:
+        raise InputError(f"{file} is damaged or missing ({str(exc).splitlines()[0][:120]}); "
+                         f"rerun `sieve apply -o {file.parent} --force` to rebuild it") from None
 
 
 def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
@@ -253,9 +273,8 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: str
 
     dtype defaults to the stored one. Nothing is downloaded.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
+    check_device_available(device)
     info = read_sieve_json(path)
     dt = _resolve_dtype(dtype, info.get("dtype", "float32"))
     model = _empty_model(path, dt)
@@ -264,7 +283,7 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: str
         for name, s in info["factored"].items()
     }
     swap_modules(model, shells)
-    state = load_file(str(path / WEIGHTS), device=str(device))
+    state = read_weights(path / WEIGHTS, device)
     state = {k: v.to(dt) if v.is_floating_point() else v for k, v in state.items()}
     result = model.load_state_dict(state, strict=False, assign=True)
     tied = info.get("tied", {})
