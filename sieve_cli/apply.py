@@ -12,15 +12,16 @@ Parameter counts are counted from the built model; `--dry-run` predicts them fro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from .discover import load_workspace_model
 from .errors import InputError
-from .files import read_json, sha256_file, sha256_json, write_json_atomic
+from .files import open_no_follow, read_json, sha256_file, sha256_json, write_json_atomic
 from .fit import load_factors
 from .lowrank import fraction_for_rank, lowrank_params, swap_modules
 from .matrices import Matrix
@@ -28,6 +29,7 @@ from .models import resolve_source, torch_dtype
 from .options import DENSE_ABOVE, ApplyOptions, resolved
 from .plan import Plan, Ranks
 from .pruned import (
+    SIEVE_JSON,
     WEIGHTS,
     build_replacements,
     count_params,
@@ -82,7 +84,7 @@ def predicted_prunable_after(ranks: Ranks, matrices: Mapping[str, Matrix], layou
 def read_plan(ws: Workspace, options: ApplyOptions) -> tuple[Plan, Path]:
     if not options.plan:
         ws.require(Stage.SEARCH)  # names the command that writes the plan
-        return Plan.load(ws.plan_json), ws.plan_json
+        return Plan.load(ws.plan_json, rebuild=f"{ws.command_for(Stage.SEARCH)} --force"), ws.plan_json
     path = resolved(options.plan)
     if not path.is_file():
         raise InputError(f"no plan file at {path}; pass the plan.json that `sieve search` wrote")
@@ -95,20 +97,81 @@ def base_folder(ws: Workspace) -> Path | None:
     return None if source.kind == "hub" else resolved(source.location)
 
 
-def guard_out(out: Path, base: Path | None, force: bool, inputs_sha: str) -> None:
-    """Never write into the input model's folder; never over other outputs without --force."""
+# ---- OUT: written only where sieve owns everything ----------------------------------------
+# Files of a pruned folder written before sieve.json listed them (`files`).
+LEGACY_FILES = frozenset({WEIGHTS, SIEVE_JSON, "config.json", "generation_config.json", "tokenizer.json",
+                          "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                          "added_tokens.json", "tokenizer.model", "chat_template.jinja"})
+
+
+def guard_out(ws: Workspace, out: Path, base: Path | None, force: bool, inputs_sha: str) -> None:
+    """Refuse any OUT whose replacement could delete what apply did not write.
+
+    OUT may be missing, empty, or a pruned folder written by this workspace (or by the Python
+    API) that holds nothing else; made from other inputs, it is replaced only with --force.
+    The workspace and the input model are never inside, nor around, OUT.
+    """
+    if out == ws.root or ws.root in out.parents or out in ws.root.parents:
+        raise InputError(f"output {out} overlaps the workspace {ws.root}; choose an -o outside the workspace")
     if base is not None and (out == base or base in out.parents):
         raise InputError(f"output {out} is inside the input model's folder {base}; choose another -o")
+    if base is not None and out in base.parents:
+        raise InputError(f"output {out} holds the input model's folder {base}; choose another -o")
     if out.exists() and not out.is_dir():
         raise InputError(f"output {out} is a file; pass a folder with -o")
-    if out.is_dir() and any(out.iterdir()) and not force and not made_from(out, inputs_sha):
-        raise InputError(f"output folder {out} exists and is not empty; pass --force to replace it or choose another -o")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    info = read_sieve_json(out) if is_pruned_folder(out) else {}
+    owned = set(info.get("files") or LEGACY_FILES) if info else set()
+    foreign = sorted(name for name in os.listdir(out) if name not in owned)
+    if foreign:
+        raise InputError(f"output folder {out} is not empty: it holds files sieve did not write "
+                         f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); sieve never deletes them: "
+                         f"choose another -o, or move them away")
+    owner = (info.get("apply") or {}).get("workspace")
+    if owner not in (None, str(ws.root)):
+        raise InputError(f"output folder {out} holds the pruned model of another workspace ({owner}); "
+                         f"choose another -o, or delete it yourself if it is no longer needed")
+    if not force and not made_from(out, inputs_sha):
+        raise InputError(f"output folder {out} holds a pruned model made from another plan or options; "
+                         f"pass --force to replace it or choose another -o")
 
 
 def made_from(out: Path, inputs_sha: str) -> bool:
     if not is_pruned_folder(out):
         return False
-    return read_sieve_json(out).get("apply", {}).get("inputs_sha256") == inputs_sha
+    return (read_sieve_json(out).get("apply") or {}).get("inputs_sha256") == inputs_sha
+
+
+@contextlib.contextmanager
+def holding(out: Path) -> Iterator[None]:
+    """Hold OUT for one apply: a second writer (another workspace or process) is refused, not interleaved.
+
+    An advisory lock on `.OUT.lock` beside OUT, released when this apply ends or is killed.
+    """
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = open_no_follow(out.parent / f".{out.name}.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise InputError(f"output folder {out} is being written by another `sieve apply`; "
+                             f"wait for it to finish, or choose another -o") from None
+        remove_abandoned(out)  # safe under the lock: no other apply is writing these
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_abandoned(out: Path) -> None:
+    """Remove the temporary copies (a whole model each) of an apply that was killed."""
+    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
+        for leftover in out.parent.glob(pattern):
+            if leftover.is_dir() and not leftover.is_symlink():
+                log.info("removing %s, left by an interrupted apply", leftover)
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 # ---- the stage ----------------------------------------------------------------------------
@@ -133,15 +196,16 @@ def run_apply(ws: Workspace, options: ApplyOptions, force: bool = False) -> dict
     out, inputs_sha = resolved(options.out), sha256_json(inputs)
     # `sieve run` (replace_stale) may replace a pruned model that this workspace wrote earlier
     ours = ws.replace_stale and (ws.read_manifest(STAGE) or {}).get("summary", {}).get("out") == str(out)
-    guard_out(out, base_folder(ws), force or ours, inputs_sha)
-    if not ws.begin(STAGE, inputs, force) and made_from(out, inputs_sha):
-        log.info("apply is up to date: %s was built from the same plan and options", out)
-        return {**read_json(ws.apply_result), "up_to_date": True}
-    if discover["inputs"]["options"]["dtype"] != options.dtype:
-        log.warning("search scored the model in %s; in %s the metric can differ slightly",
-                    discover["inputs"]["options"]["dtype"], options.dtype)
-
-    result = build_and_save(ws, ranks, layout, plan, method, options, out, inputs_sha) | {"factored_above_crossover": slow}
+    with holding(out):
+        guard_out(ws, out, base_folder(ws), force or ours, inputs_sha)
+        if not ws.begin(STAGE, inputs, force) and made_from(out, inputs_sha):
+            log.info("apply is up to date: %s was built from the same plan and options", out)
+            return {**read_json(ws.apply_result), "up_to_date": True}
+        if discover["inputs"]["options"]["dtype"] != options.dtype:
+            log.warning("search scored the model in %s; in %s the metric can differ slightly",
+                        discover["inputs"]["options"]["dtype"], options.dtype)
+        result = build_and_save(ws, ranks, layout, plan, method, options, out, inputs_sha)
+    result |= {"factored_above_crossover": slow}
     write_json_atomic(ws.apply_result, result)
     ws.finish(STAGE, inputs, [ws.apply_result], summary={k: result[k] for k in ("out", "params_after", "params_ratio", "file_bytes")})
     return result
@@ -156,7 +220,8 @@ def build_and_save(ws: Workspace, ranks, layout, plan, method, options: ApplyOpt
     densify_in_place(model, {n: ranks[n] for n in names if layout[n] == "product"}, factors)
     swap_modules(model, build_replacements(model, {n: ranks[n] for n in names if layout[n] == "factored"}, factors))
     stored_dense = sorted(n for n in names if layout[n] == "product")
-    extra = {"apply": {"dense_above": options.dense_above, "stored_as_product": stored_dense, "inputs_sha256": inputs_sha}}
+    extra = {"apply": {"dense_above": options.dense_above, "stored_as_product": stored_dense, "inputs_sha256": inputs_sha,
+                       "workspace": str(ws.root)}}
     write_folder(out, lambda folder: save_pruned(model, folder, plan.data, ws.require(Stage.DISCOVER)["inputs"]["model"],
                                                  tokenizer, fit_method=method, extra=extra))
     params_after, prunable_after = count_params(model), matrix_params(model, names)
@@ -167,25 +232,21 @@ def build_and_save(ws: Workspace, ranks, layout, plan, method, options: ApplyOpt
 
 
 def write_folder(out: Path, write) -> None:
-    """Write into a temporary sibling, then move it into place, so a crash leaves no half model."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """Write into a temporary sibling, then swap it into place, so a crash leaves no half model.
+
+    Called under `holding(out)` after `guard_out`: an OUT that exists holds only our own output.
+    """
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write(tmp)
-        if out.is_dir() and (is_pruned_folder(out) or not any(out.iterdir())):
-            shutil.rmtree(out)  # our own earlier output, or empty: replace it whole
-        if not out.exists():
-            tmp.rename(out)
-            return
-        log.warning("writing into %s, which holds other files (--force); they are left in place", out)
-        for item in tmp.iterdir():
-            target = out / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(item, target)
+        if out.is_dir() and any(out.iterdir()):
+            os.replace(out, old)
+        os.replace(tmp, out)  # onto a missing or empty folder
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def predict(matrices_json: dict, ranks: Ranks, matrices: Mapping[str, Matrix], layout, options: ApplyOptions,

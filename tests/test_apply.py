@@ -129,10 +129,10 @@ def test_guards_on_the_output_folder(ws, tiny_dir, tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
-    with pytest.raises(InputError, match="not empty"):
-        run_apply(ws, ApplyOptions(out=busy))
-    run_apply(ws, ApplyOptions(out=busy), force=True)
-    assert (busy / "notes.txt").read_text() == "mine" and (busy / SIEVE_JSON).exists()
+    for force in (False, True):  # files apply did not write are never replaced, --force or not
+        with pytest.raises(InputError, match=r"not empty.*notes.txt"):
+            run_apply(ws, ApplyOptions(out=busy), force=force)
+    assert (busy / "notes.txt").read_text() == "mine" and not (busy / SIEVE_JSON).exists()
 
 
 def test_rerun_is_a_no_op_and_a_deleted_output_is_rebuilt(ws, tmp_path, monkeypatch):
@@ -199,8 +199,8 @@ def test_cli_apply_prints_counts_and_dry_run_json(ws, tmp_path):
     assert result.exit_code == 0, result.output
     assert "parameters (whole model)" in result.output and f"{data['params_before']:,}" in result.output
     assert "12 factored" in result.output
-    result = runner.invoke(app, ["apply", "-w", str(ws.root), "-o", str(tmp_path)])
-    assert result.exit_code == 1 and "not empty" in result.output
+    result = runner.invoke(app, ["apply", "-w", str(ws.root), "-o", str(tmp_path)])  # holds the workspace
+    assert result.exit_code == 1 and "outside the workspace" in result.output
 
 
 def test_saved_model_scores_what_search_scored_in_memory(ws, tiny_dir, tmp_path):
@@ -232,6 +232,8 @@ def test_a_gguf_input_allows_output_beside_it_but_not_over_it(tmp_path):
     ws.begin("discover", {"options": {"model": str(gguf)}})
     ws.finish("discover", {"options": {"model": str(gguf)}}, [])
     base = base_folder(ws)
-    guard_out(tmp_path / "pruned", base, force=False, inputs_sha="x")  # beside the .gguf: fine
+    guard_out(ws, tmp_path / "pruned", base, force=False, inputs_sha="x")  # beside the .gguf: fine
     with pytest.raises(InputError, match="inside the input model's folder"):
-        guard_out(gguf.resolve(), base, force=True, inputs_sha="x")
+        guard_out(ws, gguf.resolve(), base, force=True, inputs_sha="x")
+    with pytest.raises(InputError, match="holds the input model|overlaps the workspace"):
+        guard_out(ws, tmp_path, base, force=True, inputs_sha="x")
