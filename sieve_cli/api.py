@@ -81,6 +81,9 @@ class TransformerPruner:
     >>> pruner = TransformerPruner(model, LLMSieveConfig(calibration_tokens=50_000), tokenizer)
     >>> factors = pruner.uniform_prune(calibration_batches, eval_fn)   # {matrix name: kept fraction}
     >>> pruner.apply_pruning(); pruner.save_pruned_model("pruned/")
+
+    The workspace folder is locked only while a call runs, so another process may read or use
+    it between calls; `close()` (or a `with` block) releases it explicitly.
     """
 
     def __init__(self, model: nn.Module, config: LLMSieveConfig | None = None, tokenizer=None) -> None:
@@ -97,10 +100,25 @@ class TransformerPruner:
         return [m for m in find_matrices(self.model) if m.group in groups]
 
     # ---- calibration + fit --------------------------------------------------------------
+    # ---- the workspace lock: held during a call, never while the object sits idle ---------------
+    def close(self) -> None:
+        """Release the workspace (also done after every call; the object stays usable)."""
+        self.workspace.unlock()
+
+    def __enter__(self) -> "TransformerPruner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def calibrate(self, calibration_loader: Iterable) -> FactorSet:
         """Capture statistics from the loader's batches and fit every matrix (done once)."""
         if self.factors is not None:
             return self.factors
+        with self.workspace.held():
+            return self._calibrate(calibration_loader)
+
+    def _calibrate(self, calibration_loader: Iterable) -> FactorSet:
         sequences = self._sequences(calibration_loader)
         options = CaptureOptions(tokens=sum(map(len, sequences)), seq_len=self.config.seq_len)
         pad = getattr(self.tokenizer, "pad_token_id", None) or 0
@@ -161,6 +179,11 @@ class TransformerPruner:
                 baseline: float | None) -> dict[str, float]:
         if self._restore is not None:
             raise InputError("pruning is already applied to this model; create a new TransformerPruner")
+        with self.workspace.held():
+            return self._search_held(strategy, loader, eval_fn, baseline)
+
+    def _search_held(self, strategy: str, loader: Iterable, eval_fn: Callable[[nn.Module], float],
+                     baseline: float | None) -> dict[str, float]:
         factors = self.calibrate(loader)
         ws = self.workspace
         ws.history_jsonl.parent.mkdir(parents=True, exist_ok=True)

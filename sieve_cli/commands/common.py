@@ -11,6 +11,7 @@ the Python API and the manifests agree on it. The options shared by several comm
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import inspect
 import json
@@ -87,11 +88,24 @@ def sieve_command(fn: Callable) -> Callable:
                 raise
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        except OSError as exc:
+            if exc.errno not in DISK_FULL or state.debug:
+                raise
+            err_console.print(f"[bold red]error:[/] the disk is full ({exc.strerror}{_where(exc)}); free some space "
+                              f"and rerun the same command: finished work is kept", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: rerun the same command to continue where it stopped")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _where(exc: OSError) -> str:
+    return f" writing {exc.filename}" if exc.filename else ""
 
 
 # ---- options derived from the dataclasses ------------------------------------------------------------
