@@ -474,3 +474,27 @@ def test_quiet_silences_the_gguf_conversion_bar(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError):
         models.load_model(gguf)
     assert bars == [True]
+
+
+@pytest.mark.parametrize("args", [["discover", "{model}", "--device", "nonsense"],
+                                  ["capture", "--task", "{task}", "--search-size", "nan"]])
+def test_bad_device_and_nan_size_are_one_line(tiny_dir, tmp_path, args):
+    task = write_task(tmp_path, "multiple_choice")
+    args = [a.format(model=tiny_dir, task=task) for a in args]
+    one_line_error(cli(args[0], "-w", tmp_path / "ws", *args[1:]), args[-2])
+
+
+def test_full_disk_reported_through_a_library_wrapper_is_one_line():
+    from sieve_cli.commands.common import disk_full
+
+    class WrappedError(Exception):
+        pass
+
+    try:
+        try:
+            enospc()
+        except OSError as inner:
+            raise WrappedError("Error while serializing") from inner
+    except WrappedError as outer:
+        assert disk_full(outer)
+    assert not disk_full(ValueError("bad value"))

@@ -88,11 +88,11 @@ def sieve_command(fn: Callable) -> Callable:
                 raise
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
-        except OSError as exc:
-            if exc.errno not in DISK_FULL or state.debug:
+        except Exception as exc:  # only a full disk is turned into one line here; anything else is a bug
+            if state.debug or not disk_full(exc):
                 raise
-            err_console.print(f"[bold red]error:[/] the disk is full ({exc.strerror}{_where(exc)}); free some space "
-                              f"and rerun the same command: finished work is kept", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] the disk is full ({exc}); free some space and rerun the same "
+                              f"command: finished work is kept", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: rerun the same command to continue where it stopped")
@@ -104,8 +104,17 @@ def sieve_command(fn: Callable) -> Callable:
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def _where(exc: OSError) -> str:
-    return f" writing {exc.filename}" if exc.filename else ""
+def disk_full(exc: BaseException) -> bool:
+    """An out-of-space error, also as the libraries that wrap it report it (safetensors, zarr)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return True
+        if "No space left on device" in str(exc) or "StorageFull" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 # ---- options derived from the dataclasses ------------------------------------------------------------
