@@ -52,7 +52,7 @@ def built(tmp_path_factory, tiny_dir):
     from sieve_cli.pipeline import run_pipeline
 
     root = tmp_path_factory.mktemp("built")
-    task = write_task(root, "multiple_choice")
+    task = write_task(root, "text_modelling")
     run_pipeline(RunOptions(model=str(tiny_dir), task=str(task), workspace=root / "ws", out=root / "pruned",
                             capture=CaptureOptions(tokens=2000, seq_len=64), split=SplitOptions(max_search=6, max_test=6),
                             search=SearchOptions(grid_step=0.1)))
@@ -127,6 +127,7 @@ def test_symlinked_lock_does_not_touch_its_target(tmp_path):
 
 
 def test_symlinked_history_does_not_append_outside(copy, tmp_path):
+    from sieve_cli.acceptance import Measurement
     from sieve_cli.fit import load_factors
     from sieve_cli.search import Evaluations, read_targets
 
@@ -137,7 +138,7 @@ def test_symlinked_history_does_not_append_outside(copy, tmp_path):
     ws.history_jsonl.symlink_to(outside)
     with pytest.raises(WorkspaceError):
         targets, _ = read_targets(ws)
-        evals = Evaluations(ws, lambda ranks: 0.5, targets, load_factors(ws, "output"), resume=False)
+        evals = Evaluations(ws, lambda ranks: Measurement(0.5), targets, load_factors(ws, "output"), resume=False)
         evals.metric([0.5] * len(targets), {"strategy": "uniform", "p": 0.5})
     assert outside.read_text() == ""
 
@@ -348,7 +349,7 @@ def test_partial_last_history_line_is_repaired_on_resume(copy):
     lines = ws.history_jsonl.read_text().splitlines()
     ws.history_jsonl.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # killed mid-write
     targets, _ = read_targets(ws)
-    evals = Evaluations(ws, lambda ranks: 0.5, targets, load_factors(ws, "output"), resume=True)
+    evals = Evaluations(ws, None, targets, load_factors(ws, "output"), resume=True)
     assert len(evals.memo) == 1
     assert ws.history_jsonl.read_text() == lines[0] + "\n"
 
@@ -418,7 +419,7 @@ def test_rebinding_the_same_task_with_force_keeps_search_fresh(copy, built):
     ws = Workspace(copy[0])
     before = ws.upstream_hashes(Stage.TASK)
     time.sleep(1.1)  # the manifest records the second it was written
-    bind_task(ws, built / "multiple_choice.yaml", force=True)
+    bind_task(ws, built / "text_modelling.yaml", force=True)
     assert ws.upstream_hashes(Stage.TASK) == before
 
 
