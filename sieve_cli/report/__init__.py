@@ -19,6 +19,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from ..acceptance import acceptance_threshold
+from ..files import write_text_atomic
 from ..options import ReportOptions
 from ..workspace import Stage, Workspace
 from .figures import heatmap_figure, metric_figure, spectra_figure, tradeoff_figure
@@ -123,8 +124,7 @@ def run_report(ws: Workspace, options: ReportOptions) -> ReportResult:
     name = Path(str(model.get("id") or model.get("path") or "model")).name
     page = render_html(f"sieve report: {name}", ws.root, pages)
     out = Path(options.output) if options.output else ws.report_html
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
+    write_text_atomic(out, page)  # a link at WS/report/report.html is replaced, never written through
     log.info("report: %s (%d figures)", out, len(images))
     return ReportResult(html=out, images=images, sections=status, findings=findings)
 
