@@ -223,7 +223,7 @@ def build_and_save(ws: Workspace, ranks, layout, plan, method, options: ApplyOpt
     extra = {"apply": {"dense_above": options.dense_above, "stored_as_product": stored_dense, "inputs_sha256": inputs_sha,
                        "workspace": str(ws.root)}}
     write_folder(out, lambda folder: save_pruned(model, folder, plan.data, ws.require(Stage.DISCOVER)["inputs"]["model"],
-                                                 tokenizer, fit_method=method, extra=extra))
+                                                 tokenizer, fit_method=method, extra=extra, quantize=options.quantize))
     params_after, prunable_after = count_params(model), matrix_params(model, names)
     file_bytes = (out / WEIGHTS).stat().st_size
     nbytes = torch_dtype(options.dtype).itemsize
@@ -271,6 +271,7 @@ def numbers(params_before, params_after, prunable_before, prunable_after, file_b
         "predicted": predicted,
         "method": plan.method,
         "dtype": options.dtype,
+        "quantize": options.quantize,
         "dense_above": options.dense_above,
         "params_before": params_before,
         "params_after": params_after,

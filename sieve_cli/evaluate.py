@@ -32,7 +32,7 @@ from .errors import InputError
 from .files import read_json, sha256_bytes, write_json_atomic
 from .models import check_fits_positions, load_model, model_identity, torch_dtype
 from .options import EvalOptions
-from .pruned import SIEVE_JSON, load_pruned
+from .pruned import SIEVE_JSON, load_pruned, load_tokenizer
 from .scoring import (  # noqa: F401  (the scoring names stay importable from here, as before the split)
     MIN_SHARED_PREFIX,
     Sequence,
@@ -376,11 +376,10 @@ def load_eval_model(ws: Workspace, options: EvalOptions):
     if not folder.is_dir():
         raise InputError(f"--model {folder} is not a folder; pass the output folder of `sieve apply` or a model folder")
     if (folder / SIEVE_JSON).exists():
-        from transformers import AutoTokenizer
 
         dtype = torch_dtype(options.dtype) if options.dtype else None
         model = load_pruned(folder, device=options.device, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        tokenizer = load_tokenizer(folder)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         model.eval()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import InputError, TaskError
+from .quantize import check_scheme
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 FIT_METHODS = ("output", "learned", "svd", "pca")
@@ -343,10 +344,14 @@ class ApplyOptions:
     dense_above: float = opt(1.0, "Store a planned matrix as the dense product B·A when it keeps more than this "
                                   f"fraction (same function, dense size, dense speed); {DENSE_ABOVE} is the CPU "
                                   "speed crossover (bench/pruned_speed.py). Default 1: factor every planned matrix.")
+    quantize: str | None = opt(None, "Store the linear weights (dense and both factors) quantised: int8 (torchao "
+                                     "weight-only, one scale per output row; needs sieve-cli[quantize]). The folder "
+                                     "loads and evaluates like any other.")
 
     def __post_init__(self) -> None:
         check_dtype(self.dtype, allow_none=False)
         check_finite(dense_above=self.dense_above)
+        check_scheme(self.quantize)
         if not 0.0 < self.dense_above <= 1.0:
             raise InputError(f"--dense-above must be in (0, 1], got {self.dense_above}; 1 factors every planned matrix")
 

@@ -26,7 +26,8 @@ from .factors import FactorSet
 from .files import read_json
 from .lowrank import LowRankLinear, bias_of, swap_modules
 from .matrices import weight_of
-from .models import check_device_available, refuse_remote_code, torch_dtype
+from .modeling import MODELING_FILE, TYPE_PREFIX, base_config_dict, remote_code_config, render_modeling_file
+from .models import check_device_available, torch_dtype
 from .plan import Plan
 from .version import __version__
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 SIEVE_JSON = "sieve.json"
 WEIGHTS = "model.safetensors"
-FORMAT = 1
+FORMAT = 2  # 2: config.json typed for modeling_sieve.py (1: the base config; still read)
 
 
 # ---- building --------------------------------------------------------------------------
@@ -169,9 +170,20 @@ def weights_dtype(model: nn.Module) -> torch.dtype:
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
+def write_config(model: nn.Module, out: Path, dtype: torch.dtype, factored: Mapping[str, Mapping]) -> None:
+    """config.json: the base config, re-typed for the modeling file (see modeling.py)."""
+    config = copy.deepcopy(model.config)
+    config.dtype = dtype  # the dtype the weights are stored in, so from_config rebuilds it alike
+    config.save_pretrained(out)
+    path = out / "config.json"
+    path.write_text(json.dumps(remote_code_config(json.loads(path.read_text()), factored), indent=2, sort_keys=True) + "\n")
+
+
 def save_pruned(model: nn.Module, out_dir: str | Path, plan: Mapping, base_identity: Mapping, tokenizer=None,
-                fit_method: str | None = None, extra: Mapping | None = None) -> dict:
+                fit_method: str | None = None, extra: Mapping | None = None, quantize: str | None = None) -> dict:
     """Write the pruned model folder; returns the sieve.json written.
+
+    `quantize` (a quantize.SCHEMES key) stores the linear weights quantised (quantize.py).
 
     `out_dir` is created if missing; files of the same names are replaced. Guards against
     writing into the base model's folder belong to the caller (apply), which knows it.
@@ -183,10 +195,9 @@ def save_pruned(model: nn.Module, out_dir: str | Path, plan: Mapping, base_ident
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
     save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "sieve": str(FORMAT)})
     dtype = weights_dtype(model)
-    config = copy.deepcopy(model.config)
-    config.dtype = dtype  # the dtype the weights are stored in, so from_config rebuilds it alike
-    config.save_pretrained(out)
-    written = [WEIGHTS, "config.json"]
+    write_config(model, out, dtype, factored_modules(model))
+    (out / MODELING_FILE).write_text(render_modeling_file(model, __version__))
+    written = [WEIGHTS, "config.json", MODELING_FILE]
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)
         written.append("generation_config.json")
@@ -206,8 +217,13 @@ def save_pruned(model: nn.Module, out_dir: str | Path, plan: Mapping, base_ident
         "plan": dict(plan),
         # what this folder holds of ours: `sieve apply` replaces a folder only when it holds nothing else
         "files": sorted({name for name in written if (out / name).is_file()} | {SIEVE_JSON}),
+        "quantize": quantize,
         **dict(extra or {}),
     }
+    if quantize is not None:
+        from .quantize import quantize_folder
+
+        quantize_folder(out, quantize, info)
     (out / SIEVE_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n")
     return info
 
@@ -244,13 +260,23 @@ def _retie(model: nn.Module, tied: Mapping[str, str]) -> None:
         setattr(parent, attr, model.get_parameter(kept))
 
 
-def _empty_model(path: Path, dtype: torch.dtype) -> nn.Module:
-    """The base architecture from config.json, parameters on the meta device, buffers real."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+def base_config(path: Path, info: Mapping):
+    """The base family's config from config.json, whose model_type only the modeling file knows."""
+    from transformers import CONFIG_MAPPING
 
-    refuse_remote_code(path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    config = json.loads((path / "config.json").read_text())
+    base_type = info.get("model_type") or config["model_type"].removeprefix(TYPE_PREFIX)
+    base = base_config_dict(config, base_type, info.get("architecture") or config["architectures"][0])
+    if base_type not in CONFIG_MAPPING:
+        raise InputError(f"{path} holds a pruned {base_type} model, which this transformers does not know; upgrade transformers")
+    return CONFIG_MAPPING[base_type].from_dict(base)
+
+
+def _empty_model(config, dtype: torch.dtype) -> nn.Module:
+    """The base architecture from its config, parameters on the meta device, buffers real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
     # Buffers (rotary frequencies, masks) are computed in __init__ and not saved: keep them real.
     with init_empty_weights(include_buffers=False):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -277,7 +303,14 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: str
     check_device_available(device)
     info = read_sieve_json(path)
     dt = _resolve_dtype(dtype, info.get("dtype", "float32"))
-    model = _empty_model(path, dt)
+    if info.get("format", 1) >= 2 and not (path / MODELING_FILE).is_file():
+        log.warning("%s has no %s: transformers' from_pretrained(trust_remote_code=True) cannot load it, only "
+                    "sieve_cli.load_pruned can; `sieve apply --force` writes it again", path, MODELING_FILE)
+    if info.get("quantize"):  # quantised tensors: transformers' torchao loader reads them
+        from .quantize import load_through_transformers
+
+        return load_through_transformers(path, info, str(device), dt).eval()
+    model = _empty_model(base_config(path, info), dt)
     shells = {
         name: lowrank_shell(s["in_features"], s["out_features"], s["rank"], s["bias"], dt)
         for name, s in info["factored"].items()
@@ -302,6 +335,14 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: str
     return model
 
 
+def load_tokenizer(path: str | Path):
+    """The folder's tokenizer, given the base config so transformers never asks to run the modeling file."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    return AutoTokenizer.from_pretrained(path, config=base_config(path, read_sieve_json(path)))
+
+
 def _load_generation_config(model: nn.Module, path: Path) -> None:
     if not (path / "generation_config.json").is_file():
         return
@@ -319,6 +360,7 @@ __all__ = [
     "factored_modules",
     "is_pruned_folder",
     "load_pruned",
+    "load_tokenizer",
     "lowrank_from_pair",
     "matrix_params",
     "plan_ranks",

@@ -38,14 +38,17 @@ def apply(
 ) -> None:
     """Build the pruned model from the base model and the plan, and save it to OUT.
 
-    OUT holds the base config, the tokenizer, sieve.json (base model, plan, fit method) and
-    model.safetensors with the factored weights. Load it with sieve_cli.load_pruned(OUT), or
-    score it with `sieve eval --model OUT`.
+    OUT holds the config, the tokenizer, sieve.json (base model, plan, fit method),
+    model.safetensors with the factored weights and modeling_sieve.py. Load it with
+    sieve_cli.load_pruned(OUT), or without sieve with transformers'
+    AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True); score it with
+    `sieve eval --model OUT`.
 
     Examples:\n
       sieve apply -w ws -o pruned-model\n
       sieve apply -w ws -o pruned-model --dry-run\n
-      sieve apply -w ws -o pruned-bf16 --dtype bfloat16 --plan other/plan.json --force
+      sieve apply -w ws -o pruned-bf16 --dtype bfloat16 --plan other/plan.json --force\n
+      sieve apply -w ws -o pruned-int8 --quantize int8
     """
     # the stage loads torch: imported when the command runs, so `sieve --help` stays fast
     from ..apply import run_apply
