@@ -1,0 +1,67 @@
+"""Export one part of a bound task as an lm-evaluation-harness task, so lm-eval scores sieve's examples.
+
+sieve and lm-eval read the same kind of task YAML but pick different examples from it:
+- splits: lm-eval scores a whole `test_split`; sieve scores its own seeded part (search or test,
+  ids in WS/task/split.json) of one dataset;
+- few-shot: lm-eval draws shots per example (a seeded random sampler over `fewshot_split`, or
+  training/validation); sieve draws one pool per workspace (from `fewshot_split`, else from the
+  calibration part) and every example gets the same first `num_fewshot` shots;
+- description: lm-eval puts nothing between `description` and the first shot; sieve puts the
+  fewshot_delimiter there.
+The delimiters themselves (target " ", fewshot "\\n\\n") and the multiple-choice score (summed
+log-likelihood of target_delimiter + choice, `acc`; per character, `acc_norm`) are the same.
+
+So the export writes each example's context exactly as sieve renders it (description and
+shots included) with its choices and gold index into a JSON-lines file, and a task YAML that
+reads those fields verbatim with num_fewshot 0: lm-eval then scores the very strings sieve scores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from .errors import TaskError
+from .tasks import BoundTask
+
+
+def lm_eval_task_name(bound: BoundTask, part: str) -> str:
+    return f"sieve_{bound.name}_{part}"
+
+
+def write_lm_eval_task(bound: BoundTask, part: str, folder: str | Path, limit: int | None = None) -> str:
+    """Write `<name>.yaml` and `<name>.jsonl` into `folder`; returns the task name for `--tasks`.
+
+    Use with: lm_eval --model hf --model_args pretrained=OUT,trust_remote_code=True
+    --include_path FOLDER --tasks NAME --device cpu --batch_size 1
+    """
+    if bound.output_type != "multiple_choice":
+        raise TaskError(f"task {bound.name} is {bound.output_type}; only multiple_choice tasks export to lm-eval")
+    folder = Path(folder).expanduser().resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    name = lm_eval_task_name(bound, part)
+    examples = bound.examples(part)[:limit]
+    rows = [{"id": e.id, "context": e.context, "choices": list(e.choices), "gold": e.gold} for e in examples]
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    task = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        # field names, not templates: lm-eval reads them verbatim (a context may hold "{{")
+        "doc_to_text": "context",
+        "doc_to_choice": "choices",
+        "doc_to_target": "gold",
+        "target_delimiter": bound.task.target_delimiter,
+        "num_fewshot": 0,  # the shots are already in each context, chosen as sieve chose them
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
+    }
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False, allow_unicode=True))
+    return name
+
+
+__all__ = ["lm_eval_task_name", "write_lm_eval_task"]
