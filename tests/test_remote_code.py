@@ -13,10 +13,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from sieve_cli.modeling import MODELING_FILE
-from sieve_cli.pruned import load_pruned, prune_in_memory, save_pruned
+from sieve_cli.pruned import count_params, load_pruned, prune_in_memory, save_pruned
 
 from .test_pruned import IDENTITY, IDS, logits, random_plan, svd_factors
-from .tiny import tiny_model, tiny_tokenizer
+from .tiny import CONFIGS, tiny_model, tiny_tokenizer
 
 FAMILIES = ["llama", "gpt2", "qwen2"]  # gpt2: Conv1D weights; qwen2: biases on q, k, v
 
@@ -140,3 +140,25 @@ def test_without_the_modeling_file_sieve_still_loads_and_transformers_names_the_
     assert torch.equal(logits(load_pruned(tmp_path / "out"), IDS), logits(model, IDS))
     warning = [r.getMessage() for r in caplog.records if MODELING_FILE in r.getMessage()]
     assert len(warning) == 1 and "trust_remote_code" in warning[0] and "sieve_cli.load_pruned" in warning[0]
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_every_family_loads_through_its_modeling_file(model_type, tmp_path):
+    model = pruned_folder(model_type, tmp_path / "out")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert isinstance(loaded, type(model))  # the base family's class underneath: generate, save_pretrained
+    assert torch.equal(logits(loaded, IDS), logits(model, IDS))
+    assert count_params(loaded) == count_params(model)
+
+
+def test_a_format_1_folder_still_loads(tmp_path):
+    """Folders written before the modeling file: config.json was the base config, sieve.json format 1."""
+    model = pruned_folder("qwen2", tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    info = json.loads((tmp_path / "out" / "sieve.json").read_text())
+    old = {k: v for k, v in config.items() if k not in ("auto_map", "sieve_factored")}
+    (tmp_path / "out" / "config.json").write_text(json.dumps(old | {"model_type": "qwen2",
+                                                                    "architectures": ["Qwen2ForCausalLM"]}))
+    (tmp_path / "out" / "sieve.json").write_text(json.dumps(info | {"format": 1}))
+    (tmp_path / "out" / MODELING_FILE).unlink()
+    assert torch.equal(logits(load_pruned(tmp_path / "out"), IDS), logits(model, IDS))
