@@ -5,7 +5,7 @@ import torch
 
 from sieve_cli.evaluate import evaluate, prepare
 from sieve_cli.lm_eval_task import write_lm_eval_task
-from sieve_cli.pruned import load_pruned, load_tokenizer, prune_in_memory, save_pruned
+from sieve_cli.pruned import load_pruned, load_tokenizer, plan_ranks, prune_in_memory, save_pruned
 from sieve_cli.tasks import SplitOptions
 
 from .test_pruned import IDENTITY, random_plan, svd_factors
@@ -19,7 +19,7 @@ lm_eval = pytest.importorskip("lm_eval")
 def pruned(tmp_path):
     model = tiny_model("llama")
     plan = random_plan(model, seed=3)
-    prune_in_memory(model, plan, svd_factors(model))
+    prune_in_memory(model, plan_ranks(plan), svd_factors(model))
     tokenizer = tiny_tokenizer()
     model.config.pad_token_id, model.config.eos_token_id = 0, 1
     save_pruned(model, tmp_path / "out", plan, IDENTITY, tokenizer=tokenizer)

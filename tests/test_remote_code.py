@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from sieve_cli.modeling import MODELING_FILE
-from sieve_cli.pruned import count_params, load_pruned, prune_in_memory, save_pruned
+from sieve_cli.pruned import count_params, load_pruned, plan_ranks, prune_in_memory, save_pruned
 
 from .test_pruned import IDENTITY, IDS, logits, random_plan, svd_factors
 from .tiny import CONFIGS, tiny_model, tiny_tokenizer
@@ -82,7 +82,7 @@ def run_without_sieve(folders, ids, tmp_path) -> dict:
 def pruned_folder(model_type, folder, quantize=None):
     model = tiny_model(model_type)
     plan = random_plan(model, seed=3)
-    prune_in_memory(model, plan, svd_factors(model))
+    prune_in_memory(model, plan_ranks(plan), svd_factors(model))
     save_pruned(model, folder, plan, IDENTITY, tokenizer=tiny_tokenizer(), quantize=quantize)
     return model
 
