@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import InputError, TaskError
-from .quantize import check_scheme
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 FIT_METHODS = ("output", "learned", "svd", "pca")
@@ -33,6 +32,8 @@ EVAL_PARTS = ("test", "confirm", "search", "calibration")
 # model decodes 1.06x faster. `sieve apply --speed-crossover` stores the dense product B A above it.
 DENSE_ABOVE = 0.8
 DEFAULT_WORKSPACE = "sieve-workspace"
+# `sieve apply --quantize`: scheme -> what it stores (quantize.py does it)
+QUANTIZE_SCHEMES = {"int8": "int8 weights, one scale per output row (torchao Int8WeightOnlyConfig)"}
 
 
 def default_workspace() -> Path:
@@ -106,6 +107,11 @@ def check_device(device: str) -> None:
 def check_dtype(dtype: str | None, allow_none: bool = True) -> None:
     if (dtype is None and not allow_none) or (dtype is not None and dtype not in DTYPE_NAMES):
         raise InputError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+
+
+def check_quantize(scheme: str | None) -> None:
+    if scheme is not None and scheme not in QUANTIZE_SCHEMES:
+        raise InputError(f"--quantize {scheme!r} is not supported; choose one of: {', '.join(QUANTIZE_SCHEMES)}")
 
 
 def check_finite(**values: float | None) -> None:
@@ -351,7 +357,7 @@ class ApplyOptions:
     def __post_init__(self) -> None:
         check_dtype(self.dtype, allow_none=False)
         check_finite(dense_above=self.dense_above)
-        check_scheme(self.quantize)
+        check_quantize(self.quantize)
         if not 0.0 < self.dense_above <= 1.0:
             raise InputError(f"--dense-above must be in (0, 1], got {self.dense_above}; 1 factors every planned matrix")
 

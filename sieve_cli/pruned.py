@@ -29,6 +29,7 @@ from .matrices import weight_of
 from .modeling import MODELING_FILE, TYPE_PREFIX, base_config_dict, remote_code_config, render_modeling_file
 from .models import check_device_available, torch_dtype
 from .plan import Plan
+from .quantize import load_through_transformers, quantize_folder
 from .version import __version__
 
 log = logging.getLogger(__name__)
@@ -221,9 +222,7 @@ def save_pruned(model: nn.Module, out_dir: str | Path, plan: Mapping, base_ident
         **dict(extra or {}),
     }
     if quantize is not None:
-        from .quantize import quantize_folder
-
-        quantize_folder(out, quantize, info)
+        quantize_folder(out, quantize, info, WEIGHTS)
     (out / SIEVE_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n")
     return info
 
@@ -307,8 +306,6 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: str
         log.warning("%s has no %s: transformers' from_pretrained(trust_remote_code=True) cannot load it, only "
                     "sieve_cli.load_pruned can; `sieve apply --force` writes it again", path, MODELING_FILE)
     if info.get("quantize"):  # quantised tensors: transformers' torchao loader reads them
-        from .quantize import load_through_transformers
-
         return load_through_transformers(path, info, str(device), dt).eval()
     model = _empty_model(base_config(path, info), dt)
     shells = {

@@ -21,14 +21,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import InputError
-
-SCHEMES = {"int8": "int8 weights, one scale per output row (torchao Int8WeightOnlyConfig)"}
-
-
-def check_scheme(scheme: str | None) -> str | None:
-    if scheme is not None and scheme not in SCHEMES:
-        raise InputError(f"--quantize {scheme!r} is not supported; choose one of: {', '.join(SCHEMES)}")
-    return scheme
+from .modeling import local_classes
+from .models import torch_dtype
+from .options import QUANTIZE_SCHEMES as SCHEMES
 
 
 def torchao_config(scheme: str, skip: list[str]):
@@ -39,7 +34,7 @@ def torchao_config(scheme: str, skip: list[str]):
         raise InputError("--quantize needs torchao: pip install 'sieve-cli[quantize]'") from None
     from transformers import TorchAoConfig
 
-    assert scheme == "int8", scheme
+    assert scheme in SCHEMES, scheme  # options.check_quantize refused the others
     return TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=skip or None)
 
 
@@ -50,32 +45,27 @@ def empty_factors(factored: Mapping[str, Mapping]) -> list[str]:
 
 def load_through_transformers(folder: Path, info: Mapping, device: str, dtype, quantization_config=None):
     """from_pretrained with the modeling file's classes built from sieve's code (no remote code run)."""
-    from .modeling import local_classes
-
     config_class, model_class = local_classes(info["model_type"])
     config = config_class.from_dict(json.loads((folder / "config.json").read_text()))
     extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
     return model_class.from_pretrained(folder, config=config, dtype=dtype, device_map=str(device), **extra)
 
 
-def quantize_folder(folder: Path, scheme: str, info: Mapping) -> None:
+def quantize_folder(folder: Path, scheme: str, info: Mapping, weights: str) -> None:
     """Replace the folder's float weights by `scheme`'s, and record it in config.json.
 
     Loads the folder through transformers with a torchao config (transformers quantises while
     loading) and keeps only what save_pretrained writes for the weights and the quantization
     config: sieve's config.json, modeling file, tokenizer and sieve.json stay.
     """
-    from .models import torch_dtype
-    from .pruned import WEIGHTS
-
     config = torchao_config(scheme, empty_factors(info["factored"]))
     model = load_through_transformers(folder, info, "cpu", torch_dtype(info["dtype"]), config)
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
         model.save_pretrained(tmp)
         saved = sorted(Path(tmp).glob("*.safetensors"))
-        if [p.name for p in saved] != [WEIGHTS]:
-            raise RuntimeError(f"expected one {WEIGHTS} from save_pretrained, got {[p.name for p in saved]}")
-        shutil.move(str(saved[0]), folder / WEIGHTS)
+        if [p.name for p in saved] != [weights]:  # one file, the name sieve reads
+            raise RuntimeError(f"expected one {weights} from save_pretrained, got {[p.name for p in saved]}")
+        shutil.move(str(saved[0]), folder / weights)
         written = json.loads((Path(tmp) / "config.json").read_text())
     path = folder / "config.json"
     config_json = json.loads(path.read_text())
@@ -83,4 +73,4 @@ def quantize_folder(folder: Path, scheme: str, info: Mapping) -> None:
     path.write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
 
 
-__all__ = ["SCHEMES", "check_scheme", "load_through_transformers", "quantize_folder"]
+__all__ = ["SCHEMES", "load_through_transformers", "quantize_folder"]
