@@ -184,7 +184,7 @@ def save_pruned(model: nn.Module, out_dir: str | Path, plan: Mapping, base_ident
                 fit_method: str | None = None, extra: Mapping | None = None, quantize: str | None = None) -> dict:
     """Write the pruned model folder; returns the sieve.json written.
 
-    `quantize` (a quantize.SCHEMES key) stores the linear weights quantised (quantize.py).
+    `quantize` (an options.QUANTIZE_SCHEMES key) stores the linear weights quantised (quantize.py).
 
     `out_dir` is created if missing; files of the same names are replaced. Guards against
     writing into the base model's folder belong to the caller (apply), which knows it.
