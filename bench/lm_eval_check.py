@@ -54,6 +54,7 @@ def run_lm_eval(folder: Path, tasks_dir: Path, name: str, out: Path) -> tuple[fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/sieve-bench-quantize"))
+    parser.add_argument("--out-dir", type=Path, default=None, help="where the folders are (default: WORK/out)")
     parser.add_argument("--folders", nargs="+", default=["pruned-50%-float32", "dense-float32"],
                         help="folders under WORK/out (written by bench/quantize.py)")
     parser.add_argument("--limit", type=int, default=100)
@@ -64,7 +65,7 @@ def main() -> None:
     tasks_dir = args.work / "lm_eval_tasks"
     name = write_lm_eval_task(bound, "test", tasks_dir, limit=args.limit)
     for folder_name in args.folders:
-        folder = args.work / "out" / folder_name
+        folder = (args.out_dir or args.work / "out") / folder_name
         started = time.perf_counter()
         prepared = prepare(bound, "test", load_tokenizer(folder), limit=args.limit)
         ours = evaluate(load_pruned(folder), prepared, batch_size=16, show_progress=False)

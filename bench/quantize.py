@@ -8,7 +8,8 @@ Workspace (kept under --work, reused by a rerun): discover on the SmolLM2 GGUF, 
 uniform p = 0.5 (every prunable matrix keeps half its parameters: 50% of the prunable
 parameters removed). Each (plan, format) is written by `run_apply` (what `sieve apply
 --plan P --dtype D [--quantize int8]` does) and read back with `load_pruned`. int8 is
-torchao's weight-only int8 over float32 activations (sieve_cli/quantize.py; no CPU int4).
+torchao's weight-only int8 (sieve_cli/quantize.py; no CPU int4) with float32 (int8) or
+bfloat16 (int8-bf16) for everything else: embeddings, norms, scales and activations.
 
 Reported per folder: model.safetensors size; peak memory (RSS growth of a fresh process for
 load_pruned + a 16-token forward, bench/pruned_speed.py); prefill (batch x length, logits of
@@ -45,10 +46,15 @@ from sieve_cli.search import rank_at, read_targets  # noqa: E402
 from sieve_cli.tasks import bind_task  # noqa: E402
 from sieve_cli.workspace import Workspace, write_json_atomic  # noqa: E402
 
-FORMATS = {"float32": ("float32", None), "bfloat16": ("bfloat16", None), "int8": ("float32", "int8")}
+# name -> (apply --dtype, --quantize): int8 weights with float32 or with bfloat16 for the rest
+# (embeddings, norms, scales) and the activations
+FORMATS = {"float32": ("float32", None), "bfloat16": ("bfloat16", None), "int8": ("float32", "int8"),
+           "int8-bf16": ("bfloat16", "int8")}
 
 
 def prepare_workspace(ws: Workspace, tokens: int) -> None:
+    if (ws.read_manifest(ws.fit_stage("output")) or {}).get("complete"):
+        return  # fitted by an earlier run (perhaps of an older sieve, whose split defaults differ): reuse it
     run_discover(ws, DiscoverOptions(model=str(smollm2_gguf())))
     run_capture(ws, CaptureOptions(task=str(REPO / "examples" / "tasks" / "sst2.yaml"), tokens=tokens))
     run_fit(ws, FitOptions(method="output"))
