@@ -337,7 +337,7 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     path = Path(path)
-    return AutoTokenizer.from_pretrained(path, config=base_config(path, read_sieve_json(path)))
+    return AutoTokenizer.from_pretrained(path, config=base_config(path, read_sieve_json(path)), trust_remote_code=False)
 
 
 def _load_generation_config(model: nn.Module, path: Path) -> None:
