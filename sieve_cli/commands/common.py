@@ -63,7 +63,7 @@ def setup(debug: bool, quiet: bool) -> None:
     from rich.logging import RichHandler
 
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=debug)], force=True)
-    for noisy in ("transformers", "datasets", "urllib3", "httpx", "huggingface_hub", "filelock"):
+    for noisy in ("transformers", "datasets", "urllib3", "httpx", "huggingface_hub", "filelock", "torchao"):
         logging.getLogger(noisy).setLevel(logging.ERROR if not debug else logging.INFO)
     progress.enable(not quiet and err_console.is_terminal)
 
