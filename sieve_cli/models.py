@@ -146,6 +146,51 @@ def check_fits_positions(model, longest: int, flag: str) -> None:
                          f"positions; pass {flag} {positions} or less")
 
 
+def local_folder(source: str | os.PathLike, create: bool = True) -> Path | None:
+    """The Hugging Face folder holding the model's safetensors: the folder itself, the
+    dequantised cache of a .gguf (made once when `create`), or a hub snapshot already in the
+    local cache. None when there is none (a hub id not downloaded, or no cache yet)."""
+    src = resolve_source(source)
+    if src.kind == "local":
+        return Path(src.location)
+    if src.kind == "gguf":
+        folder = cache_root() / "gguf" / sha256_file(src.location)[:32]
+        if (folder / "model.safetensors").exists() or create:
+            return _dequantised_copy(src)
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(src.location, local_files_only=True))
+    except Exception:  # not in the local cache: huggingface_hub raises several types here
+        return None
+
+
+def safetensors_folder(source: str | os.PathLike) -> Path:
+    """`local_folder`, or an error saying block-wise mode needs the weights on disk."""
+    folder = local_folder(source)
+    if folder is None:
+        raise ModelLoadError(
+            f"block-wise mode reads the weights from local safetensors files, and {source} is not downloaded; "
+            f"download it (hf download {source}) and pass the folder"
+        )
+    return folder
+
+
+def load_tokenizer(source: str | os.PathLike):
+    """The model's tokenizer alone (block-wise mode never loads the whole model)."""
+    from transformers import AutoTokenizer
+
+    folder = local_folder(source) or resolve_source(source).location
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise ModelLoadError(_load_failure_message(resolve_source(source), exc)) from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def cache_root() -> Path:
     root = Path(os.environ.get("SIEVE_CACHE", Path.home() / ".cache" / "sieve")).expanduser()
     if root.exists() and not root.is_dir():

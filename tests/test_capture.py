@@ -3,16 +3,11 @@ import pytest
 import torch
 
 from sieve_cli import capture as capture_mod
-from sieve_cli.capture import (
-    CaptureOptions,
-    capture_statistics,
-    read_site,
-    read_stats,
-    store_state,
-)
+from sieve_cli.capture import CaptureOptions, capture_statistics
 from sieve_cli.errors import InputError
 from sieve_cli.matrices import find_matrices, sites_of
 from sieve_cli.statistics import chunk_bounds, cut_sequences, reservoir_slots
+from sieve_cli.store import read_site, read_stats, store_state
 
 from .tiny import tiny_model
 
