@@ -103,9 +103,10 @@ def child(mode: str, folder: Path, tokens: int, seq_len: int, batch_size: int) -
         factors, _ = fit_model(model, work / "stats.zarr", FitOptions())
     else:
         from sieve_cli.blockwise import capture_and_fit, open_runner
+        from sieve_cli.fit import fit_site
 
         runner = open_runner(folder, torch.bfloat16, "cpu")
-        result = capture_and_fit(runner, sequences, options, [FitOptions()], work / "blockwise")
+        result = capture_and_fit(runner, sequences, options, [FitOptions()], work / "blockwise", fit_site)
         captured = time.perf_counter()
         factors = result.factors["output"]
     factors.save(work / "factors.safetensors")

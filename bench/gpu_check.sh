@@ -31,11 +31,11 @@ python - "$FOLDER" "$TOKENS" "$1" <<'PY'
 import json, sys, tempfile, time, torch
 from pathlib import Path
 from sieve_cli import memory
-from sieve_cli.blockwise import capture_and_fit, meta_model, open_runner
+from sieve_cli.blockwise import capture_and_fit, open_runner
 from sieve_cli.capture import CaptureOptions, capture_statistics
 from sieve_cli.discover import diagnose
-from sieve_cli.fit import FitOptions, fit_model
-from sieve_cli.models import load_model
+from sieve_cli.fit import FitOptions, fit_model, fit_site
+from sieve_cli.models import load_model, meta_model
 folder, tokens, mode = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 options = CaptureOptions(tokens=tokens, batch_size=8, seq_len=512)
 fit = FitOptions(device="cuda")
@@ -53,7 +53,7 @@ if mode == "memory":
     factors, spectrum = fit_model(model, work / "s.zarr", fit)
 else:
     estimate = memory.blockwise(shape, run).total
-    result = capture_and_fit(open_runner(folder, torch.bfloat16, "cuda"), sequences, options, [fit], work / "w")
+    result = capture_and_fit(open_runner(folder, torch.bfloat16, "cuda"), sequences, options, [fit], work / "w", fit_site)
     spectrum = result.spectra["output"]
 seconds = time.perf_counter() - started
 peak = torch.cuda.max_memory_allocated()

@@ -33,14 +33,17 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import progress
-from .capture import PlannedBatch, _Accumulators, _backbone, _Batch, _pad_batch, _SiteHooks, plan_batches
+from . import memory, progress
+from .accumulate import Accumulators, BatchRows, PlannedBatch, SiteHooks, backbone_of, pad_batch, plan_batches
+from .discover import workspace_model_source
 from .errors import InputError, ModelLoadError
 from .factors import FactorSet
 from .files import read_json, sha256_json, write_json_atomic
 from .matrices import Matrix, decoder_blocks, find_matrices, sites_of
+from .models import check_fits_positions, meta_model, safetensors_folder, torch_dtype
 from .options import CaptureOptions
-from .store import STORE_SCHEMA, add_sites, remove_store
+from .store import STORE_SCHEMA, SiteStats, add_sites, remove_store
+from .workspace import Stage, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +145,7 @@ class BlockRunner:
         self.model, self.weights = model, weights
         self.device, self.dtype = torch.device(device), dtype
         self.prefix, self.blocks = decoder_blocks(model)
-        self.backbone = _backbone(model)
+        self.backbone = backbone_of(model)
         self.aliases = _aliases(model, getattr(model, "base_model_prefix", ""))
         self.matrices = find_matrices(model)  # shapes are known on the meta device
         head = model.get_output_embeddings()
@@ -200,30 +203,12 @@ class BlockRunner:
 
 def open_runner(folder: str | Path, dtype: torch.dtype, device: str) -> BlockRunner:
     """The meta-device skeleton of the Hugging Face folder's model, its embeddings loaded."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     weights = SafetensorsWeights(folder)
     try:
-        config = AutoConfig.from_pretrained(folder)
+        model = meta_model(folder, dtype)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not read the config of {folder}: {_first_line(exc)}") from None
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.tie_weights()  # from_config leaves tying to from_pretrained; a tied head may be stored under its own name
-    return BlockRunner(model.eval(), weights, device, dtype)
-
-
-def meta_model(folder: str | Path):
-    """The model built on the meta device from its config: counts and shapes without weights."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(folder)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    model.tie_weights()  # as from_pretrained does: a tied head is not counted twice
-    return model.eval()
+    return BlockRunner(model, weights, device, dtype)
 
 
 # ---- the hidden-state cache between blocks ---------------------------------------------------
@@ -295,7 +280,8 @@ class BlockwiseResult:
     work: Path | None = None  # the folder of per-block results and resume state
 
 
-FitFunction = Callable[[str, list[Matrix], object, Callable[[Matrix], torch.Tensor], FactorSet, dict], None]
+# fit.fit_site: (site, its matrices, its statistics, weight of a matrix, FitOptions, factors out, spectrum out)
+FitSite = Callable[[str, list[Matrix], SiteStats, Callable[[Matrix], torch.Tensor], object, FactorSet, dict], None]
 
 
 def capture_and_fit(
@@ -304,6 +290,7 @@ def capture_and_fit(
     options: CaptureOptions,
     fits: list,
     work: Path,
+    fit_site: FitSite,
     *,
     pad_id: int = 0,
     fit_dtype: torch.dtype | None = None,
@@ -318,9 +305,8 @@ def capture_and_fit(
     `work` holds the per-block results and the resume state; `store`, when given, receives
     the statistics once per block. A run with the same inputs resumes after its last
     finished block; `fresh` starts over. `after_block(k)` runs after block k is saved.
+    `fit_site` is fit's own per-site function (passed in: fit imports this module).
     """
-    from .fit import fit_site
-
     if not sequences:
         raise InputError("no calibration tokens to capture; check the task's calibration split")
     lengths = [len(s) for s in sequences]
@@ -394,7 +380,7 @@ def _resume_point(work: Path, key: str, cache: HiddenCache, fresh: bool, store: 
 
 
 def _run_block(runner, index, block, sequences, planned, position, pad_id, cache, batch=None):
-    ids, mask = _pad_batch([sequences[i] for i in planned.members], pad_id, runner.device)
+    ids, mask = pad_batch([sequences[i] for i in planned.members], pad_id, runner.device)
     args, kwargs = runner.call_of(index, ids, mask)
     hidden = args[0] if index == 0 else cache.get(position)
     if batch is not None:
@@ -406,10 +392,10 @@ def _run_block(runner, index, block, sequences, planned, position, pad_id, cache
 
 def _block_statistics(runner, index, block_sites, sequences, plan: list[PlannedBatch], options, pad_id, cache, last, bar):
     """One block over every planned batch: its sites' statistics; its outputs into the cache."""
-    acc = _Accumulators.empty(block_sites, options.samples_per_site, runner.device, runner.dtype)
-    batch = _Batch()
+    acc = Accumulators.empty(block_sites, options.samples_per_site, runner.device, runner.dtype)
+    batch = BatchRows()
     block = runner.blocks[index]
-    with _SiteHooks(runner.model, block_sites, acc, batch):
+    with SiteHooks(runner.model, block_sites, acc, batch):
         for position, planned in enumerate(plan):
             out = _run_block(runner, index, block, sequences, planned, position, pad_id, cache, batch)
             if not last:  # the last block's outputs feed nothing we capture
@@ -478,18 +464,14 @@ def _merge_blocks(work: Path, blocks: list[int], method: str) -> tuple[FactorSet
 # ---- the stages' entry point ---------------------------------------------------------------------
 
 
-def capture_and_fit_workspace(ws, options: CaptureOptions, sequences: list[list[int]], fits: list, tokenizer,
-                              *, fingerprint: str = "", fresh: bool = False, work: Path | None = None) -> BlockwiseResult:
+def capture_and_fit_workspace(ws: Workspace, options: CaptureOptions, sequences: list[list[int]], fits: list, tokenizer,
+                              fit_site: FitSite, *, fingerprint: str = "", fresh: bool = False,
+                              work: Path | None = None) -> BlockwiseResult:
     """`capture_and_fit` on the workspace's model: its safetensors folder, the hidden-cache tier
     the memory budget allows, statistics kept in the capture store only with --keep-stats."""
-    from . import memory
-    from .capture import run_shape
-    from .discover import workspace_model_source
-    from .models import check_fits_positions, safetensors_folder, torch_dtype
-
-    discover_dtype = ws.require("discover")["inputs"]["options"]["dtype"]
+    discover_dtype = ws.require(Stage.DISCOVER)["inputs"]["options"]["dtype"]
     dtype = options.dtype or discover_dtype
-    shape, run = run_shape(ws, options, sequences)
+    shape, run = memory.workspace_shapes(ws, options, sequences)
     estimate = memory.blockwise(shape, run)
     budget = memory.parse_bytes(options.memory_budget) if options.memory_budget else memory.free_bytes(options.device)
     host = memory.free_bytes("cpu")
@@ -497,7 +479,7 @@ def capture_and_fit_workspace(ws, options: CaptureOptions, sequences: list[list[
     runner = open_runner(safetensors_folder(workspace_model_source(ws)), torch_dtype(dtype), options.device)
     check_fits_positions(runner.model, max(map(len, sequences), default=0), "--seq-len")
     return capture_and_fit(
-        runner, sequences, options, fits, work or ws.stage_dir("capture") / "blockwise",
+        runner, sequences, options, fits, work or ws.stage_dir(Stage.CAPTURE) / "blockwise", fit_site,
         pad_id=tokenizer.pad_token_id or 0, fit_dtype=torch_dtype(discover_dtype),
         store=ws.capture_store if options.keep_stats else None, tier=tier, fingerprint=fingerprint, fresh=fresh,
     )

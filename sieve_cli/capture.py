@@ -20,200 +20,41 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
-from . import progress
+from . import memory, progress
+from .accumulate import (
+    Accumulators,
+    BatchRows,
+    SiteHooks,
+    backbone_of,
+    calibration_sequences,
+    model_device,
+    pad_batch,
+    plan_batches,
+)
+from .blockwise import capture_and_fit_workspace
 from .discover import load_workspace_model, workspace_model_source
 from .errors import InputError
-from .files import read_json, sha256_json
-from .matrices import find_matrices, get_module, sites_of
+from .files import sha256_json
+from .fit import fit_site, record_blockwise_fit
+from .matrices import find_matrices, sites_of
 from .models import check_fits_positions, load_tokenizer
-from .options import CaptureOptions
-from .statistics import (
-    add_gram,
-    batches_of,
-    chunk_bounds,
-    cut_sequences,
-    drain_gram,
-    gram_dtype,
-    reservoir_slots,
-)
-from .store import STORE_SCHEMA, SiteStats, read_stats, remove_store, store_state, write_store
+from .options import CaptureOptions, FitOptions
+from .store import STORE_SCHEMA, read_stats, remove_store, store_state, write_store
 from .tasks import bind_task
 from .workspace import Stage, Workspace
 
 log = logging.getLogger(__name__)
 
 STAGE = Stage.CAPTURE
-# Rows summed in the compute dtype (>= float32) before they are added into float64: a
-# float32 partial sum over this many tokens is as exact as one batch of that size.
-DRAIN_TOKENS = 8192
-
-
-# ---- the batch plan ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PlannedBatch:
-    """One forward pass of the calibration stream, decided before any model runs."""
-
-    chunk: int
-    members: list[int]  # indices into the sequences
-    tokens: int  # non-padding tokens in the batch
-    sample_rows: np.ndarray  # rows (among the batch's non-padding ones) that enter the reservoir
-    sample_slots: np.ndarray  # their reservoir slots
-    drain: bool  # add the float32 partial sums into float64 after this batch
-
-
-def plan_batches(lengths: list[int], options: CaptureOptions) -> list[PlannedBatch]:
-    """The deterministic batch plan: chunks, batches, reservoir draws and drains.
-
-    Each chunk draws from its own generator, so a resumed run draws what an uninterrupted
-    one would; the drains follow the tokens, so the float64 sums are rounded the same way
-    whether the statistics are computed all at once or one block at a time.
-    """
-    plan, seen, pending = [], 0, 0
-    for index, (first, last) in enumerate(chunk_bounds(lengths, options.chunk_tokens)):
-        rng = np.random.default_rng([options.seed, index])
-        batches = batches_of(list(range(first, last)), lengths, options.batch_size)
-        for position, members in enumerate(batches):
-            count = sum(lengths[i] for i in members)
-            rows, slots = reservoir_slots(seen, count, options.samples_per_site, rng)
-            seen, pending = seen + count, pending + count
-            drain = pending >= DRAIN_TOKENS or position == len(batches) - 1  # the flushed state is exact float64
-            pending = 0 if drain else pending
-            plan.append(PlannedBatch(index, members, count, rows, slots, drain))
-    return plan
-
-
-# ---- accumulators ------------------------------------------------------------------
-
-
-@dataclass
-class _Accumulators:
-    """Running sums of some sites (all, or one block's), on the model's device."""
-
-    grams: dict[str, torch.Tensor]  # float64 (D, D)
-    pending: dict[str, torch.Tensor]  # compute dtype (>= float32) (D, D): not yet in `grams`
-    samples: dict[str, torch.Tensor]  # float16 (capacity, D)
-    matrices: dict[str, list[str]]
-    tokens: int = 0  # non-padding tokens seen (the reservoir's stream position too)
-
-    @classmethod
-    def empty(cls, site_matrices: dict, capacity: int, device: torch.device, dtype: torch.dtype) -> "_Accumulators":
-        grams, pending, samples, names = {}, {}, {}, {}
-        for site, group in site_matrices.items():
-            dim = group[0].in_features
-            grams[site] = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-            pending[site] = torch.zeros(dim, dim, dtype=gram_dtype(dtype), device=device)
-            samples[site] = torch.zeros(capacity, dim, dtype=torch.float16, device=device)
-            names[site] = [m.name for m in group]
-        return cls(grams, pending, samples, names)
-
-    def drain(self) -> None:
-        for site, total in self.grams.items():
-            drain_gram(total, self.pending[site])
-
-    def filled(self) -> int:
-        capacity = next(iter(self.samples.values())).shape[0] if self.samples else 0
-        return min(self.tokens, capacity)
-
-    def site_stats(self) -> dict[str, SiteStats]:
-        filled = self.filled()
-        return {site: SiteStats(gram, self.samples[site][:filled], self.tokens, self.matrices[site])
-                for site, gram in self.grams.items()}
-
-    def load(self, stats: dict[str, SiteStats]) -> None:
-        for site, st in stats.items():
-            self.grams[site].copy_(st.gram)
-            self.samples[site][: st.samples.shape[0]].copy_(st.samples)
-            self.tokens = st.tokens
-
-
-# ---- hooks -----------------------------------------------------------------------
-
-
-@dataclass
-class _Batch:
-    """What the hooks need to know about the batch in flight, set before each forward."""
-
-    keep: torch.Tensor | None = None  # flat indices of non-padding rows; None: every row counts
-    sample_rows: torch.Tensor | None = None  # rows (among kept ones) that enter the reservoir
-    sample_slots: torch.Tensor | None = None  # their reservoir slots (unique)
-
-    def prepare(self, planned: PlannedBatch, mask: torch.Tensor, device: torch.device) -> None:
-        flat_mask = mask.reshape(-1).bool()
-        self.keep = None if planned.tokens == flat_mask.numel() else flat_mask.nonzero().squeeze(1)
-        self.sample_rows = torch.from_numpy(planned.sample_rows).to(device)
-        self.sample_slots = torch.from_numpy(planned.sample_slots).to(device)
-
-
-class _SiteHooks:
-    """One forward pre-hook per input site, on the first matrix that reads it; removed on exit."""
-
-    def __init__(self, model: nn.Module, site_matrices: dict, acc: _Accumulators, batch: _Batch) -> None:
-        self._handles = []
-        self._targets = [(site, get_module(model, group[0].name)) for site, group in site_matrices.items()]
-        self._acc, self._batch = acc, batch
-
-    def _hook_for(self, site: str) -> Callable:
-        acc, batch = self._acc, self._batch
-
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            flat = x.reshape(-1, x.shape[-1])
-            rows = flat if batch.keep is None else flat.index_select(0, batch.keep)
-            add_gram(acc.pending[site], rows)
-            if batch.sample_rows is not None and batch.sample_rows.numel():
-                acc.samples[site][batch.sample_slots] = rows.index_select(0, batch.sample_rows).to(torch.float16)
-
-        return hook
-
-    def __enter__(self) -> "_SiteHooks":
-        try:
-            for site, module in self._targets:
-                self._handles.append(module.register_forward_pre_hook(self._hook_for(site)))
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
 
 # ---- the capture loop --------------------------------------------------------------
-
-
-def _backbone(model: nn.Module) -> nn.Module:
-    """The decoder without the LM head: capture needs no logits, and the head's matmul and
-    its (tokens x vocab) output would cost time and memory for nothing."""
-    base = getattr(model, "base_model", None)
-    return base if isinstance(base, nn.Module) else model
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _pad_batch(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and the attention mask; right padding leaves real tokens' activations
-    unchanged in a causal model."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _fingerprint(sequences: list[list[int]], options: CaptureOptions, sites: dict, caller: str) -> str:
@@ -256,8 +97,8 @@ def capture_statistics(
     plan = plan_batches(lengths, options)
     chunks = plan[-1].chunk + 1
     key = _fingerprint(sequences, options, site_matrices, fingerprint)
-    device = _model_device(model)
-    acc = _Accumulators.empty(site_matrices, options.samples_per_site, device, next(model.parameters()).dtype)
+    device = model_device(model)
+    acc = Accumulators.empty(site_matrices, options.samples_per_site, device, next(model.parameters()).dtype)
 
     state = None if fresh else store_state(store)
     start = 0
@@ -278,14 +119,14 @@ def capture_statistics(
         })
 
     total = sum(lengths)
-    batch = _Batch()
-    backbone = _backbone(model)
+    batch = BatchRows()
+    backbone = backbone_of(model)
     started, done_before = time.perf_counter(), acc.tokens
-    with progress.bar("capture", total=total, completed=acc.tokens) as bar, _SiteHooks(model, site_matrices, acc, batch):
+    with progress.bar("capture", total=total, completed=acc.tokens) as bar, SiteHooks(model, site_matrices, acc, batch):
         for position, planned in enumerate(plan):
             if planned.chunk < start:
                 continue
-            ids, mask = _pad_batch([sequences[i] for i in planned.members], pad_id, device)
+            ids, mask = pad_batch([sequences[i] for i in planned.members], pad_id, device)
             batch.prepare(planned, mask, device)
             with torch.inference_mode():
                 backbone(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -305,52 +146,9 @@ def capture_statistics(
 # ---- the stage -------------------------------------------------------------------
 
 
-def tokenize_calibration(tokenizer, texts: list[str], seq_len: int, budget: int, block: int = 256) -> tuple[list[list[int]], bool]:
-    """Token-id sequences of the calibration texts, in split order, cut at `budget` tokens.
-
-    Encoded as the evaluator encodes (special tokens included) and in blocks, so a large
-    split is only tokenised as far as the budget needs. Returns (sequences, exhausted).
-    """
-    sequences, total = [], 0
-    for start in range(0, len(texts), block):
-        ids = tokenizer(texts[start : start + block])["input_ids"]
-        more, exhausted = cut_sequences(ids, seq_len, budget - total)
-        sequences += more
-        total += sum(map(len, more))
-        if not exhausted:
-            return sequences, False
-    return sequences, True
-
-
-def calibration_sequences(ws: Workspace, bound, options: CaptureOptions, tokenizer) -> tuple[list[list[int]], bool]:
-    texts = bound.texts("calibration")
-    sequences, exhausted = tokenize_calibration(tokenizer, texts, options.seq_len, options.tokens)
-    if exhausted:
-        log.warning(
-            "the calibration split of %s holds only %s tokens, fewer than --tokens %s: capturing all of them",
-            bound.name, f"{sum(map(len, sequences)):,}", f"{options.tokens:,}",
-        )
-    return sequences, exhausted
-
-
-def run_shape(ws: Workspace, options: CaptureOptions, sequences: list[list[int]] | None = None, device: str | None = None):
-    """(ModelShape, RunShape) for the memory estimates, from discover's matrices.json: no weights loaded."""
-    from .memory import DTYPE_BYTES, ModelShape, RunShape
-
-    dtype = options.dtype or ws.require("discover")["inputs"]["options"]["dtype"]
-    lengths = [len(s) for s in sequences] if sequences else [options.seq_len] * max(options.tokens // options.seq_len, 1)
-    padded = sum(max(lengths[i] for i in batch.members) * len(batch.members) for batch in plan_batches(lengths, options))
-    run = RunShape(weight_bytes=DTYPE_BYTES[dtype], compute_bytes=DTYPE_BYTES[dtype], batch_size=options.batch_size,
-                   seq_len=options.seq_len, samples=options.samples_per_site, padded_tokens=padded,
-                   device=device or options.device)
-    return ModelShape.from_discovery(read_json(ws.matrices_json)), run
-
-
 def choose_capture_mode(ws: Workspace, options: CaptureOptions, sequences: list[list[int]]) -> tuple[str, dict]:
     """memory or blockwise for this capture, and the estimates it was chosen by (logged)."""
-    from . import memory
-
-    shape, run = run_shape(ws, options, sequences)
+    shape, run = memory.workspace_shapes(ws, options, sequences)
     in_memory, block_wise = memory.capture_in_memory(shape, run), memory.blockwise(shape, run)
     if options.memory_budget is not None:
         budget, source = memory.parse_bytes(options.memory_budget), "--memory-budget"
@@ -379,7 +177,7 @@ def run_capture(ws: Workspace, options: CaptureOptions, force: bool = False) -> 
         log.info("capture is up to date in %s; nothing to do (--force recomputes it)", ws.root)
         return {**ws.read_manifest(STAGE)["summary"], "up_to_date": True}
     tokenizer = load_tokenizer(workspace_model_source(ws))
-    sequences, exhausted = calibration_sequences(ws, bound, options, tokenizer)
+    sequences, exhausted = calibration_sequences(bound, options, tokenizer)
     mode, memory_note = choose_capture_mode(ws, options, sequences)
     started = time.perf_counter()
     fresh = force and not resuming
@@ -393,11 +191,8 @@ def run_capture(ws: Workspace, options: CaptureOptions, force: bool = False) -> 
         summary["stats_kept"] = True
         fitted = None
     else:
-        from .blockwise import capture_and_fit_workspace
-        from .options import FitOptions
-
         fitted = capture_and_fit_workspace(ws, options, sequences, [FitOptions(method="output", device=options.device)],
-                                           tokenizer, fingerprint=sha256_json(inputs), fresh=fresh)
+                                           tokenizer, fit_site, fingerprint=sha256_json(inputs), fresh=fresh)
         summary = {**fitted.summary, "stats_kept": options.keep_stats}
     summary.update(
         task=bound.name, examples=len(bound.texts("calibration")), requested_tokens=options.tokens, exhausted=exhausted,
@@ -407,9 +202,6 @@ def run_capture(ws: Workspace, options: CaptureOptions, force: bool = False) -> 
     written = [ws.capture_store] if summary["stats_kept"] else []
     ws.finish(STAGE, inputs, written, summary)
     if fitted is not None:
-        from .fit import record_blockwise_fit
-        from .options import FitOptions
-
         record_blockwise_fit(ws, FitOptions(method="output", device=options.device), fitted.factors["output"],
                              fitted.spectra["output"], fitted.fit_seconds["output"])
         shutil.rmtree(fitted.work, ignore_errors=True)  # per-block results, now in fit/output

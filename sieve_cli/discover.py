@@ -13,7 +13,7 @@ from torch import nn
 from .errors import StaleStageError
 from .files import read_json, write_json_atomic
 from .matrices import find_matrices, is_linear_like
-from .models import load_model, model_identity, model_stat, resolve_source
+from .models import load_model, local_folder, meta_model, model_identity, model_stat, resolve_source
 from .options import DiscoverOptions
 from .workspace import Stage, Workspace
 
@@ -97,9 +97,6 @@ def _meta_model(source: str):
     """The model built from its config on the meta device when its weights are local
     (a folder, a .gguf's dequantised cache, a downloaded hub snapshot): counting parameters
     then needs no memory for them. None when there is no local folder."""
-    from .blockwise import meta_model
-    from .models import local_folder
-
     folder = local_folder(source)
     if folder is None:
         return None

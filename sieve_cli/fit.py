@@ -19,8 +19,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import progress
-from .discover import load_workspace_model
+from . import memory, progress
+from .accumulate import calibration_sequences
+from .blockwise import SafetensorsWeights, capture_and_fit_workspace
+from .discover import load_workspace_model, workspace_model_source
 from .errors import InputError, MissingStageError
 from .factorize import (
     Basis,
@@ -39,8 +41,10 @@ from .factors import FactorSet
 from .files import read_json, write_json_atomic
 from .lowrank import rank_for_fraction
 from .matrices import Matrix, find_matrices, sites_of, weight_of
-from .options import FIT_METHODS, SUMMARY_LEVELS, FitOptions
+from .models import load_tokenizer, safetensors_folder, torch_dtype
+from .options import FIT_METHODS, SUMMARY_LEVELS, CaptureOptions, FitOptions
 from .store import read_site
+from .tasks import bind_task
 from .workspace import Stage, Workspace
 
 log = logging.getLogger(__name__)
@@ -142,14 +146,10 @@ def workspace_matrices(ws: Workspace) -> list[Matrix]:
 def _choose_fit_mode(ws: Workspace, options: FitOptions) -> str:
     """memory (load the model) or file (read each weight from the safetensors files), as
     asked or (auto) as the estimate fits; refuses a fit that cannot fit at all."""
-    from . import memory
-    from .capture import run_shape
-    from .options import CaptureOptions
-
     if options.mode == "memory" and options.memory_budget is None:
         return "memory"
     recorded = ws.require("capture")["inputs"]["options"]
-    shape, run = run_shape(ws, CaptureOptions(**{**recorded, "dtype": None}), device=options.device)
+    shape, run = memory.workspace_shapes(ws, CaptureOptions(**{**recorded, "dtype": None}), device=options.device)
     in_memory, per_matrix = memory.fit_in_memory(shape, run), memory.fit_from_store(shape, run)
     if options.memory_budget is not None:
         budget, source = memory.parse_bytes(options.memory_budget), "--memory-budget"
@@ -162,10 +162,6 @@ def _choose_fit_mode(ws: Workspace, options: FitOptions) -> str:
 
 
 def _file_weights(ws: Workspace) -> Callable[[Matrix], torch.Tensor]:
-    from .blockwise import SafetensorsWeights
-    from .discover import workspace_model_source
-    from .models import safetensors_folder, torch_dtype
-
     weights = SafetensorsWeights(safetensors_folder(workspace_model_source(ws)))
     dtype = torch_dtype(ws.require("discover")["inputs"]["options"]["dtype"])
 
@@ -178,20 +174,13 @@ def _file_weights(ws: Workspace) -> Callable[[Matrix], torch.Tensor]:
 
 def _refit_blockwise(ws: Workspace, options: FitOptions, inputs: dict, force: bool) -> dict:
     """The block-wise capture kept no statistics: compute them again, block by block, and fit."""
-    from .blockwise import capture_and_fit_workspace
-    from .capture import calibration_sequences
-    from .discover import workspace_model_source
-    from .models import load_tokenizer
-    from .options import CaptureOptions
-    from .tasks import bind_task
-
     recorded = ws.require("capture")["inputs"]["options"]
     capture_options = CaptureOptions(**{**recorded, "device": options.device, "mode": "blockwise",
                                         "memory_budget": options.memory_budget})
     tokenizer = load_tokenizer(workspace_model_source(ws))
-    sequences, _ = calibration_sequences(ws, bind_task(ws, None), capture_options, tokenizer)
+    sequences, _ = calibration_sequences(bind_task(ws, None), capture_options, tokenizer)
     started = time.perf_counter()
-    result = capture_and_fit_workspace(ws, capture_options, sequences, [options], tokenizer,
+    result = capture_and_fit_workspace(ws, capture_options, sequences, [options], tokenizer, fit_site,
                                        fingerprint=str(inputs), fresh=force, work=ws.fit_dir(options.method) / "blockwise")
     log.info("recomputed the statistics block by block in %.1f s", time.perf_counter() - started)
     summary = _write_fit(ws, ws.fit_stage(options.method), inputs, options, result.factors[options.method],

@@ -4,7 +4,7 @@ Each estimate names its parts (weights, statistics, hidden cache, fit working se
 activations, runtime) so a user sees what to change. The formulas follow the code's own
 allocations; they are upper bounds, checked against measured peaks by
 `bench/blockwise_memory.py` and `bench/gpu_check.sh`. Pure arithmetic, no I/O, except
-`free_bytes` (what the device has free).
+`free_bytes` (what the device has free) and `workspace_shapes` (discover's matrices.json).
 """
 
 from __future__ import annotations
@@ -12,7 +12,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import psutil
+import torch
+
+from .accumulate import plan_batches
 from .errors import InputError
+from .files import read_json
+from .options import CaptureOptions
+from .workspace import Stage, Workspace
 
 GiB = 1 << 30
 # Python, torch and transformers imported, plus allocator slack: measured 0.6-0.8 GiB RSS here.
@@ -208,13 +215,9 @@ def blockwise(shape: ModelShape, run: RunShape) -> Estimate:
 
 def free_bytes(device: str) -> int:
     """What the device has free now: host RAM available for the CPU, free memory for CUDA."""
-    import torch
-
     if device.startswith("cuda"):
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         return int(free)
-    import psutil
-
     return int(psutil.virtual_memory().available)
 
 
@@ -261,3 +264,16 @@ def fit_from_store(shape: ModelShape, run: RunShape) -> Estimate:
     parts = dict(base.parts)
     parts["weights"] = max(m.out_features * m.in_features for m in shape.matrices) * run.weight_bytes
     return Estimate("fit, weights read per matrix", parts)
+
+
+def workspace_shapes(ws: Workspace, options: CaptureOptions, sequences: list[list[int]] | None = None,
+                     device: str | None = None) -> tuple[ModelShape, RunShape]:
+    """(ModelShape, RunShape) of a capture in this workspace, from discover's matrices.json and
+    the batch plan of `sequences` (or of --tokens in full-length pieces): no weights loaded."""
+    dtype = options.dtype or ws.require(Stage.DISCOVER)["inputs"]["options"]["dtype"]
+    lengths = [len(s) for s in sequences] if sequences else [options.seq_len] * max(options.tokens // options.seq_len, 1)
+    padded = sum(max(lengths[i] for i in batch.members) * len(batch.members) for batch in plan_batches(lengths, options))
+    run = RunShape(weight_bytes=DTYPE_BYTES[dtype], compute_bytes=DTYPE_BYTES[dtype], batch_size=options.batch_size,
+                   seq_len=options.seq_len, samples=options.samples_per_site, padded_tokens=padded,
+                   device=device or options.device)
+    return ModelShape.from_discovery(read_json(ws.matrices_json)), run

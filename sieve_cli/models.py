@@ -191,6 +191,20 @@ def load_tokenizer(source: str | os.PathLike):
     return tokenizer
 
 
+def meta_model(folder: str | os.PathLike, dtype: torch.dtype | None = None):
+    """The folder's model built from its config on the meta device (accelerate's
+    init_empty_weights): counts and shapes without memory for the weights. Buffers such as
+    rotary frequencies stay real; weights are tied as from_pretrained ties them."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+    model.tie_weights()  # from_config leaves tying to from_pretrained: a tied head is one tensor
+    return model.eval()
+
+
 def cache_root() -> Path:
     root = Path(os.environ.get("SIEVE_CACHE", Path.home() / ".cache" / "sieve")).expanduser()
     if root.exists() and not root.is_dir():

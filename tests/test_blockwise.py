@@ -17,9 +17,9 @@ from sieve_cli.blockwise import SafetensorsWeights, capture_and_fit, open_runner
 from sieve_cli.capture import CaptureOptions, capture_statistics, run_capture
 from sieve_cli.discover import DiscoverOptions, diagnose, run_discover
 from sieve_cli.errors import ModelLoadError
-from sieve_cli.fit import FitOptions, fit_model, load_factors, load_spectrum, run_fit
+from sieve_cli.fit import FitOptions, fit_model, fit_site, load_factors, load_spectrum, run_fit
 from sieve_cli.memory import MemoryBudgetError, parse_bytes
-from sieve_cli.models import load_model
+from sieve_cli.models import load_model, meta_model
 from sieve_cli.store import read_stats
 from sieve_cli.workspace import Workspace
 
@@ -87,7 +87,7 @@ def test_blockwise_statistics_and_factors_equal_in_memory(folders, family, tmp_p
     capture_statistics(model, sequences, OPTIONS, tmp_path / "memory.zarr")
     factors, spectrum = fit_model(model, tmp_path / "memory.zarr", FitOptions())
     runner = open_runner(folders[family], torch.float32, "cpu")
-    result = capture_and_fit(runner, sequences, OPTIONS, [FitOptions()], tmp_path / "work", store=tmp_path / "block.zarr")
+    result = capture_and_fit(runner, sequences, OPTIONS, [FitOptions()], tmp_path / "work", fit_site, store=tmp_path / "block.zarr")
     ref, got = read_stats(tmp_path / "memory.zarr"), read_stats(tmp_path / "block.zarr")
     assert list(ref) == list(got)
     for site in ref:
@@ -110,18 +110,19 @@ class Killed(Exception):
 def test_killed_run_resumes_after_its_last_finished_block(folders, tmp_path, tier):
     runner = open_runner(folders["llama"], torch.float32, "cpu")
     sequences = make_sequences(1)
-    whole = capture_and_fit(runner, sequences, OPTIONS, [FitOptions()], tmp_path / "whole", tier=tier)
+    whole = capture_and_fit(runner, sequences, OPTIONS, [FitOptions()], tmp_path / "whole", fit_site, tier=tier)
 
     def kill_after_block_0(index):
         if index == 0:
             raise Killed
 
     with pytest.raises(Killed):
-        capture_and_fit(runner, sequences, OPTIONS, [FitOptions()], tmp_path / "cut", tier=tier, after_block=kill_after_block_0)
+        capture_and_fit(runner, sequences, OPTIONS, [FitOptions()], tmp_path / "cut", fit_site, tier=tier,
+                        after_block=kill_after_block_0)
     assert all(not m._forward_pre_hooks for m in runner.model.modules())
     if tier == "disk":
         assert (tmp_path / "cut" / "hidden-00001").is_dir()  # block 1's inputs survive the kill
-    resumed = capture_and_fit(runner, sequences, OPTIONS, [FitOptions()], tmp_path / "cut", tier=tier)
+    resumed = capture_and_fit(runner, sequences, OPTIONS, [FitOptions()], tmp_path / "cut", fit_site, tier=tier)
     assert resumed.summary["resumed_from_block"] == 1
     for name, values in whole.spectra["output"].items():
         assert resumed.spectra["output"][name] == values
@@ -216,8 +217,6 @@ def test_missing_or_corrupt_shard_is_named(folders, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES + ["phi3"])
 def test_discover_counts_on_the_meta_device_what_the_loaded_model_has(family, tmp_path):
-    from sieve_cli.blockwise import meta_model
-
     folder = save_tiny(tmp_path / family, family)
     counted = diagnose(meta_model(folder))
     assert all(p.device.type == "meta" for p in meta_model(folder).parameters())
