@@ -3,10 +3,13 @@
     PYTHONPATH=$PWD python bench/blockwise_memory.py                # both parts
     PYTHONPATH=$PWD python bench/blockwise_memory.py --part llama8b # peak RSS only
     PYTHONPATH=$PWD python bench/blockwise_memory.py --part smollm2 # wall time only
+    PYTHONPATH=$PWD python bench/blockwise_memory.py --part llama8b --shape 1b  # Llama-3.2-1B-shaped blocks
 
 Part `llama8b`: a random-weight Llama with Llama-3.1-8B-shaped blocks (hidden 4096,
 intermediate 14336, 32 heads, 8 key-value heads, vocabulary 128256, untied head) cut to
-2 blocks, bf16, saved as a safetensors folder in /tmp. Each mode runs capture+fit (method
+2 blocks, bf16, saved as a safetensors folder in /tmp (`--shape 1b`: Llama-3.2-1B-shaped blocks,
+hidden 2048 and intermediate 8192, for a busy machine: the 8B-shaped fit costs about 15
+CPU-minutes per block per mode). Each mode runs capture+fit (method
 output) over --tokens random calibration tokens in its own subprocess with 1 thread; the
 child reports its peak RSS (getrusage ru_maxrss), which is compared with the estimate that
 `sieve_cli.memory` prints before the run (the in-memory one is the larger of its capture and
@@ -70,11 +73,19 @@ def estimates(config, tokens: int, batch_size: int, seq_len: int, samples: int, 
 # ---- part llama8b ---------------------------------------------------------------------------
 
 
-def build(folder: Path) -> None:
+def bench_config(shape: str):
+    """The benchmark model: 2 blocks of Llama-3.1-8B shape, or (`--shape 1b`, for a busy
+    machine: the 8B fit takes about 15 CPU-minutes per block) of Llama-3.2-1B shape."""
+    if shape == "1b":
+        return llama_config(num_hidden_layers=2, hidden_size=2048, intermediate_size=8192)
+    return llama_config(num_hidden_layers=2)
+
+
+def build(folder: Path, shape: str) -> None:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(llama_config(num_hidden_layers=2), dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(bench_config(shape), dtype=torch.bfloat16)
     model.save_pretrained(folder)
 
 
@@ -121,9 +132,10 @@ def part_llama8b(args) -> None:
     folder = Path(args.folder)
     if not (folder / "model.safetensors").exists() and not (folder / "model.safetensors.index.json").exists():
         print(f"building the 2-block Llama-3.1-8B-shaped model in {folder} ...", flush=True)
-        subprocess.run([sys.executable, __file__, "--build", str(folder)], check=True)
-    est = estimates(llama_config(num_hidden_layers=2), args.tokens, args.batch_size, args.seq_len, 4096)
-    print(f"model: 2 blocks of Llama-3.1-8B shape, bf16, {args.tokens} calibration tokens, batch {args.batch_size} x {args.seq_len}", flush=True)
+        subprocess.run([sys.executable, __file__, "--build", str(folder), args.shape], check=True)
+    est = estimates(bench_config(args.shape), args.tokens, args.batch_size, args.seq_len, 4096)
+    name = "Llama-3.2-1B" if args.shape == "1b" else "Llama-3.1-8B"
+    print(f"model: 2 blocks of {name} shape (vocabulary 128256), bf16, {args.tokens} calibration tokens, batch {args.batch_size} x {args.seq_len}", flush=True)
     for key in ("capture", "fit", "blockwise"):
         print("  " + est[key].describe())
     measured = {}
@@ -180,13 +192,14 @@ def part_smollm2(args) -> None:
 
 def main() -> None:
     if sys.argv[1:2] == ["--build"]:
-        return build(Path(sys.argv[2]))
+        return build(Path(sys.argv[2]), sys.argv[3])
     if sys.argv[1:2] == ["--child"]:
         mode, folder, tokens, seq_len, batch_size = sys.argv[2:7]
         return child(mode, Path(folder), int(tokens), int(seq_len), int(batch_size))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("all", "llama8b", "smollm2"), default="all")
-    parser.add_argument("--folder", default="/tmp/sieve-llama8b-2blocks")
+    parser.add_argument("--shape", choices=("8b", "1b"), default="8b")
+    parser.add_argument("--folder", default=None, help="default: /tmp/sieve-llama<shape>-2blocks")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -194,6 +207,7 @@ def main() -> None:
     parser.add_argument("--smollm2-tokens", type=int, default=8192)
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
+    args.folder = args.folder or f"/tmp/sieve-llama{args.shape}-2blocks"
     torch.set_num_threads(1)
     if args.part in ("all", "smollm2"):
         part_smollm2(args)
