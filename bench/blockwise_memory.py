@@ -131,7 +131,7 @@ def part_llama8b(args) -> None:
 
     folder = Path(args.folder)
     if not (folder / "model.safetensors").exists() and not (folder / "model.safetensors.index.json").exists():
-        print(f"building the 2-block Llama-3.1-8B-shaped model in {folder} ...", flush=True)
+        print(f"building the 2-block {args.shape}-shaped model in {folder} ...", flush=True)
         subprocess.run([sys.executable, __file__, "--build", str(folder), args.shape], check=True)
     est = estimates(bench_config(args.shape), args.tokens, args.batch_size, args.seq_len, 4096)
     name = "Llama-3.2-1B" if args.shape == "1b" else "Llama-3.1-8B"

@@ -154,7 +154,7 @@ def choose_capture_mode(ws: Workspace, options: CaptureOptions, sequences: list[
         budget, source = memory.parse_bytes(options.memory_budget), "--memory-budget"
     else:
         budget, source = memory.free_bytes(options.device), f"the free memory of {options.device}"
-    dtype = options.dtype or ws.require("discover")["inputs"]["options"]["dtype"]
+    dtype = options.dtype or ws.require(Stage.DISCOVER)["inputs"]["options"]["dtype"]
     mode = memory.choose_mode(options.mode, in_memory, block_wise, budget, source, dtype)
     chosen = in_memory if mode == "memory" else block_wise
     log.info("%s; budget %s (%s)", chosen.describe(), memory.gib(budget), source)
@@ -171,7 +171,7 @@ def run_capture(ws: Workspace, options: CaptureOptions, force: bool = False) -> 
     records that fit as the `fit/output` stage. Returns the summary.
     """
     bound = bind_task(ws, options.task, force=force)
-    inputs = {"options": options.recorded(), "upstream": ws.upstream_hashes("discover", "task")}
+    inputs = {"options": options.recorded(), "upstream": ws.upstream_hashes(Stage.DISCOVER, Stage.TASK)}
     resuming = ws.resumable(STAGE, inputs)
     if not ws.begin(STAGE, inputs, force):
         log.info("capture is up to date in %s; nothing to do (--force recomputes it)", ws.root)

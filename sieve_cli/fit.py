@@ -146,24 +146,28 @@ def workspace_matrices(ws: Workspace) -> list[Matrix]:
 def _choose_fit_mode(ws: Workspace, options: FitOptions) -> str:
     """memory (load the model) or file (read each weight from the safetensors files), as
     asked or (auto) as the estimate fits; refuses a fit that cannot fit at all."""
-    if options.mode == "memory" and options.memory_budget is None:
-        return "memory"
-    recorded = ws.require("capture")["inputs"]["options"]
-    shape, run = memory.workspace_shapes(ws, CaptureOptions(**{**recorded, "dtype": None}), device=options.device)
+    shape, run = memory.workspace_shapes(ws, _capture_options(ws, dtype=None), device=options.device)
     in_memory, per_matrix = memory.fit_in_memory(shape, run), memory.fit_from_store(shape, run)
     if options.memory_budget is not None:
         budget, source = memory.parse_bytes(options.memory_budget), "--memory-budget"
     else:
         budget, source = memory.free_bytes(options.device), f"the free memory of {options.device}"
-    dtype = ws.require("discover")["inputs"]["options"]["dtype"]
+    dtype = ws.require(Stage.DISCOVER)["inputs"]["options"]["dtype"]
     chosen = memory.choose_mode(options.mode, in_memory, per_matrix, budget, source, dtype)
     log.info("%s; budget %s (%s)", (in_memory if chosen == "memory" else per_matrix).describe(), memory.gib(budget), source)
     return chosen
 
 
+def _capture_options(ws: Workspace, **changes) -> CaptureOptions:
+    """The options the workspace's capture ran with (as recorded in its manifest), changed by `changes`."""
+    recorded = ws.require(Stage.CAPTURE)["inputs"].get("options", {})
+    known = {f.name for f in fields(CaptureOptions)}
+    return CaptureOptions(**{**{k: v for k, v in recorded.items() if k in known}, **changes})
+
+
 def _file_weights(ws: Workspace) -> Callable[[Matrix], torch.Tensor]:
     weights = SafetensorsWeights(safetensors_folder(workspace_model_source(ws)))
-    dtype = torch_dtype(ws.require("discover")["inputs"]["options"]["dtype"])
+    dtype = torch_dtype(ws.require(Stage.DISCOVER)["inputs"]["options"]["dtype"])
 
     def weight(m: Matrix) -> torch.Tensor:
         tensor = weights.get([f"{m.name}.weight"]).to(dtype)
@@ -174,9 +178,7 @@ def _file_weights(ws: Workspace) -> Callable[[Matrix], torch.Tensor]:
 
 def _refit_blockwise(ws: Workspace, options: FitOptions, inputs: dict, force: bool) -> dict:
     """The block-wise capture kept no statistics: compute them again, block by block, and fit."""
-    recorded = ws.require("capture")["inputs"]["options"]
-    capture_options = CaptureOptions(**{**recorded, "device": options.device, "mode": "blockwise",
-                                        "memory_budget": options.memory_budget})
+    capture_options = _capture_options(ws, device=options.device, mode="blockwise", memory_budget=options.memory_budget)
     tokenizer = load_tokenizer(workspace_model_source(ws))
     sequences, _ = calibration_sequences(bind_task(ws, None), capture_options, tokenizer)
     started = time.perf_counter()
