@@ -161,7 +161,12 @@ def full_size_estimates() -> None:
         full = estimates(config, 200_000, 32, 512, 4096)
         print(f"{name}, bf16, 200k tokens: in memory {gib(full['in_memory_peak'])} "
               f"({full['capture'].describe()}; {full['fit'].describe()})")
-        print(f"    {full['blockwise'].describe()}")
+        block = full["blockwise"]
+        print(f"    {block.describe()}")
+        # the factors term is today's single factors.safetensors written at the end (2x every
+        # full-rank float32 basis); with factors written per block (issue 12, item 3) it is one block's
+        one_block = block.parts["factors"] // 2 // config.num_hidden_layers
+        print(f"    with per-block factor files: {gib(block.total - block.parts['factors'] + 2 * one_block)}")
 
 
 # ---- part smollm2 ---------------------------------------------------------------------------
