@@ -139,8 +139,7 @@ def _write_fit(ws, stage, inputs, options, factors, spectrum, matrices, seconds,
 
 def workspace_matrices(ws: Workspace) -> list[Matrix]:
     """The prunable matrices that `sieve discover` recorded, without loading the model."""
-    names = {f.name for f in fields(Matrix)}
-    return [Matrix(**{k: v for k, v in m.items() if k in names}) for m in read_json(ws.matrices_json)["matrices"]]
+    return [Matrix.from_dict(m) for m in read_json(ws.matrices_json)["matrices"]]
 
 
 def _choose_fit_mode(ws: Workspace, options: FitOptions) -> str:
