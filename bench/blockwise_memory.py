@@ -181,18 +181,23 @@ def part_smollm2(args) -> None:
 
     torch.set_num_threads(1)
     task = REPO / "examples" / "tasks" / "sst2.yaml"
-    times = {}
+    times, cpu = {}, {}
     for mode in ("memory", "blockwise") * args.rounds:
         ws = Workspace(tempfile.mkdtemp(prefix=f"bw-smollm2-{mode}-"))
         run_discover(ws, DiscoverOptions(model=str(smollm2_gguf())))
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         run_capture(ws, CaptureOptions(task=str(task), tokens=args.smollm2_tokens, mode=mode))
         run_fit(ws, FitOptions(method="output"))
         times.setdefault(mode, []).append(time.perf_counter() - started)
-        print(f"SmolLM2 capture+fit {mode}: {times[mode][-1]:.1f} s", flush=True)
+        cpu.setdefault(mode, []).append(time.process_time() - started_cpu)
+        print(f"SmolLM2 capture+fit {mode}: {times[mode][-1]:.1f} s wall, {cpu[mode][-1]:.1f} s CPU", flush=True)
     best = {mode: min(t) for mode, t in times.items()}
-    print(f"SmolLM2-135M, sst2, {args.smollm2_tokens} tokens, 1 thread: in memory {best['memory']:.1f} s, "
-          f"block-wise {best['blockwise']:.1f} s, ratio {best['blockwise'] / best['memory']:.2f} (target <= 1.3)")
+    best_cpu = {mode: min(t) for mode, t in cpu.items()}
+    # the process CPU time (1 thread) is what the wall time would be on an idle machine
+    print(f"SmolLM2-135M, sst2, {args.smollm2_tokens} tokens, 1 thread: in memory {best['memory']:.1f} s wall / "
+          f"{best_cpu['memory']:.1f} s CPU, block-wise {best['blockwise']:.1f} s / {best_cpu['blockwise']:.1f} s, "
+          f"ratio {best['blockwise'] / best['memory']:.2f} wall, {best_cpu['blockwise'] / best_cpu['memory']:.2f} CPU "
+          f"(target <= 1.3)")
 
 
 def main() -> None:
