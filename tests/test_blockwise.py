@@ -260,7 +260,7 @@ def test_smollm2_blockwise_equals_in_memory_and_gives_the_same_plan(smollm2_gguf
         rank = fa.max_rank(name) // 2
         torch.testing.assert_close(fb.pair(name, rank)[0] @ fb.pair(name, rank)[1],
                                    fa.pair(name, rank)[0] @ fa.pair(name, rank)[1], atol=1e-4, rtol=1e-3)
-    search = SearchOptions(strategy="uniform", grid_step=0.25, limit=16, batch_size=16)
+    search = SearchOptions(strategy="uniform", grid_step=0.25, limit=16, batch_size=16, allow_chance=True)
     plans = [run_search(spaces[mode], search) for mode in ("memory", "blockwise")]
     assert plans[0]["matrices"] == plans[1]["matrices"]
     assert plans[0]["metric"] == plans[1]["metric"]
