@@ -13,7 +13,15 @@ from torch import nn
 from .errors import StaleStageError
 from .files import read_json, write_json_atomic
 from .matrices import find_matrices, is_linear_like
-from .models import load_model, local_folder, meta_model, model_identity, model_stat, resolve_source
+from .models import (
+    check_device_available,
+    load_model,
+    local_folder,
+    meta_model,
+    model_identity,
+    model_stat,
+    resolve_source,
+)
 from .options import DiscoverOptions
 from .workspace import Stage, Workspace
 
@@ -78,6 +86,7 @@ def run_discover(workspace: Workspace | None, options: DiscoverOptions, force: b
         inputs = {"options": asdict(options), "model": model_identity(options.model)}
         if not workspace.begin(STAGE, inputs, force=force):
             return read_json(workspace.matrices_json)
+    check_device_available(options.device)  # as load_model would: later stages use this device
     model = _meta_model(options.model)  # counts and shapes need no weights where they are local
     if model is None:
         model, _ = load_model(options.model, options.dtype, options.device)

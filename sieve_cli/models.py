@@ -182,6 +182,8 @@ def load_tokenizer(source: str | os.PathLike):
     from transformers import AutoTokenizer
 
     folder = local_folder(source) or resolve_source(source).location
+    if Path(str(folder)).is_dir():
+        refuse_remote_code(Path(str(folder)))
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError, KeyError, ImportError) as exc:
@@ -198,6 +200,7 @@ def meta_model(folder: str | os.PathLike, dtype: torch.dtype | None = None):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    refuse_remote_code(Path(folder))
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
