@@ -13,7 +13,15 @@ from torch import nn
 from .errors import StaleStageError
 from .files import read_json, write_json_atomic
 from .matrices import find_matrices, is_linear_like
-from .models import load_model, model_identity, model_stat, resolve_source
+from .models import (
+    check_device_available,
+    load_model,
+    local_folder,
+    meta_model,
+    model_identity,
+    model_stat,
+    resolve_source,
+)
 from .options import DiscoverOptions
 from .workspace import Stage, Workspace
 
@@ -78,7 +86,10 @@ def run_discover(workspace: Workspace | None, options: DiscoverOptions, force: b
         inputs = {"options": asdict(options), "model": model_identity(options.model)}
         if not workspace.begin(STAGE, inputs, force=force):
             return read_json(workspace.matrices_json)
-    model, _ = load_model(options.model, options.dtype, options.device)
+    check_device_available(options.device)  # as load_model would: later stages use this device
+    model = _meta_model(options.model)  # counts and shapes need no weights where they are local
+    if model is None:
+        model, _ = load_model(options.model, options.dtype, options.device)
     result = diagnose(model)
     result["model"] = model_identity(options.model, model)
     if workspace is None:
@@ -89,6 +100,19 @@ def run_discover(workspace: Workspace | None, options: DiscoverOptions, force: b
         summary = {"prunable": result["prunable"], "model_stat": model_stat(options.model)}
         workspace.finish(STAGE, inputs, [workspace.matrices_json], summary=summary)
     return result
+
+
+def _meta_model(source: str):
+    """The model built from its config on the meta device when its weights are local
+    (a folder, a .gguf's dequantised cache, a downloaded hub snapshot): counting parameters
+    then needs no memory for them. None when there is no local folder."""
+    folder = local_folder(source)
+    if folder is None:
+        return None
+    try:
+        return meta_model(folder)
+    except (OSError, ValueError, KeyError):  # a config transformers cannot build: load it the usual way
+        return None
 
 
 def workspace_model_source(workspace: Workspace) -> str:

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
+from dataclasses import fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
-from . import progress
-from .capture import read_site  # capture owns the store format
-from .discover import load_workspace_model
+from . import memory, progress
+from .accumulate import calibration_sequences
+from .blockwise import SafetensorsWeights, capture_and_fit_workspace
+from .discover import load_workspace_model, workspace_model_source
 from .errors import InputError, MissingStageError
 from .factorize import (
     Basis,
@@ -37,7 +41,10 @@ from .factors import FactorSet
 from .files import read_json, write_json_atomic
 from .lowrank import rank_for_fraction
 from .matrices import Matrix, find_matrices, sites_of, weight_of
-from .options import FIT_METHODS, SUMMARY_LEVELS, FitOptions
+from .models import load_tokenizer, safetensors_folder, torch_dtype
+from .options import FIT_METHODS, SUMMARY_LEVELS, CaptureOptions, FitOptions
+from .store import read_site
+from .tasks import bind_task
 from .workspace import Stage, Workspace
 
 log = logging.getLogger(__name__)
@@ -87,24 +94,100 @@ def run_fit(ws: Workspace, options: FitOptions, force: bool = False, model: nn.M
 
     `model` may be passed when the caller has already loaded the workspace's model.
     Re-running with unchanged inputs does nothing and returns the recorded summary.
+    Without a model: when the capture was block-wise and kept no statistics, they are
+    computed again block by block; when the whole model does not fit the memory budget,
+    each matrix's weight is read from the safetensors files instead of loading the model.
     """
     stage = ws.fit_stage(options.method)
     inputs = {"options": options.recorded(), "upstream": ws.upstream_hashes(Stage.DISCOVER, Stage.CAPTURE)}
     if not ws.begin(stage, inputs, force):
         log.info("%s is up to date in %s; nothing to do (--force refits)", stage, ws.root)
         return {**ws.read_manifest(stage)["summary"], "up_to_date": True}
-    load_seconds = 0.0
-    if model is None:
-        started = time.perf_counter()
-        model, _ = load_workspace_model(ws, device="cpu")  # weights are read once, then moved per matrix
-        load_seconds = time.perf_counter() - started
+    if model is None and not ws.read_manifest(Stage.CAPTURE)["summary"].get("stats_kept", True):
+        return _refit_blockwise(ws, options, inputs, force)
+    load_seconds, mode = 0.0, "memory" if model is not None else _choose_fit_mode(ws, options)
+    if mode == "memory":
+        if model is None:
+            started = time.perf_counter()
+            model, _ = load_workspace_model(ws, device="cpu")  # weights are read once, then moved per matrix
+            load_seconds = time.perf_counter() - started
+        matrices, weight = find_matrices(model), (lambda m: weight_of(model.get_submodule(m.name)))
+    else:
+        matrices, weight = workspace_matrices(ws), _file_weights(ws)
     started = time.perf_counter()
-    factors, spectrum = fit_model(model, ws.capture_store, options)
-    seconds = time.perf_counter() - started
+    factors, spectrum = fit_matrices(matrices, ws.capture_store, weight, options)
+    return _write_fit(ws, stage, inputs, options, factors, spectrum, matrices, time.perf_counter() - started,
+                      load_seconds, mode)
+
+
+def record_blockwise_fit(ws: Workspace, options: FitOptions, factors: FactorSet, spectrum: dict, seconds: float) -> dict:
+    """Record a fit made elsewhere (the block-wise capture) as the `fit/<method>` stage, with
+    the inputs `run_fit` would record, so a later `sieve fit` finds it up to date."""
+    stage = ws.fit_stage(options.method)
+    inputs = {"options": options.recorded(), "upstream": ws.upstream_hashes(Stage.DISCOVER, Stage.CAPTURE)}
+    ws.begin(stage, inputs, force=True)  # the capture just changed: an older fit is replaced
+    return _write_fit(ws, stage, inputs, options, factors, spectrum, workspace_matrices(ws), seconds, 0.0, "blockwise")
+
+
+def _write_fit(ws, stage, inputs, options, factors, spectrum, matrices, seconds, load_seconds, mode) -> dict:
     written = save_fit(ws, options.method, factors, spectrum)
-    summary = summarise(find_matrices(model), spectrum, options, seconds, load_seconds)
+    summary = {**summarise(matrices, spectrum, options, seconds, load_seconds), "mode": mode}
     ws.finish(stage, inputs, written, summary)
-    log.info("fit %s: %d matrices in %.1f s", options.method, summary["matrices"], seconds)
+    log.info("fit %s: %d matrices in %.1f s (%s)", options.method, summary["matrices"], seconds, mode)
+    return summary
+
+
+def workspace_matrices(ws: Workspace) -> list[Matrix]:
+    """The prunable matrices that `sieve discover` recorded, without loading the model."""
+    return [Matrix.from_dict(m) for m in read_json(ws.matrices_json)["matrices"]]
+
+
+def _choose_fit_mode(ws: Workspace, options: FitOptions) -> str:
+    """memory (load the model) or file (read each weight from the safetensors files), as
+    asked or (auto) as the estimate fits; refuses a fit that cannot fit at all."""
+    shape, run = memory.workspace_shapes(ws, _capture_options(ws, dtype=None), device=options.device)
+    in_memory, per_matrix = memory.fit_in_memory(shape, run), memory.fit_from_store(shape, run)
+    if options.memory_budget is not None:
+        budget, source = memory.parse_bytes(options.memory_budget), "--memory-budget"
+    else:
+        budget, source = memory.free_bytes(options.device), f"the free memory of {options.device}"
+    dtype = ws.require(Stage.DISCOVER)["inputs"]["options"]["dtype"]
+    chosen = memory.choose_mode(options.mode, in_memory, per_matrix, budget, source, dtype)
+    log.info("%s; budget %s (%s)", (in_memory if chosen == "memory" else per_matrix).describe(), memory.gib(budget), source)
+    return chosen
+
+
+def _capture_options(ws: Workspace, **changes) -> CaptureOptions:
+    """The options the workspace's capture ran with (as recorded in its manifest), changed by `changes`."""
+    recorded = ws.require(Stage.CAPTURE)["inputs"].get("options", {})
+    known = {f.name for f in fields(CaptureOptions)}
+    return CaptureOptions(**{**{k: v for k, v in recorded.items() if k in known}, **changes})
+
+
+def _file_weights(ws: Workspace) -> Callable[[Matrix], torch.Tensor]:
+    weights = SafetensorsWeights(safetensors_folder(workspace_model_source(ws)))
+    dtype = torch_dtype(ws.require(Stage.DISCOVER)["inputs"]["options"]["dtype"])
+
+    def weight(m: Matrix) -> torch.Tensor:
+        tensor = weights.get([f"{m.name}.weight"]).to(dtype)
+        return tensor.T if m.transposed else tensor
+
+    return weight
+
+
+def _refit_blockwise(ws: Workspace, options: FitOptions, inputs: dict, force: bool) -> dict:
+    """The block-wise capture kept no statistics: compute them again, block by block, and fit."""
+    capture_options = _capture_options(ws, device=options.device, mode="blockwise", memory_budget=options.memory_budget)
+    tokenizer = load_tokenizer(workspace_model_source(ws))
+    sequences, _ = calibration_sequences(bind_task(ws, None), capture_options, tokenizer)
+    started = time.perf_counter()
+    result = capture_and_fit_workspace(ws, capture_options, sequences, [options], tokenizer, fit_site,
+                                       fingerprint=str(inputs), fresh=force, work=ws.fit_dir(options.method) / "blockwise")
+    log.info("recomputed the statistics block by block in %.1f s", time.perf_counter() - started)
+    summary = _write_fit(ws, ws.fit_stage(options.method), inputs, options, result.factors[options.method],
+                         result.spectra[options.method], workspace_matrices(ws), result.fit_seconds[options.method], 0.0,
+                         "blockwise")
+    shutil.rmtree(result.work, ignore_errors=True)  # per-block results, now in the fit's files
     return summary
 
 
@@ -125,28 +208,42 @@ def record_fit(ws: Workspace, method: str, factors: FactorSet, spectrum: dict, i
 
 def fit_model(model: nn.Module, store: Path, options: FitOptions) -> tuple[FactorSet, dict]:
     """(factors, spectrum) of every prunable matrix, reading the store one site at a time."""
-    matrices = find_matrices(model)
+    return fit_matrices(find_matrices(model), store, lambda m: weight_of(model.get_submodule(m.name)), options)
+
+
+def fit_matrices(matrices: list[Matrix], store: Path, weight: Callable[[Matrix], torch.Tensor],
+                 options: FitOptions) -> tuple[FactorSet, dict]:
+    """(factors, spectrum) of `matrices`, whose weights (H x D) `weight` gives, one site at a time."""
     factors, spectrum = FactorSet(options.method), {}
-    device = torch.device(options.device)
     with progress.bar(f"fit {options.method}", total=len(matrices)) as bar:
         for site, members in sites_of(matrices).items():
-            stats = _read_site(store, site)
-            C = _checked_gram(stats, site, members).to(device, torch.float64)
-            samples = stats.samples if options.method == "learned" else None
-            eigen = None  # of C, computed at most once per site and shared by its matrices
-            for m in members:
-                W = weight_of(model.get_submodule(m.name)).detach().to(device, torch.float64)
-                if options.method == "learned":
-                    factors.fixed[m.name], spectrum[m.name] = _fit_learned(W, C, samples, options)
-                else:
-                    if eigen is None and (options.method == "pca" or m.out_features > m.in_features):
-                        eigen = gram_eigen(C)
-                    basis = _fit_closed_form(options.method, W, C, eigen)
-                    factors.full[m.name] = (_stored(basis.B), _stored(basis.A))
-                    spectrum[m.name] = basis.relative().tolist()
-                bar.advance()
-                bar.note(m.name)
+            fit_site(site, members, _read_site(store, site), weight, options, factors, spectrum, after=bar.advance)
     return factors, spectrum
+
+
+def fit_site(site: str, members: list[Matrix], stats, weight: Callable[[Matrix], torch.Tensor], options: FitOptions,
+             factors: FactorSet, spectrum: dict, after: Callable[[], None] | None = None) -> None:
+    """Fit the matrices of one input site from its statistics into `factors` and `spectrum`.
+
+    The one place both modes fit: the in-memory fit (a site read from the store) and the
+    block-wise loop (a site's statistics just computed).
+    """
+    device = torch.device(options.device)
+    C = _checked_gram(stats, site, members).to(device, torch.float64)
+    samples = stats.samples if options.method == "learned" else None
+    eigen = None  # of C, computed at most once per site and shared by its matrices
+    for m in members:
+        W = weight(m).detach().to(device, torch.float64)
+        if options.method == "learned":
+            factors.fixed[m.name], spectrum[m.name] = _fit_learned(W, C, samples, options)
+        else:
+            if eigen is None and (options.method == "pca" or m.out_features > m.in_features):
+                eigen = gram_eigen(C)
+            basis = _fit_closed_form(options.method, W, C, eigen)
+            factors.full[m.name] = (_stored(basis.B), _stored(basis.A))
+            spectrum[m.name] = basis.relative().tolist()
+        if after is not None:
+            after()
 
 
 def _fit_closed_form(method: str, W: torch.Tensor, C: torch.Tensor, eigen: GramEigen | None) -> Basis:
@@ -226,4 +323,5 @@ def _mean(values: list[float]) -> float:
     return math.fsum(values) / len(values) if values else float("nan")
 
 
-__all__ = ["EmptySiteError", "FitOptions", "METHODS", "fit_model", "load_factors", "load_spectrum", "run_fit"]
+__all__ = ["EmptySiteError", "FitOptions", "METHODS", "fit_matrices", "fit_model", "fit_site", "load_factors",
+           "load_spectrum", "record_blockwise_fit", "run_fit"]

@@ -146,6 +146,68 @@ def check_fits_positions(model, longest: int, flag: str) -> None:
                          f"positions; pass {flag} {positions} or less")
 
 
+def local_folder(source: str | os.PathLike, create: bool = True) -> Path | None:
+    """The Hugging Face folder holding the model's safetensors: the folder itself, the
+    dequantised cache of a .gguf (made once when `create`), or a hub snapshot already in the
+    local cache. None when there is none (a hub id not downloaded, or no cache yet)."""
+    src = resolve_source(source)
+    if src.kind == "local":
+        return Path(src.location)
+    if src.kind == "gguf":
+        folder = cache_root() / "gguf" / sha256_file(src.location)[:32]
+        if (folder / "model.safetensors").exists() or create:
+            return _dequantised_copy(src)
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(src.location, local_files_only=True))
+    except Exception:  # not in the local cache: huggingface_hub raises several types here
+        return None
+
+
+def safetensors_folder(source: str | os.PathLike) -> Path:
+    """`local_folder`, or an error saying block-wise mode needs the weights on disk."""
+    folder = local_folder(source)
+    if folder is None:
+        raise ModelLoadError(
+            f"block-wise mode reads the weights from local safetensors files, and {source} is not downloaded; "
+            f"download it (hf download {source}) and pass the folder"
+        )
+    return folder
+
+
+def load_tokenizer(source: str | os.PathLike):
+    """The model's tokenizer alone (block-wise mode never loads the whole model)."""
+    from transformers import AutoTokenizer
+
+    folder = local_folder(source) or resolve_source(source).location
+    if Path(str(folder)).is_dir():
+        refuse_remote_code(Path(str(folder)))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise ModelLoadError(_load_failure_message(resolve_source(source), exc)) from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def meta_model(folder: str | os.PathLike, dtype: torch.dtype | None = None):
+    """The folder's model built from its config on the meta device (accelerate's
+    init_empty_weights): counts and shapes without memory for the weights. Buffers such as
+    rotary frequencies stay real; weights are tied as from_pretrained ties them."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    refuse_remote_code(Path(folder))
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+    model.tie_weights()  # from_config leaves tying to from_pretrained: a tied head is one tensor
+    return model.eval()
+
+
 def cache_root() -> Path:
     root = Path(os.environ.get("SIEVE_CACHE", Path.home() / ".cache" / "sieve")).expanduser()
     if root.exists() and not root.is_dir():

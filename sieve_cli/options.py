@@ -34,6 +34,8 @@ DENSE_ABOVE = 0.8
 DEFAULT_WORKSPACE = "sieve-workspace"
 # `sieve apply --quantize`: scheme -> what it stores (quantize.py does it)
 QUANTIZE_SCHEMES = {"int8": "int8 weights, one scale per output row (torchao Int8WeightOnlyConfig)"}
+MEMORY_MODES = ("auto", "memory", "blockwise")
+RUN_LAYOUT = ("mode", "memory_budget", "keep_stats")  # options that change how a stage runs, not its outputs
 
 
 def default_workspace() -> Path:
@@ -97,6 +99,21 @@ def check_positive(**values: Any) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+
+
+def mode_opt(help: str) -> Any:
+    return opt("auto", help)
+
+
+def budget_opt() -> Any:
+    return opt(None, "Memory to plan for, e.g. 20GiB (default: the free memory of the device).")
+
+
+def check_memory(mode: str, budget: str | None) -> None:
+    if mode not in MEMORY_MODES:
+        raise InputError(f"--mode must be one of {', '.join(MEMORY_MODES)}, got {mode!r}")
+    if budget is not None and not re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*([kKmMgGtT]i?[bB]?|[bB])?\s*", str(budget)):
+        raise InputError(f"--memory-budget takes a size such as 20GiB, 512MB or 1.5G, got {budget!r}")
 
 
 def check_device(device: str) -> None:
@@ -204,6 +221,11 @@ class CaptureOptions:
     seed: int = seed_opt("the reservoir sample of input rows")
     device: str = device_opt()
     dtype: str | None = dtype_opt()
+    # how the run is laid out in memory, not what comes out (both modes give the same numbers): not recorded
+    mode: str = mode_opt("memory (the whole model), blockwise (one decoder block at a time; also fits the output "
+                         "method), or auto: blockwise when the in-memory estimate exceeds the memory budget.")
+    memory_budget: str | None = budget_opt()
+    keep_stats: bool = opt(False, "blockwise: also write the statistics to the capture store, once per block.")
 
     def __post_init__(self) -> None:
         check_positive(tokens=self.tokens, batch_size=self.batch_size, seq_len=self.seq_len,
@@ -212,10 +234,12 @@ class CaptureOptions:
             raise InputError(f"--samples-per-site must be 0 or more, got {self.samples_per_site!r}")
         check_device(self.device)
         check_dtype(self.dtype)
+        check_memory(self.mode, self.memory_budget)
 
     def recorded(self) -> dict:
-        """What makes the statistics what they are: not the task path (its content is hashed upstream)."""
-        return {k: v for k, v in asdict(self).items() if k != "task"}
+        """What makes the statistics what they are: not the task path (its content is hashed
+        upstream), nor how the run was laid out in memory."""
+        return {k: v for k, v in asdict(self).items() if k not in ("task", *RUN_LAYOUT)}
 
 
 @dataclass(frozen=True)
@@ -231,8 +255,12 @@ class FitOptions:
     epochs: int = opt(2, "learned: passes over the captured sample rows.")
     batch_rows: int = opt(5000, "learned: sample rows per Adam step.")
     seed: int = seed_opt("learned: initialisation and row order")
+    mode: str = mode_opt("memory (load the model), blockwise (read each weight from its file; recompute the "
+                         "statistics block by block when capture kept none), or auto: as the memory budget allows.")
+    memory_budget: str | None = budget_opt()
 
     def __post_init__(self) -> None:
+        check_memory(self.mode, self.memory_budget)
         if self.method not in FIT_METHODS:
             raise InputError(f"--method must be one of {', '.join(FIT_METHODS)}, got {self.method!r}")
         if self.init not in FIT_INITS:
@@ -252,7 +280,7 @@ class FitOptions:
         methods stale; the device does not change a float64 closed-form result either.
         """
         if self.method == "learned":
-            return asdict(self)
+            return {k: v for k, v in asdict(self).items() if k not in RUN_LAYOUT}
         return {"method": self.method}
 
 

@@ -2,17 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from sieve_cli import capture as capture_mod
-from sieve_cli.capture import (
-    CaptureOptions,
-    capture_statistics,
-    read_site,
-    read_stats,
-    store_state,
-)
+from sieve_cli import accumulate
+from sieve_cli.capture import CaptureOptions, capture_statistics
 from sieve_cli.errors import InputError
 from sieve_cli.matrices import find_matrices, sites_of
 from sieve_cli.statistics import chunk_bounds, cut_sequences, reservoir_slots
+from sieve_cli.store import read_site, read_stats, store_state
 
 from .tiny import tiny_model
 
@@ -73,7 +68,7 @@ def test_padding_is_excluded_whatever_the_pad_id_and_batching(tmp_path, monkeypa
     sequences = make_sequences(1)
     run(model, sequences, tmp_path / "a.zarr", pad_id=0, batch_size=4)
     run(model, sequences, tmp_path / "b.zarr", pad_id=77, batch_size=4)
-    monkeypatch.setattr(capture_mod, "DRAIN_TOKENS", 3)  # and float32 partial sums drained mid-chunk
+    monkeypatch.setattr(accumulate, "DRAIN_TOKENS", 3)  # and float32 partial sums drained mid-chunk
     run(model, sequences, tmp_path / "c.zarr", batch_size=1)
     a, b, c = (read_stats(tmp_path / f"{n}.zarr") for n in "abc")
     for site in a:
@@ -154,8 +149,8 @@ def test_hooks_leave_outputs_unchanged_and_are_removed(tmp_path):
     ids = torch.tensor([make_sequences(5)[3]])
     with torch.no_grad():
         before = model(ids).logits
-    acc = capture_mod._Accumulators.empty(sites_of(find_matrices(model)), 4, torch.device("cpu"), torch.float32)
-    with torch.no_grad(), capture_mod._SiteHooks(model, sites_of(find_matrices(model)), acc, capture_mod._Batch()):
+    acc = accumulate.Accumulators.empty(sites_of(find_matrices(model)), 4, torch.device("cpu"), torch.float32)
+    with torch.no_grad(), accumulate.SiteHooks(model, sites_of(find_matrices(model)), acc, accumulate.BatchRows()):
         during = model(ids).logits
         assert sum(len(m._forward_pre_hooks) for m in model.modules()) == len(acc.grams)
     run(model, make_sequences(5), tmp_path / "s.zarr")

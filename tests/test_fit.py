@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from sieve_cli.capture import CaptureOptions, SiteStats, capture_statistics, read_site
+from sieve_cli.capture import CaptureOptions, capture_statistics
 from sieve_cli.cli import app
 from sieve_cli.discover import DiscoverOptions, run_discover
 from sieve_cli.errors import MissingStageError, StaleStageError
@@ -21,6 +21,7 @@ from sieve_cli.fit import (
 from sieve_cli.lowrank import rank_for_fraction
 from sieve_cli.matrices import find_matrices, weight_of
 from sieve_cli.models import load_model
+from sieve_cli.store import SiteStats, read_site
 from sieve_cli.workspace import Workspace
 
 from .tiny import save_tiny

@@ -332,7 +332,7 @@ def test_full_disk_in_capture_apply_eval_is_one_line(copy, tmp_path, monkeypatch
     from sieve_cli import capture, evaluate
 
     ws, _ = copy
-    monkeypatch.setattr(capture, "_write_store", enospc)
+    monkeypatch.setattr(capture, "write_store", enospc)  # the store writer capture calls
     one_line_error(cli("capture", "-w", ws, "--tokens", 1000, "--force"), "disk")
     monkeypatch.setattr(safetensors.torch, "save_file", enospc)
     one_line_error(cli("apply", "-w", ws, "-o", tmp_path / "out2", "--force"), "disk")

@@ -41,7 +41,8 @@ def capture(
     Examples:\n
       sieve capture -w ws --task examples/tasks/sst2.yaml\n
       sieve capture -w ws --tokens 50000 --batch-size 8 --device cuda --dtype bfloat16\n
-      sieve capture -w ws --task other.yaml --force
+      sieve capture -w ws --task other.yaml --force\n
+      sieve capture -w ws --mode blockwise --memory-budget 20GiB
     """
     # the stage loads torch: imported when the command runs, so `sieve --help` stays fast
     from ..capture import run_capture
@@ -71,5 +72,10 @@ def render(ws: Workspace, summary: dict) -> None:
     table.add_row("chunks", f"{summary['chunks']} (resumed from chunk {summary['resumed_from_chunk']})" if summary.get("resumed_from_chunk") else str(summary["chunks"]))
     if "seconds" in summary:
         table.add_row("time", f"{summary['seconds']:.1f} s ({summary['tokens_this_run'] / max(summary['seconds'], 1e-9):,.0f} tokens/s)")
-    table.add_row("store", str(ws.root / summary["store"]))
+    if "estimate" in summary:
+        table.add_row("mode", f"{summary['mode']} (estimated peak {summary['estimate']['total_bytes'] / 2**30:.2f} GiB)")
+    if summary.get("stats_kept", True):
+        table.add_row("store", str(ws.root / summary["store"]))
+    else:
+        table.add_row("statistics", "not kept (--keep-stats writes them); fit/output done block by block")
     console.print(table)

@@ -1,0 +1,485 @@
+"""Block-wise capture and fit: one decoder block's weights in memory at a time.
+
+For models larger than memory (design.md s.8), following the sequential calibration of
+llm-compressor and SliceGPT:
+- the model is built on the meta device (accelerate's `init_empty_weights`); only the
+  embeddings, and then one decoder block at a time, are read from the model's safetensors
+  files (memory-mapped by `safe_open`);
+- the calibration batches' hidden states are cached between blocks (in memory, or on disk
+  when they do not fit, which also lets a killed run resume after its last finished block);
+- a block's input-site statistics exist only while that block runs: its matrices are
+  fitted as soon as they are complete, and the statistics are written to the capture store
+  only when asked (once per block).
+
+The runner never re-implements a block's forward, masks or rotary embeddings: for each
+batch it runs the real model's forward with the blocks before block k replaced by
+pass-throughs, catches the (args, kwargs) that the model hands block k (its attention mask
+for its layer type, the position embeddings, ...), and calls the real block with them.
+The batch plan, reservoir draws and float64 drains are the in-memory capture's own
+(`capture.plan_batches`), so both modes give the same statistics and the same factors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import memory, progress
+from .accumulate import Accumulators, BatchRows, PlannedBatch, SiteHooks, backbone_of, pad_batch, plan_batches
+from .discover import workspace_model_source
+from .errors import InputError, ModelLoadError
+from .factors import FactorSet
+from .files import read_json, sha256_json, write_json_atomic
+from .matrices import Matrix, decoder_blocks, find_matrices, sites_of
+from .models import check_fits_positions, meta_model, safetensors_folder, torch_dtype
+from .options import CaptureOptions
+from .store import STORE_SCHEMA, SiteStats, add_sites, remove_store
+from .workspace import Stage, Workspace
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+# ---- weights, read lazily from safetensors -------------------------------------------------
+
+
+class SafetensorsWeights:
+    """The tensors of a Hugging Face folder's safetensors files, opened memory-mapped and read by name."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self._handles: dict[str, object] = {}
+        index = self.folder / INDEX_FILE
+        if index.exists():
+            self.weight_map: dict[str, str] = dict(read_json(index)["weight_map"])
+            for shard in sorted(set(self.weight_map.values())):
+                self._open(shard)  # a missing or corrupt shard is named now, not blocks later
+            return
+        files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+        if not files:
+            raise ModelLoadError(
+                f"{self.folder} has no .safetensors weights, which block-wise mode reads; re-save the model "
+                f"with save_pretrained (safetensors) or use --mode memory"
+            )
+        self.weight_map = {key: name for name in files for key in self._open(name).keys()}
+
+    def _open(self, name: str):
+        if name not in self._handles:
+            from safetensors import safe_open
+
+            path = self.folder / name
+            if not path.exists():
+                raise ModelLoadError(f"weight shard {path} is missing (listed in {INDEX_FILE}); restore or re-download it")
+            try:
+                self._handles[name] = safe_open(str(path), framework="pt")
+            except Exception as exc:  # safetensors raises its own error types for a bad header or size
+                raise ModelLoadError(
+                    f"weight shard {path} is corrupt or truncated ({_first_line(exc)}); re-download or re-save it"
+                ) from None
+        return self._handles[name]
+
+    def get(self, names: list[str]) -> torch.Tensor:
+        """The tensor stored under the first of `names` (a parameter's aliases) present in the files."""
+        for name in names:
+            if name in self.weight_map:
+                shard = self.weight_map[name]
+                try:
+                    return self._open(shard).get_tensor(name)
+                except Exception as exc:
+                    raise ModelLoadError(
+                        f"weight shard {self.folder / shard} is corrupt: cannot read {name} ({_first_line(exc)}); "
+                        f"re-download or re-save it"
+                    ) from None
+        raise ModelLoadError(f"no tensor {names[0]} in the safetensors files of {self.folder}; is it the model's own folder?")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
+
+
+def _aliases(model: nn.Module, base_prefix: str) -> dict[str, list[str]]:
+    """Every name under which a parameter may be stored: tied names, and with or without the
+    base model's prefix (some checkpoints drop it)."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(param), []).append(name)
+    result = {}
+    for names in by_tensor.values():
+        stripped = [n[len(base_prefix) + 1:] for n in names if base_prefix and n.startswith(base_prefix + ".")]
+        for name in names:
+            result[name] = [name, *[n for n in names if n != name], *stripped]
+    return result
+
+
+# ---- the skeleton and its blocks -----------------------------------------------------------
+
+
+class _Reached(Exception):
+    """Raised by the block being looked for, carrying what the model called it with (never escapes)."""
+
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        super().__init__()
+        self.call = (args, kwargs)
+
+
+def _pass_through(hidden_states, *args, **kwargs):
+    return hidden_states
+
+
+class BlockRunner:
+    """A model on the meta device whose embeddings are loaded and whose blocks load on demand."""
+
+    def __init__(self, model: nn.Module, weights: SafetensorsWeights, device: str | torch.device, dtype: torch.dtype) -> None:
+        self.model, self.weights = model, weights
+        self.device, self.dtype = torch.device(device), dtype
+        self.prefix, self.blocks = decoder_blocks(model)
+        self.backbone = backbone_of(model)
+        self.aliases = _aliases(model, getattr(model, "base_model_prefix", ""))
+        self.matrices = find_matrices(model)  # shapes are known on the meta device
+        head = model.get_output_embeddings()
+        head_names = {n for n, m in model.named_modules() if m is head and head is not None}
+        for name, _ in list(model.named_parameters()):
+            if not name.startswith(self.prefix + ".") and name.rsplit(".", 1)[0] not in head_names:
+                self._load(model, name, name)  # embeddings and final norm: small beside the blocks
+
+    def _load(self, module: nn.Module, local: str, full: str) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        tensor = self.weights.get(self.aliases.get(full, [full]))
+        set_module_tensor_to_device(module, local, self.device, value=tensor.to(self.dtype))
+
+    @contextmanager
+    def loaded(self, index: int):
+        """Block `index` with its weights read from disk; back on the meta device afterwards."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        block = self.blocks[index]
+        names = [name for name, _ in block.named_parameters()]
+        try:
+            for name in names:
+                self._load(block, name, f"{self.prefix}.{index}.{name}")
+            yield block
+        finally:
+            for name in names:
+                set_module_tensor_to_device(block, name, "meta")
+
+    def call_of(self, index: int, ids: torch.Tensor, mask: torch.Tensor) -> tuple[tuple, dict]:
+        """The (args, kwargs) the model's own forward passes block `index` for this batch.
+
+        The blocks before it pass their input through (their output is not used: only the
+        arguments the model builds for block `index`, and for block 0 its input, are).
+        """
+        replaced = list(self.blocks)[:index]
+        target = self.blocks[index]
+
+        def reached(*args, **kwargs):
+            raise _Reached(args, kwargs)
+
+        try:
+            for block in replaced:
+                block.forward = _pass_through
+            target.forward = reached
+            with torch.inference_mode():
+                self.backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+        except _Reached as caught:
+            return caught.call
+        finally:
+            for block in [*replaced, target]:
+                block.__dict__.pop("forward", None)
+        raise InputError(f"the model's forward never called decoder block {index}; block-wise mode cannot run it")
+
+
+def open_runner(folder: str | Path, dtype: torch.dtype, device: str) -> BlockRunner:
+    """The meta-device skeleton of the Hugging Face folder's model, its embeddings loaded."""
+    weights = SafetensorsWeights(folder)
+    try:
+        model = meta_model(folder, dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not read the config of {folder}: {_first_line(exc)}") from None
+    return BlockRunner(model, weights, device, dtype)
+
+
+# ---- the hidden-state cache between blocks ---------------------------------------------------
+
+
+class HiddenCache:
+    """The hidden states entering the current block, one tensor per planned batch.
+
+    Tiers: "device" (kept where the model runs), "host" (CPU memory), "disk" (a folder per
+    block boundary, so a killed run resumes from the last finished block without replaying it).
+    """
+
+    def __init__(self, tier: str, folder: Path, device: torch.device) -> None:
+        self.tier, self.folder, self.device = tier, folder, device
+        self.current: dict[int, torch.Tensor] = {}
+        self.next: dict[int, torch.Tensor] = {}
+        self.block = 0  # the block whose inputs `current` holds
+
+    def _dir(self, block: int) -> Path:
+        return self.folder / f"hidden-{block:05d}"
+
+    def get(self, batch: int) -> torch.Tensor:
+        if self.tier == "disk":
+            from safetensors.torch import load_file
+
+            return load_file(str(self._dir(self.block) / f"{batch}.safetensors"))["h"].to(self.device)
+        return self.current[batch].to(self.device)
+
+    def put(self, batch: int, hidden: torch.Tensor) -> None:
+        if self.tier == "disk":
+            from safetensors.torch import save_file
+
+            folder = self._dir(self.block + 1).with_suffix(".tmp")
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file({"h": hidden.detach().cpu().contiguous()}, str(folder / f"{batch}.safetensors"))
+        else:
+            self.next[batch] = hidden if self.tier == "device" else hidden.cpu()
+
+    def advance(self) -> None:
+        """The block is finished: its outputs become the next block's inputs."""
+        if self.tier == "disk":
+            done = self._dir(self.block + 1)
+            shutil.rmtree(done, ignore_errors=True)
+            if done.with_suffix(".tmp").exists():
+                done.with_suffix(".tmp").rename(done)
+            shutil.rmtree(self._dir(self.block), ignore_errors=True)
+        self.current, self.next = self.next, {}
+        self.block += 1
+
+    def resumable_at(self, block: int) -> bool:
+        return self.tier == "disk" and self._dir(block).exists()
+
+    def clear(self) -> None:
+        self.current, self.next = {}, {}
+        if self.tier == "disk":
+            for path in self.folder.glob("hidden-*"):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- the block loop ----------------------------------------------------------------------------
+
+
+@dataclass
+class BlockwiseResult:
+    summary: dict
+    factors: dict[str, FactorSet] = field(default_factory=dict)  # method -> every block's factors
+    spectra: dict[str, dict] = field(default_factory=dict)  # method -> {matrix: relative errors}
+    fit_seconds: dict[str, float] = field(default_factory=dict)
+    work: Path | None = None  # the folder of per-block results and resume state
+
+
+# fit.fit_site: (site, its matrices, its statistics, weight of a matrix, FitOptions, factors out, spectrum out)
+FitSite = Callable[[str, list[Matrix], SiteStats, Callable[[Matrix], torch.Tensor], object, FactorSet, dict], None]
+
+
+def capture_and_fit(
+    runner: BlockRunner,
+    sequences: list[list[int]],
+    options: CaptureOptions,
+    fits: list,
+    work: Path,
+    fit_site: FitSite,
+    *,
+    pad_id: int = 0,
+    fit_dtype: torch.dtype | None = None,
+    store: Path | None = None,
+    tier: str = "device",
+    fingerprint: str = "",
+    fresh: bool = False,
+    after_block: Callable[[int], None] | None = None,
+) -> BlockwiseResult:
+    """Capture every block's statistics and fit its matrices with each of `fits` (FitOptions).
+
+    `work` holds the per-block results and the resume state; `store`, when given, receives
+    the statistics once per block. A run with the same inputs resumes after its last
+    finished block; `fresh` starts over. `after_block(k)` runs after block k is saved.
+    `fit_site` is fit's own per-site function (passed in: fit imports this module).
+    """
+    if not sequences:
+        raise InputError("no calibration tokens to capture; check the task's calibration split")
+    lengths = [len(s) for s in sequences]
+    plan = plan_batches(lengths, options)
+    sites = sites_of(runner.matrices)
+    blocks = sorted({m.block for m in runner.matrices})
+    key = sha256_json({
+        "caller": fingerprint, "sequences": sha256_json(sequences), "options": options.recorded(),
+        "fits": [f.recorded() for f in fits], "store": store is not None, "sites": {s: [m.name for m in g] for s, g in sites.items()},
+    })
+    work.mkdir(parents=True, exist_ok=True)
+    cache = HiddenCache(tier, work, runner.device)
+    start = _resume_point(work, key, cache, fresh, store)
+    fit_dtype = fit_dtype or runner.dtype
+    result = BlockwiseResult(summary={}, work=work)
+    seconds = {f.method: 0.0 for f in fits}
+    started = time.perf_counter()
+    with progress.bar("capture+fit (blockwise)", total=len(blocks) * sum(lengths)) as bar:
+        if 0 < start < len(blocks) and not cache.resumable_at(start):
+            _replay(runner, sequences, plan, pad_id, cache, start, bar)
+        elif start:
+            cache.block = start
+        bar.advance(start * sum(lengths))
+        for index in blocks[start:]:
+            block_sites = {s: g for s, g in sites.items() if g[0].block == index}
+            with runner.loaded(index):
+                stats = _block_statistics(runner, index, block_sites, sequences, plan, options, pad_id, cache,
+                                          last=index == blocks[-1], bar=bar)
+                if store is not None:
+                    add_sites(store, stats, _store_state(key, sites, index + 1, len(blocks), stats, options))
+                for fit in fits:
+                    tick = time.perf_counter()
+                    part, spectrum = FactorSet(fit.method), {}
+                    weight = _weights_for_fit(runner, fit_dtype)
+                    for site, members in block_sites.items():
+                        fit_site(site, members, stats[site], weight, fit, part, spectrum)
+                    _save_block(work, index, fit.method, part, spectrum)
+                    seconds[fit.method] += time.perf_counter() - tick
+            del stats
+            cache.advance()
+            write_json_atomic(work / STATE_FILE, {"fingerprint": key, "blocks_done": index + 1, "tier": tier,
+                                                  "fit_seconds": seconds})
+            if after_block is not None:
+                after_block(index)
+    cache.clear()
+    for fit in fits:
+        result.factors[fit.method], result.spectra[fit.method] = _merge_blocks(work, blocks, fit.method)
+    state = read_json(work / STATE_FILE)
+    result.fit_seconds = state.get("fit_seconds", seconds)
+    result.summary = {
+        "tokens": sum(lengths), "tokens_this_run": sum(lengths), "sites": len(sites), "chunks": plan[-1].chunk + 1,
+        "blocks": len(blocks), "resumed_from_block": start, "samples_per_site": min(sum(lengths), options.samples_per_site),
+        "hidden_cache": tier, "seconds_this_run": round(time.perf_counter() - started, 2),
+    }
+    return result
+
+
+def _resume_point(work: Path, key: str, cache: HiddenCache, fresh: bool, store: Path | None) -> int:
+    state_path = work / STATE_FILE
+    state = None if fresh or not state_path.exists() else read_json(state_path)
+    if state and state.get("fingerprint") == key and state.get("tier") == cache.tier:
+        log.info("resuming block-wise capture after block %d", state["blocks_done"] - 1)
+        return int(state["blocks_done"])
+    for path in work.glob("block-*"):
+        path.unlink()
+    cache.clear()
+    state_path.unlink(missing_ok=True)
+    if store is not None:
+        remove_store(store)
+    return 0
+
+
+def _run_block(runner, index, block, sequences, planned, position, pad_id, cache, batch=None):
+    ids, mask = pad_batch([sequences[i] for i in planned.members], pad_id, runner.device)
+    args, kwargs = runner.call_of(index, ids, mask)
+    hidden = args[0] if index == 0 else cache.get(position)
+    if batch is not None:
+        batch.prepare(planned, mask, runner.device)
+    with torch.inference_mode():
+        out = block(hidden, *args[1:], **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _block_statistics(runner, index, block_sites, sequences, plan: list[PlannedBatch], options, pad_id, cache, last, bar):
+    """One block over every planned batch: its sites' statistics; its outputs into the cache."""
+    acc = Accumulators.empty(block_sites, options.samples_per_site, runner.device, runner.dtype)
+    batch = BatchRows()
+    block = runner.blocks[index]
+    with SiteHooks(runner.model, block_sites, acc, batch):
+        for position, planned in enumerate(plan):
+            out = _run_block(runner, index, block, sequences, planned, position, pad_id, cache, batch)
+            if not last:  # the last block's outputs feed nothing we capture
+                cache.put(position, out)
+            acc.tokens += planned.tokens
+            if planned.drain:
+                acc.drain()
+            bar.advance(planned.tokens)
+            bar.note(f"block {index}")
+    acc.pending.clear()  # the float32 partial sums are drained; free them before fitting
+    return acc.site_stats()
+
+
+def _replay(runner, sequences, plan, pad_id, cache, upto: int, bar) -> None:
+    """Rebuild the hidden states entering block `upto` by running the finished blocks forward
+    only (no statistics, no fit): what resuming costs when the cache was not on disk."""
+    for index in range(upto):
+        with runner.loaded(index):
+            block = runner.blocks[index]
+            for position, planned in enumerate(plan):
+                cache.put(position, _run_block(runner, index, block, sequences, planned, position, pad_id, cache))
+        cache.advance()
+        bar.note(f"replayed block {index}")
+
+
+def _weights_for_fit(runner: BlockRunner, dtype: torch.dtype) -> Callable[[Matrix], torch.Tensor]:
+    """A matrix's weight as H x D in the dtype the in-memory fit loads (read again from the
+    file, so a capture in another dtype does not change the factors)."""
+
+    def weight(m: Matrix) -> torch.Tensor:
+        full = f"{m.name}.weight"
+        tensor = runner.weights.get(runner.aliases.get(full, [full])).to(dtype)
+        return tensor.T if m.transposed else tensor
+
+    return weight
+
+
+def _store_state(key, sites, blocks_done, blocks, stats, options) -> dict:
+    tokens = next(iter(stats.values())).tokens if stats else 0
+    return {"schema": STORE_SCHEMA, "fingerprint": key, "mode": "blockwise", "blocks_done": blocks_done,
+            "complete": blocks_done == blocks, "tokens": tokens, "sites": list(sites),
+            "samples_per_site": options.samples_per_site, "seed": options.seed}
+
+
+def _block_file(work: Path, index: int, method: str) -> Path:
+    return work / f"block-{index:05d}.{method}.safetensors"
+
+
+def _save_block(work: Path, index: int, method: str, part: FactorSet, spectrum: dict) -> None:
+    path = _block_file(work, index, method)
+    part.save(path)
+    write_json_atomic(path.with_suffix(".json"), spectrum)
+
+
+def _merge_blocks(work: Path, blocks: list[int], method: str) -> tuple[FactorSet, dict]:
+    factors, spectrum = FactorSet(method), {}
+    for index in blocks:
+        path = _block_file(work, index, method)
+        part = FactorSet.load(path)
+        factors.full.update(part.full)
+        factors.fixed.update(part.fixed)
+        spectrum.update(json.loads(path.with_suffix(".json").read_text()))
+    return factors, spectrum
+
+
+# ---- the stages' entry point ---------------------------------------------------------------------
+
+
+def capture_and_fit_workspace(ws: Workspace, options: CaptureOptions, sequences: list[list[int]], fits: list, tokenizer,
+                              fit_site: FitSite, *, fingerprint: str = "", fresh: bool = False,
+                              work: Path | None = None) -> BlockwiseResult:
+    """`capture_and_fit` on the workspace's model: its safetensors folder, the hidden-cache tier
+    the memory budget allows, statistics kept in the capture store only with --keep-stats."""
+    discover_dtype = ws.require(Stage.DISCOVER)["inputs"]["options"]["dtype"]
+    dtype = options.dtype or discover_dtype
+    shape, run = memory.workspace_shapes(ws, options, sequences)
+    estimate = memory.blockwise(shape, run)
+    budget = memory.parse_bytes(options.memory_budget) if options.memory_budget else memory.free_bytes(options.device)
+    host = memory.free_bytes("cpu")
+    tier = memory.choose_tier(estimate, budget, host, options.device)
+    runner = open_runner(safetensors_folder(workspace_model_source(ws)), torch_dtype(dtype), options.device)
+    check_fits_positions(runner.model, max(map(len, sequences), default=0), "--seq-len")
+    return capture_and_fit(
+        runner, sequences, options, fits, work or ws.stage_dir(Stage.CAPTURE) / "blockwise", fit_site,
+        pad_id=tokenizer.pad_token_id or 0, fit_dtype=torch_dtype(discover_dtype),
+        store=ws.capture_store if options.keep_stats else None, tier=tier, fingerprint=fingerprint, fresh=fresh,
+    )
