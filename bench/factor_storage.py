@@ -55,11 +55,11 @@ def full_bases(model, store: Path) -> FactorSet:
 
 
 def plans(matrices, count: int, seed: int = 0) -> list[dict]:
+    """Rank per matrix (None: dense) for uniform 0.9 / 0.75 / 0.5 and random per-matrix levels."""
     rng = random.Random(seed)
     kept = [[p] * len(matrices) for p in (0.9, 0.75, 0.5)]
     kept += [[rng.choice(LEVELS) for _ in matrices] for _ in range(count - len(kept))]
-    return [{"matrices": {m.name: {"rank": rank_for_fraction(p, m.out_features, m.in_features)}
-                          for m, p in zip(matrices, ks)}} for ks in kept]
+    return [{m.name: rank_for_fraction(p, m.out_features, m.in_features) for m, p in zip(matrices, ks)} for ks in kept]
 
 
 def swap_seconds(model, plan, factors) -> float:

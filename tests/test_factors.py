@@ -131,11 +131,11 @@ def test_pruned_model_is_the_same_from_lean_shards_as_from_full_bases(fitted):
         W = weight_of(model.get_submodule(m.name)).detach().double()
         basis = output_basis(W, read_site(ws.capture_store, m.site).gram)
         full.full[m.name] = (basis.B.float(), basis.A.float())
-    plan = {"matrices": {n: {"rank": max(1, lean.max_rank(n) // (i % 3 + 1))} for i, n in enumerate(lean.names())}}
+    ranks = {n: max(1, lean.max_rank(n) // (i % 3 + 1)) for i, n in enumerate(lean.names())}
     ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
     outputs = []
     for factors in (lean, full):
-        restore = prune_in_memory(model, plan, factors)
+        restore = prune_in_memory(model, ranks, factors)
         with torch.no_grad():
             outputs.append(model(ids).logits)
         restore()
