@@ -229,7 +229,7 @@ class FitOptions:
     levels: tuple[float, ...] = opt(SUMMARY_LEVELS, "learned: kept fractions to train factors for, comma-separated.",
                                     parse=floats("--levels"), show=joined)
     init: str = opt("random", "learned: start from 'random' (the paper) or the 'output' optimum.")
-    lr: float = opt(1e-2, "learned: Adam's starting learning rate (the paper's: 1e-3 with --decays 0).")
+    lr: float = opt(1e-3, "learned: Adam's starting learning rate (the paper's 1e-3; --decays 0 keeps it constant).")
     max_steps: int = opt(5000, "learned: at most this many full-batch Adam steps per rank.")
     tol: float = opt(1e-3, "learned: a plateau is a drop of the best loss below this fraction of it in 100 steps.")
     decays: int = opt(2, "learned: on a plateau divide the rate by 10, this many times; the next plateau stops "
