@@ -216,7 +216,10 @@ class StoredFactors(FactorSet):
 
     def _read_matrix(self, name: str) -> dict[str, torch.Tensor]:
         """Only this matrix's tensors from its shard (safetensors reads just those bytes)."""
-        file = self.folder / self.index[name]["file"]
+        shard = self.index[name]["file"]
+        if Path(shard).name != shard or not shard.endswith(".safetensors"):  # the index names files beside it, nothing else
+            raise InputError(f"factor index {self.folder} names {shard!r} as a shard; rerun `sieve fit --force`")
+        file = self.folder / shard
         if not file.exists():
             raise InputError(f"factor shard {file} is missing; rerun `sieve fit -w WS --method {self.method} --force`")
         self._opened.add(file.name)

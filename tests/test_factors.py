@@ -84,6 +84,10 @@ def test_lazy_loading_opens_only_the_requested_block(fitted, tmp_path):
     block1 = next(m for m in find_matrices(model) if m.block == 1)
     with pytest.raises(InputError, match=shard_name(1)):
         factors.pair(block1.name, 1)
+    # an index may only name shards beside it
+    factors.index[block1.name]["file"] = "../../outside.safetensors"
+    with pytest.raises(InputError, match="as a shard"):
+        factors.pair(block1.name, 1)
 
 
 def shard_bytes(folder):
