@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-from sieve_cli.capture import CaptureOptions, _backbone, _pad_batch, capture_statistics
+from sieve_cli.accumulate import backbone_of as _backbone
+from sieve_cli.accumulate import pad_batch as _pad_batch
+from sieve_cli.capture import CaptureOptions, capture_statistics
 from sieve_cli.matrices import find_matrices, sites_of
 from sieve_cli.models import load_model, smollm2_gguf
 from sieve_cli.statistics import batches_of, cut_sequences

@@ -39,9 +39,9 @@ class LLMSieveConfig:
     """The seed's configuration, with its defaults; `fit_method` defaults to the exact optimum."""
 
     calibration_tokens: int = 200_000
-    batch_size: int = 5000  # rows per Adam step of the `learned` fit (the paper's)
-    learning_rate: float = 0.001
-    num_epochs: int = 2
+    batch_size: int = 5000  # the seed's; unused: the `learned` fit trains full batch on the captured Gram
+    learning_rate: float = 0.001  # Adam's rate for the `learned` fit (the paper's; `sieve fit` starts at 1e-2)
+    num_epochs: int = 2  # the seed's; unused: `learned` trains until its loss stops falling
     pruning_strategy: str = "uniform"  # or "adaptive"
     target_accuracy_drop: float = 0.05  # relative to the baseline accuracy
     prune_attention: bool = True
@@ -65,7 +65,7 @@ class LLMSieveConfig:
                              ga=GAConfig(population=self.ga_population_size, generations=self.ga_generations))
 
     def fit_options(self) -> FitOptions:
-        return FitOptions(method=self.fit_method, lr=self.learning_rate, epochs=self.num_epochs, batch_rows=self.batch_size)
+        return FitOptions(method=self.fit_method, lr=self.learning_rate)
 
 
 def diagnose_model(model: nn.Module, name: str | None = None) -> dict:

@@ -370,7 +370,7 @@ def _resume_point(work: Path, key: str, cache: HiddenCache, fresh: bool, store: 
     if state and state.get("fingerprint") == key and state.get("tier") == cache.tier:
         log.info("resuming block-wise capture after block %d", state["blocks_done"] - 1)
         return int(state["blocks_done"])
-    for path in work.glob("block-*"):
+    for path in [*work.glob("*/block-*"), *work.glob("*/factors-block-*")]:  # per-method block results
         path.unlink()
     cache.clear()
     state_path.unlink(missing_ok=True)
@@ -441,23 +441,26 @@ def _store_state(key, sites, blocks_done, blocks, stats, options) -> dict:
 
 
 def _block_file(work: Path, index: int, method: str) -> Path:
-    return work / f"block-{index:05d}.{method}.safetensors"
+    """One block's factors: an index (with its shard beside it) in the method's own folder."""
+    return work / method / f"block-{index:05d}.json"
 
 
 def _save_block(work: Path, index: int, method: str, part: FactorSet, spectrum: dict) -> None:
     path = _block_file(work, index, method)
-    part.save(path)
-    write_json_atomic(path.with_suffix(".json"), spectrum)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path.with_suffix(".spectrum.json"), spectrum)
+    part.save(path)  # the index last: a block whose index exists is complete
 
 
 def _merge_blocks(work: Path, blocks: list[int], method: str) -> tuple[FactorSet, dict]:
     factors, spectrum = FactorSet(method), {}
     for index in blocks:
         path = _block_file(work, index, method)
-        part = FactorSet.load(path)
+        part = FactorSet.load(path).load_all()
         factors.full.update(part.full)
         factors.fixed.update(part.fixed)
-        spectrum.update(json.loads(path.with_suffix(".json").read_text()))
+        factors.blocks.update({name: index for name in part.names()})
+        spectrum.update(json.loads(path.with_suffix(".spectrum.json").read_text()))
     return factors, spectrum
 
 

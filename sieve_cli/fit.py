@@ -1,8 +1,10 @@
 """Stage 3, fit: per-matrix factor bases and output-error spectra from the capture statistics.
 
 `run_fit` reads the capture store one input site at a time, factorises every matrix of the
-site with one method (the math is in `factorize.py`) and writes `WS/fit/<method>/`:
-`factors.safetensors` (a `FactorSet`) and `spectrum.json` (relative output error per rank).
+site with one method (the math is in `factorize.py`, one site in `fit_site`) and writes
+`WS/fit/<method>/`: `factors.json` + `factors-block-NNN.safetensors` (a `FactorSet`: bases
+cut at the break-even rank, in the model's dtype by default), `spectrum.json` (relative
+output error per rank, every rank) and, for learned, `training.json`.
 Each method is its own stage, `fit/<method>`, so several coexist in one workspace.
 """
 
@@ -33,11 +35,12 @@ from .factorize import (
     learn_factors,
     output_basis,
     output_error,
+    output_total,
     pca_basis,
     svd_basis,
     truncate,
 )
-from .factors import FactorSet
+from .factors import LEGACY_FILE, FactorSet, StoredFactors, break_even_rank
 from .files import read_json, write_json_atomic
 from .lowrank import rank_for_fraction
 from .matrices import Matrix, find_matrices, sites_of, weight_of
@@ -50,6 +53,7 @@ from .workspace import Stage, Workspace
 log = logging.getLogger(__name__)
 
 METHODS = FIT_METHODS
+TRAINING_FILE = "training.json"  # learned only: steps and the optimum per trained rank
 
 
 class EmptySiteError(InputError):
@@ -60,7 +64,13 @@ class EmptySiteError(InputError):
 
 
 def train_settings(options: FitOptions) -> TrainSettings:
-    return TrainSettings(lr=options.lr, epochs=options.epochs, batch_rows=options.batch_rows, seed=options.seed)
+    return TrainSettings(lr=options.lr, max_steps=options.max_steps, tol=options.tol, decays=options.decays,
+                         seed=options.seed)
+
+
+def stored_dtype(options: FitOptions, weight: torch.Tensor) -> torch.dtype:
+    """The dtype factors are stored in: the weight's ("model") or the one `--factor-dtype` names."""
+    return weight.dtype if options.factor_dtype == "model" else getattr(torch, options.factor_dtype)
 
 
 def _require_fit(ws: Workspace, method: str) -> dict:
@@ -74,8 +84,8 @@ def _require_fit(ws: Workspace, method: str) -> dict:
     return manifest
 
 
-def load_factors(ws: Workspace, method: str = "output") -> FactorSet:
-    """The fitted factors of `method` in this workspace."""
+def load_factors(ws: Workspace, method: str = "output") -> StoredFactors:
+    """The fitted factors of `method` in this workspace, read lazily (see `StoredFactors`)."""
     _require_fit(ws, method)
     return FactorSet.load(ws.factors_file(method))
 
@@ -115,9 +125,10 @@ def run_fit(ws: Workspace, options: FitOptions, force: bool = False, model: nn.M
     else:
         matrices, weight = workspace_matrices(ws), _file_weights(ws)
     started = time.perf_counter()
-    factors, spectrum = fit_matrices(matrices, ws.capture_store, weight, options)
+    training: dict = {}
+    factors, spectrum = fit_matrices(matrices, ws.capture_store, weight, options, training)
     return _write_fit(ws, stage, inputs, options, factors, spectrum, matrices, time.perf_counter() - started,
-                      load_seconds, mode)
+                      load_seconds, mode, training)
 
 
 def record_blockwise_fit(ws: Workspace, options: FitOptions, factors: FactorSet, spectrum: dict, seconds: float) -> dict:
@@ -129,9 +140,10 @@ def record_blockwise_fit(ws: Workspace, options: FitOptions, factors: FactorSet,
     return _write_fit(ws, stage, inputs, options, factors, spectrum, workspace_matrices(ws), seconds, 0.0, "blockwise")
 
 
-def _write_fit(ws, stage, inputs, options, factors, spectrum, matrices, seconds, load_seconds, mode) -> dict:
-    written = save_fit(ws, options.method, factors, spectrum)
-    summary = {**summarise(matrices, spectrum, options, seconds, load_seconds), "mode": mode}
+def _write_fit(ws, stage, inputs, options, factors, spectrum, matrices, seconds, load_seconds, mode,
+               training: dict | None = None) -> dict:
+    written = save_fit(ws, options.method, factors, spectrum, training)
+    summary = {**summarise(matrices, spectrum, options, seconds, load_seconds, training), "mode": mode}
     ws.finish(stage, inputs, written, summary)
     log.info("fit %s: %d matrices in %.1f s (%s)", options.method, summary["matrices"], seconds, mode)
     return summary
@@ -191,12 +203,19 @@ def _refit_blockwise(ws: Workspace, options: FitOptions, inputs: dict, force: bo
     return summary
 
 
-def save_fit(ws: Workspace, method: str, factors: FactorSet, spectrum: dict) -> list[Path]:
+def save_fit(ws: Workspace, method: str, factors: FactorSet, spectrum: dict, training: dict | None = None) -> list[Path]:
     """Write a fit's files into WS/fit/<method>/ (the one writer of the fit format); returns them."""
-    ws.fit_dir(method).mkdir(parents=True, exist_ok=True)
-    factors.save(ws.factors_file(method))
+    folder = ws.fit_dir(method)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in [folder / LEGACY_FILE, *folder.glob("factors-*.safetensors")]:
+        old.unlink(missing_ok=True)  # shards of an earlier fit must not linger beside the new index
+    written = factors.save(ws.factors_file(method))
     write_json_atomic(ws.spectrum_json(method), spectrum)
-    return [ws.factors_file(method), ws.spectrum_json(method)]
+    written.append(ws.spectrum_json(method))
+    if training:
+        write_json_atomic(folder / TRAINING_FILE, training)
+        written.append(folder / TRAINING_FILE)
+    return written
 
 
 def record_fit(ws: Workspace, method: str, factors: FactorSet, spectrum: dict, inputs: dict) -> None:
@@ -206,41 +225,56 @@ def record_fit(ws: Workspace, method: str, factors: FactorSet, spectrum: dict, i
     ws.finish(stage, inputs, save_fit(ws, method, factors, spectrum))
 
 
-def fit_model(model: nn.Module, store: Path, options: FitOptions) -> tuple[FactorSet, dict]:
+def fit_model(model: nn.Module, store: Path, options: FitOptions, training: dict | None = None) -> tuple[FactorSet, dict]:
     """(factors, spectrum) of every prunable matrix, reading the store one site at a time."""
-    return fit_matrices(find_matrices(model), store, lambda m: weight_of(model.get_submodule(m.name)), options)
+    return fit_matrices(find_matrices(model), store, lambda m: weight_of(model.get_submodule(m.name)), options,
+                        training)
 
 
 def fit_matrices(matrices: list[Matrix], store: Path, weight: Callable[[Matrix], torch.Tensor],
-                 options: FitOptions) -> tuple[FactorSet, dict]:
-    """(factors, spectrum) of `matrices`, whose weights (H x D) `weight` gives, one site at a time."""
+                 options: FitOptions, training: dict | None = None) -> tuple[FactorSet, dict]:
+    """(factors, spectrum) of `matrices`, whose weights (H x D) `weight` gives, one site at a time.
+
+    For `learned`, `training` (when given) receives per matrix and trained rank the Adam steps,
+    why training stopped and the exact optimum's relative error at that rank.
+    """
     factors, spectrum = FactorSet(options.method), {}
     with progress.bar(f"fit {options.method}", total=len(matrices)) as bar:
         for site, members in sites_of(matrices).items():
-            fit_site(site, members, _read_site(store, site), weight, options, factors, spectrum, after=bar.advance)
+            fit_site(site, members, _read_site(store, site), weight, options, factors, spectrum, training,
+                     after=bar.advance)
     return factors, spectrum
 
 
 def fit_site(site: str, members: list[Matrix], stats, weight: Callable[[Matrix], torch.Tensor], options: FitOptions,
-             factors: FactorSet, spectrum: dict, after: Callable[[], None] | None = None) -> None:
+             factors: FactorSet, spectrum: dict, training: dict | None = None,
+             after: Callable[[], None] | None = None) -> None:
     """Fit the matrices of one input site from its statistics into `factors` and `spectrum`.
 
     The one place both modes fit: the in-memory fit (a site read from the store) and the
-    block-wise loop (a site's statistics just computed).
+    block-wise loop (a site's statistics just computed). Bases are kept only up to each
+    matrix's break-even rank, in the stored dtype, as soon as they are computed, so the fit
+    never holds more than the lean factors.
     """
     device = torch.device(options.device)
     C = _checked_gram(stats, site, members).to(device, torch.float64)
-    samples = stats.samples if options.method == "learned" else None
     eigen = None  # of C, computed at most once per site and shared by its matrices
     for m in members:
-        W = weight(m).detach().to(device, torch.float64)
+        tensor = weight(m)
+        W = tensor.detach().to(device, torch.float64)
+        dtype = stored_dtype(options, tensor)
+        factors.blocks[m.name] = m.block
         if options.method == "learned":
-            factors.fixed[m.name], spectrum[m.name] = _fit_learned(W, C, samples, options)
+            pairs, spectrum[m.name], details = _fit_learned(W, C, options)
+            factors.fixed[m.name] = {r: (_stored(B, dtype), _stored(A, dtype)) for r, (B, A) in pairs.items()}
+            if training is not None:
+                training[m.name] = details
         else:
             if eigen is None and (options.method == "pca" or m.out_features > m.in_features):
                 eigen = gram_eigen(C)
             basis = _fit_closed_form(options.method, W, C, eigen)
-            factors.full[m.name] = (_stored(basis.B), _stored(basis.A))
+            B, A = truncate(basis.B, basis.A, min(basis.rank_limit, break_even_rank(*W.shape)))
+            factors.full[m.name] = (_stored(B, dtype), _stored(A, dtype))
             spectrum[m.name] = basis.relative().tolist()
         if after is not None:
             after()
@@ -254,25 +288,28 @@ def _fit_closed_form(method: str, W: torch.Tensor, C: torch.Tensor, eigen: GramE
     return output_basis(W, C, eigen)
 
 
-def _fit_learned(W: torch.Tensor, C: torch.Tensor, samples: torch.Tensor, options: FitOptions):
-    """Trained (B, A) per level, and the spectrum with None at the ranks not trained."""
+def _fit_learned(W: torch.Tensor, C: torch.Tensor, options: FitOptions):
+    """Trained (B, A) per level, the spectrum with None at the ranks not trained, and per rank
+    the training's steps and stop reason beside the exact optimum's error (its lower bound)."""
     H, D = W.shape
-    pairs = {}
     ranks = sorted({r for p in options.levels if (r := rank_for_fraction(p, H, D)) is not None})
-    basis = output_basis(W, C) if options.init == "output" else None
-    for rank in ranks:
-        init = tuple(f.float() for f in truncate(basis.B, basis.A, rank)) if basis is not None else None
-        B, A = learn_factors(W.float(), samples, rank, train_settings(options), init=init)
-        pairs[rank] = (_stored(B), _stored(A))
-    total = float(((W @ C) * W).sum())
+    optimum = output_basis(W, C)  # the global optimum at every rank: what learned approaches from above
+    optimum_relative = optimum.relative()
+    total = output_total(W, C)
+    pairs, details = {}, {}
     relative: list[float | None] = [None] * (min(H, D) + 1)
-    for rank, (B, A) in pairs.items():
-        relative[rank] = output_error(W, C, B.to(W.device), A.to(W.device)) / total if total > 0 else 0.0
-    return pairs, relative
+    for rank in ranks:
+        init = truncate(optimum.B, optimum.A, rank) if options.init == "output" else None
+        trained = learn_factors(W, C, rank, train_settings(options), init=init)
+        pairs[rank] = (trained.B, trained.A)
+        relative[rank] = output_error(W, C, trained.B, trained.A) / total if total > 0 else 0.0
+        details[str(rank)] = {"steps": trained.steps, "stopped": trained.stopped,
+                              "relative": relative[rank], "optimum": float(optimum_relative[rank])}
+    return pairs, relative, details
 
 
-def _stored(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", torch.float32).contiguous()
+def _stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.detach().to("cpu", dtype).contiguous()
 
 
 def _read_site(store: Path, site: str):
@@ -297,26 +334,47 @@ def _checked_gram(stats, site: str, members: list[Matrix]) -> torch.Tensor:
 # ---- the summary -------------------------------------------------------------------
 
 
-def summarise(matrices: list[Matrix], spectrum: dict, options: FitOptions, seconds: float, load_seconds: float) -> dict:
-    """Counts, times and the mean relative output error per matrix kind at each reported level."""
+def summarise(matrices: list[Matrix], spectrum: dict, options: FitOptions, seconds: float, load_seconds: float,
+              training: dict | None = None) -> dict:
+    """Counts, times and the mean relative output error per matrix kind at each reported level.
+
+    For `learned` also, per kind and level, the mean Adam steps and the mean relative error
+    of the exact optimum at the same ranks (`optimum_error`), which learned approaches from above.
+    """
     levels = options.levels if options.method == "learned" else SUMMARY_LEVELS
     by_kind: dict[str, dict[str, list[float]]] = {}
+    steps: dict[str, dict[str, list[float]]] = {}
+    optimum: dict[str, dict[str, list[float]]] = {}
     for m in matrices:
         for p in levels:
             value = error_at_fraction(spectrum[m.name], p, m.out_features, m.in_features)
             if value is not None:
                 by_kind.setdefault(m.kind, {}).setdefault(str(p), []).append(value)
-    errors = {kind: {p: _mean(v) for p, v in per_level.items()} for kind, per_level in by_kind.items()}
-    return {
+            rank = rank_for_fraction(p, m.out_features, m.in_features)
+            trained = (training or {}).get(m.name, {}).get(str(rank))
+            if trained is not None:
+                steps.setdefault(m.kind, {}).setdefault(str(p), []).append(trained["steps"])
+                optimum.setdefault(m.kind, {}).setdefault(str(p), []).append(trained["optimum"])
+    summary = {
         "method": options.method,
         "matrices": len(matrices),
         "seconds": round(seconds, 3),
         "load_seconds": round(load_seconds, 3),
         "levels": list(levels),
         "counts": {kind: sum(1 for m in matrices if m.kind == kind) for kind in dict.fromkeys(m.kind for m in matrices)},
-        "relative_error": errors,  # kind -> kept fraction -> mean relative output error
+        "relative_error": _means(by_kind),  # kind -> kept fraction -> mean relative output error
         "spectrum": "relative output error at ranks 0..K" + (", null where no factors were trained" if options.method == "learned" else ""),
     }
+    if training:
+        summary["steps"] = _means(steps)
+        summary["optimum_error"] = _means(optimum)
+        stops = [d["stopped"] for per_rank in training.values() for d in per_rank.values()]
+        summary["stopped"] = {reason: stops.count(reason) for reason in sorted(set(stops))}
+    return summary
+
+
+def _means(grouped: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    return {kind: {p: _mean(v) for p, v in per_level.items()} for kind, per_level in grouped.items()}
 
 
 def _mean(values: list[float]) -> float:

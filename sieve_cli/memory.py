@@ -125,10 +125,11 @@ class RunShape:
 # ---- the parts -----------------------------------------------------------------------
 
 
-def factor_bytes(out_features: int, in_features: int) -> int:
-    """What fit stores for one matrix: the full ordered basis B (H x K), A (K x D) in float32."""
-    rank = min(out_features, in_features)
-    return 4 * rank * (out_features + in_features)
+def factor_bytes(out_features: int, in_features: int, nbytes: int = 4) -> int:
+    """What fit keeps for one matrix: the basis up to the break-even rank floor(HD / (H + D))
+    (above it factors are larger than the matrix), B (H x R) and A (R x D), `nbytes` each."""
+    rank = out_features * in_features // (out_features + in_features)
+    return nbytes * rank * (out_features + in_features)
 
 
 def fit_work_bytes(out_features: int, in_features: int) -> int:
@@ -185,7 +186,7 @@ def fit_in_memory(shape: ModelShape, run: RunShape) -> Estimate:
         "weights": shape.total_params * run.weight_bytes,
         "statistics": 2 * 8 * largest_site * largest_site + run.samples * largest_site * 2,
         "fit working set": max(fit_work_bytes(m.out_features, m.in_features) for m in shape.matrices),
-        "factors": 2 * sum(factor_bytes(m.out_features, m.in_features) for m in shape.matrices),
+        "factors": 2 * sum(factor_bytes(m.out_features, m.in_features, run.weight_bytes) for m in shape.matrices),
         **_runtime(run),
     })
 
@@ -194,14 +195,17 @@ def blockwise(shape: ModelShape, run: RunShape) -> Estimate:
     """Block-wise capture+fit: embeddings and one block's weights, one block's statistics,
     the hidden states entering and leaving the block, one matrix's fit, the factors.
 
-    The factors of finished blocks go to disk per block, but the closed-form factor file
-    is still written whole at the end (2x all factors), the largest part for big models.
+    The factors of finished blocks go to disk per block; at the end the blocks' lean factors
+    (break-even rank, model dtype) are merged and written as per-block shards: counted twice,
+    an upper bound on that merge.
     """
     per_block_stats = max(statistics_bytes(shape.sites(b), run) for b in shape.blocks)
+    nbytes = run.weight_bytes
     per_block_factors = max(
-        sum(factor_bytes(m.out_features, m.in_features) for m in shape.matrices if m.block == b) for b in shape.blocks
+        sum(factor_bytes(m.out_features, m.in_features, nbytes) for m in shape.matrices if m.block == b)
+        for b in shape.blocks
     )
-    all_factors = sum(factor_bytes(m.out_features, m.in_features) for m in shape.matrices)
+    all_factors = sum(factor_bytes(m.out_features, m.in_features, nbytes) for m in shape.matrices)
     return Estimate("capture+fit, blockwise", {
         "weights": (shape.resident_params + shape.block_params()) * run.weight_bytes,
         "statistics": per_block_stats,

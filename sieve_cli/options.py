@@ -246,15 +246,19 @@ class CaptureOptions:
 class FitOptions:
     method: str = opt("output", "output (exact, default), learned (the paper's Adam), svd or pca.",
                       short="-m")
-    device: str = device_opt()
-    # learned only: the kept fractions to train factors for, and how to train them
+    device: str = device_opt()  # where the decompositions and the training run (the model is read on the CPU)
+    factor_dtype: str = opt("model", "dtype of the stored factors: model (the model's, default), float32, "
+                                     "bfloat16 or float16.")
+    # learned only: the kept fractions to train factors for, and how to train them (factorize.TrainSettings)
     levels: tuple[float, ...] = opt(SUMMARY_LEVELS, "learned: kept fractions to train factors for, comma-separated.",
                                     parse=floats("--levels"), show=joined)
     init: str = opt("random", "learned: start from 'random' (the paper) or the 'output' optimum.")
-    lr: float = opt(1e-3, "learned: Adam learning rate.")
-    epochs: int = opt(2, "learned: passes over the captured sample rows.")
-    batch_rows: int = opt(5000, "learned: sample rows per Adam step.")
-    seed: int = seed_opt("learned: initialisation and row order")
+    lr: float = opt(1e-3, "learned: Adam's starting learning rate (the paper's 1e-3; --decays 0 keeps it constant).")
+    max_steps: int = opt(5000, "learned: at most this many full-batch Adam steps per rank.")
+    tol: float = opt(1e-3, "learned: a plateau is a drop of the best loss below this fraction of it in 100 steps.")
+    decays: int = opt(2, "learned: on a plateau divide the rate by 10, this many times; the next plateau stops "
+                         "(0: the paper's constant rate).")
+    seed: int = seed_opt("learned: initialisation")
     mode: str = mode_opt("memory (load the model), blockwise (read each weight from its file; recompute the "
                          "statistics block by block when capture kept none), or auto: as the memory budget allows.")
     memory_budget: str | None = budget_opt()
@@ -265,11 +269,13 @@ class FitOptions:
             raise InputError(f"--method must be one of {', '.join(FIT_METHODS)}, got {self.method!r}")
         if self.init not in FIT_INITS:
             raise InputError(f"--init must be one of {', '.join(FIT_INITS)}, got {self.init!r}")
+        if self.factor_dtype not in ("model", *DTYPE_NAMES):
+            raise InputError(f"--factor-dtype must be model or one of {', '.join(DTYPE_NAMES)}, got {self.factor_dtype!r}")
         if not self.levels or any(not (0 < p < 1) for p in self.levels):
             raise InputError(f"--levels must be kept fractions strictly between 0 and 1, got {list(self.levels)}")
-        check_finite(lr=self.lr)
-        if self.lr <= 0 or self.epochs < 0 or self.batch_rows < 1:
-            raise InputError("--lr must be > 0, --epochs >= 0 and --batch-rows >= 1")
+        check_finite(lr=self.lr, tol=self.tol)
+        if self.lr <= 0 or self.max_steps < 0 or self.tol < 0 or self.decays < 0:
+            raise InputError("--lr must be > 0, and --max-steps, --tol and --decays >= 0")
         check_device(self.device)
         object.__setattr__(self, "levels", tuple(sorted(set(map(float, self.levels)), reverse=True)))
 
@@ -281,7 +287,7 @@ class FitOptions:
         """
         if self.method == "learned":
             return {k: v for k, v in asdict(self).items() if k not in RUN_LAYOUT}
-        return {"method": self.method}
+        return {"method": self.method, "factor_dtype": self.factor_dtype}
 
 
 @dataclass(frozen=True)

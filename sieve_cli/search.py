@@ -21,7 +21,7 @@ from .acceptance import Measurement, acceptance_threshold, is_acceptable, judge
 from .discover import load_workspace_model
 from .errors import InputError
 from .evaluate import evaluate, prepare
-from .factors import FactorSet
+from .factors import FactorSet, StoredFactors
 from .files import append_line, read_json, read_jsonl, write_json_atomic
 from .fit import load_factors, load_spectrum
 from .genetic import (
@@ -92,6 +92,8 @@ def measurement(result) -> Measurement:
 def build_scorers(ws: Workspace, options: SearchOptions, factors: FactorSet) -> tuple[Scorer, Scorer | None]:
     """Scorers of the search and confirm parts, sharing one loaded model; each call swaps factors in and out."""
     model, tokenizer = load_workspace_model(ws, options.dtype, options.device)
+    if isinstance(factors, StoredFactors):  # each matrix's factors cross to the device once, then are sliced
+        factors.keep_on(options.device, next(model.parameters()).dtype)
     bound = bind_task(ws, None)
 
     def scorer_for(part: str, limit: int | None) -> Scorer:

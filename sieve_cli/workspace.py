@@ -114,7 +114,8 @@ class Workspace:
         return Stage.fit(method)
 
     def factors_file(self, method: str) -> Path:
-        return self.inside(self.fit_dir(method) / "factors.safetensors")
+        """The index of a fit's factors; its per-block shards lie beside it (see factors.py)."""
+        return self.inside(self.fit_dir(method) / "factors.json")
 
     def spectrum_json(self, method: str) -> Path:
         return self.inside(self.fit_dir(method) / "spectrum.json")

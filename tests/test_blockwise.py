@@ -154,7 +154,7 @@ def test_stage_blockwise_capture_fits_output_and_a_later_fit_recomputes(folders,
         assert a.keys() == b.keys()
         for name in a:
             np.testing.assert_allclose(b[name], a[name], atol=1e-9)
-        fa, fb = load_factors(spaces["memory"], method), load_factors(block_ws, method)
+        fa, fb = load_factors(spaces["memory"], method).load_all(), load_factors(block_ws, method).load_all()
         for name in fa.names():
             torch.testing.assert_close(fb.full[name][0] @ fb.full[name][1], fa.full[name][0] @ fa.full[name][1],
                                        atol=1e-4, rtol=1e-4)

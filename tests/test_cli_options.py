@@ -31,7 +31,7 @@ ALL = None
 SOURCES = {
     "discover": [(DiscoverOptions, ALL)],
     "capture": [(CaptureOptions, ALL), (SplitOptions, ALL)],
-    "fit": [(FitOptions, ("levels", "init", "lr", "epochs", "batch_rows", "seed", "device"))],
+    "fit": [(FitOptions, ("levels", "init", "lr", "max_steps", "tol", "decays", "factor_dtype", "seed", "device"))],
     "search": [(SearchOptions, ALL), (GAConfig, ALL)],
     "apply": [(ApplyOptions, ALL)],
     "eval": [(EvalOptions, ALL), (SplitOptions, ALL)],

@@ -40,14 +40,16 @@ def fit(
 ) -> None:
     """Fit low-rank factors for every prunable matrix, from the statistics `sieve capture` wrote.
 
-    Writes WS/fit/METHOD/ (factors.safetensors, spectrum.json, manifest.json); methods coexist.
-    The default method, output, is the exact optimum of each matrix's output error on the task
-    data: one decomposition gives every rank, so `sieve search` can try any pruning level.
+    Writes WS/fit/METHOD/ (factors.json + factors-block-NNN.safetensors, spectrum.json,
+    manifest.json); methods coexist. The default method, output, is the exact optimum of each
+    matrix's output error on the task data: one decomposition gives every rank, so `sieve
+    search` can try any pruning level. learned trains the paper's two factors by full-batch
+    Adam on the same loss, per --levels rank, until its loss stops falling.
 
     Examples:\n
       sieve fit -w ws\n
       sieve fit -w ws --method svd --method pca\n
-      sieve fit -w ws -m learned --levels 0.9,0.5 --init output --epochs 10\n
+      sieve fit -w ws -m learned --levels 0.9,0.5 --max-steps 5000\n
       sieve fit -w ws -m all --device cuda
     """
     # the stage loads torch: imported when the command runs, so `sieve --help` stays fast
@@ -81,12 +83,18 @@ def render(summaries: list[dict]) -> None:
         for kind, per_level in s["relative_error"].items():
             cells = [_cell(per_level.get(str(p))) for p in levels]
             table.add_row(s["method"], kind, str(counts.get(kind, "")), *cells)
+            if "optimum_error" in s:  # learned: the exact optimum at the same ranks, its lower bound
+                optimum = s["optimum_error"].get(kind, {})
+                table.add_row("  (optimum)", kind, "", *[_cell(optimum.get(str(p))) for p in levels])
         table.add_section()
     console.print(table)
     for s in summaries:
         note = " (up to date, not rerun)" if s.get("up_to_date") else ""
         load = f", model load {s['load_seconds']:.1f} s" if s.get("load_seconds") else ""
         console.print(f"{s['method']}: {s['matrices']} matrices fitted in {s['seconds']:.1f} s{load}{note}")
+        if "steps" in s:
+            steps = [v for per_level in s["steps"].values() for v in per_level.values()]
+            console.print(f"  Adam steps per rank: mean {sum(steps) / len(steps):.0f}; stopped: {s['stopped']}")
 
 
 def _cell(value: float | None) -> str:
