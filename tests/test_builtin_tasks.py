@@ -58,6 +58,6 @@ def test_every_builtin_task_file_loads():
 
 
 def test_demo_refuses_an_unknown_task_in_one_line():
-    result = CliRunner().invoke(app, ["demo", "--task", "sst3"])
+    result = CliRunner().invoke(app, ["demo", "--builtin", "sst3"])
     assert result.exit_code == 1
-    assert "--task must be one of reviews, python_stdlib" in " ".join(result.output.split())
+    assert "--builtin must be one of reviews, python_stdlib" in " ".join(result.output.split())

