@@ -126,14 +126,14 @@ def main() -> None:
 
     from sieve_cli.evaluate import prepare
     from sieve_cli.models import load_model, smollm2_gguf
-    from sieve_cli.tasks import DEFAULT_TASK, bind_task
+    from sieve_cli.tasks import STDLIB_TASK, bind_task
     from sieve_cli.workspace import Workspace
 
     model, tokenizer = load_model(smollm2_gguf())
     print(f"SmolLM2-135M, float32, CPU, {args.threads} thread(s), batch {args.batch_size}")
     prepared = {}
     for name, path, limit in (("sst2 4-shot (multiple_choice)", SST2, args.limit),
-                              ("python_stdlib (text_modelling)", DEFAULT_TASK, args.text_limit)):
+                              ("python_stdlib (text_modelling)", STDLIB_TASK, args.text_limit)):
         bound = bind_task(Workspace(tempfile.mkdtemp(prefix="bench-eval-")), path, data_root=args.data_root)
         prepared[name] = prepare(bound, "search", tokenizer, limit=limit)
         side_by_side(name, model, prepared[name], args.batch_size, args.repeats)

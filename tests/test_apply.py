@@ -207,10 +207,10 @@ def test_saved_model_scores_what_search_scored_in_memory(ws, tiny_dir, tmp_path)
     """The acceptance check: the metric of OUT on the search split equals the in-memory pruned model's."""
     from sieve_cli.evaluate import EvalOptions, evaluate, prepare, run_eval
     from sieve_cli.fit import load_factors
-    from sieve_cli.tasks import DEFAULT_TASK, bind_task
+    from sieve_cli.tasks import STDLIB_TASK, bind_task
 
     plan = write_plan(ws, KEPT)
-    bound = bind_task(ws, DEFAULT_TASK)
+    bound = bind_task(ws, STDLIB_TASK)
     model, tokenizer = load_model(tiny_dir)
     prepared = prepare(bound, "search", tokenizer, limit=12)
     prune_in_memory(model, plan_ranks(plan), load_factors(ws, "output"))

@@ -1,4 +1,6 @@
-"""`sieve demo` on the real SmolLM2 (slow): it completes and what it prints is what WS/eval holds."""
+"""`sieve demo` on the real SmolLM2 (slow): it completes, what it prints is what WS/eval holds, and it
+keeps the issue's promise on its narrow default task: >= 30% of the prunable parameters removed with the
+test-split drop within the 5% tolerance."""
 
 import json
 import re
@@ -29,5 +31,10 @@ def test_demo_runs_and_prints_the_workspace_numbers(tmp_path, smollm2_gguf):
     # the pruned model holds the parameters the plan predicted, and the plan respected the tolerance
     applied = json.loads((ws / "apply" / "result.json").read_text())
     assert applied["params_after"] == plan["params"]["model_after"]
-    assert plan["metric"]["plan"] >= (1 - 0.25) * plan["metric"]["dense"]
+    assert plan["tolerance"] == 0.05 and plan["metric"]["plan"] >= (1 - 0.05) * plan["metric"]["dense"]
+    assert removed >= 0.30
+    assert pruned["value"] >= (1 - 0.05) * dense["value"]  # the tolerance holds on examples the search never saw
     assert re.search(r"pruned model: .*pruned", text)
+    report = ws / "report" / "report.html"
+    assert report.is_file() and f"report: {report}" in text
+    assert "sieve run MODEL --task my_task.yaml" in text and "sieve report -w ws" in text

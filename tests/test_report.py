@@ -157,6 +157,30 @@ def test_uniform_plan_says_there_is_no_bottleneck(tmp_path, tiny_dir):
     assert result.sections["tradeoff"] == "shown"
 
 
+def test_uniform_plan_sentence_names_its_kept_fraction_not_a_most_or_least(tmp_path, tiny_dir):
+    ws = base_workspace(tmp_path / "ws", tiny_dir)
+    plan = run_search(ws, SearchOptions(strategy="uniform", tolerance=0.05), scorer=synthetic_scorer(ws))
+    for i, m in enumerate(plan["matrices"].values()):  # as rank rounding does on SmolLM2 (19.4% to 19.8%)
+        m["kept"] -= 0.002 * (i % 3)
+    (sentence,) = describe_plan(plan)
+    params = [(m["params_after"], m["params_before"]) for m in plan["matrices"].values()]
+    weighted = sum(a for a, _ in params) / sum(b for _, b in params)
+    assert f"keeps about {weighted:.0%} of its parameters" in sentence
+    assert "most" not in sentence and "least" not in sentence
+
+
+def test_adaptive_sentence_compares_kinds_only_where_they_differ(full_ws):
+    plan = json.loads(full_ws.plan_json.read_text())
+    for m in plan["matrices"].values():  # two levels: down kept whole, every other kind at half
+        m["kept"] = 1.0 if m["kind"] == "down" else 0.5
+    first = describe_plan(plan)[0]
+    assert first.startswith("The task needs down most (kept 100% of their parameters) and ")
+    assert first.endswith("least (50% and 50%).") and "down and" not in first
+    for m in plan["matrices"].values():  # equal averages per kind: no kind stands out
+        m["kept"] = 0.3 if m["block"] == 0 else 0.7
+    assert describe_plan(plan)[0] == "Every kind of matrix keeps 50% of its parameters on average, so no kind stands out."
+
+
 def test_missing_fit_and_history_are_skipped_with_a_note(tmp_path, tiny_dir):
     ws = base_workspace(tmp_path / "ws", tiny_dir)
     run_search(ws, SearchOptions(strategy="uniform"), scorer=synthetic_scorer(ws))

@@ -10,7 +10,7 @@ import yaml
 
 from sieve_cli.errors import InputError, MissingStageError, StaleStageError, TaskError
 from sieve_cli.tasks import (
-    DEFAULT_TASK,
+    STDLIB_TASK,
     SplitOptions,
     bind_task,
     load_bound_task,
@@ -235,7 +235,7 @@ def test_stdlib_task_is_split_by_file(tmp_path):
     assert len(records) > 200 and "os.py" in paths and len(set(paths)) == len(paths)
     assert not any("/test/" in f"/{p}" or p.split("/")[-1].startswith("test_") for p in paths)
     assert all(200 <= len(r["text"]) <= 1200 for r in records)
-    bound = bind_task(Workspace(tmp_path / "ws"), DEFAULT_TASK)
+    bound = bind_task(Workspace(tmp_path / "ws"), STDLIB_TASK)
     assert bound.output_type == "text_modelling"
     assert set(bound.ids("test")) <= set(paths) and bound.split["counts"]["search"] == min(200, round(0.25 * len(records)))
     assert bound.texts("search")[0] == bound.records[bound.ids("search")[0]]["text"]

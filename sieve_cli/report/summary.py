@@ -25,20 +25,18 @@ def describe_plan(plan: dict) -> list[str]:
     values = grid[~np.isnan(grid)]
     if values.size == 0:
         return ["The plan holds no matrices."]
-    if np.allclose(values, values[0]):
-        what = "stays dense" if values[0] >= 1 else f"keeps {values[0]:.0%} of its parameters"
+    # a uniform plan's kept fractions differ only by rounding to whole ranks: no matrix is "needed more"
+    if plan.get("strategy") == "uniform" or np.allclose(values, values[0]):
+        kept = 1 - float(plan["params"]["removed_fraction_prunable"]) if "params" in plan else float(values.mean())
+        what = "stays dense" if kept >= 1 else f"keeps about {kept:.0%} of its parameters (one fraction for all, rounded to whole ranks)"
         return [f"Uniform plan: every matrix {what}, so the map shows no bottleneck; "
                 f"`sieve search --strategy adaptive` finds which matrices the task needs."]
     weights = _param_grid(plan, blocks, kinds)
     by_kind = _weighted_mean(grid, weights, axis=1)
     by_block = _weighted_mean(grid, weights, axis=0)
-    order = np.argsort(by_kind)
-    most, least = order[::-1][:2], order[:2]
     dense = int(np.sum(values >= 1.0))
     findings = [
-        f"The task needs {_join(kinds[i] for i in most)} most (kept {_join(f'{by_kind[i]:.0%}' for i in most)} "
-        f"of their parameters) and {_join(kinds[i] for i in least)} least "
-        f"({_join(f'{by_kind[i]:.0%}' for i in least)}).",
+        kinds_sentence(kinds, by_kind),
         f"{dense} of {values.size} matrices stay dense" + (f": {_dense_list(blocks, kinds, grid)}." if 0 < dense <= 8 else "."),
     ]
     if len(blocks) >= 4:
@@ -48,6 +46,20 @@ def describe_plan(plan: dict) -> list[str]:
     else:
         findings.append("By block: " + ", ".join(f"block {b} keeps {v:.0%}" for b, v in zip(blocks, by_block)) + ".")
     return findings
+
+
+def kinds_sentence(kinds: list[str], by_kind: np.ndarray) -> str:
+    """Which kinds the task needs most and least, comparing the whole percentages the sentence prints:
+    a kind is "most" only above the lowest, "least" only below the highest, never both."""
+    percent = {k: int(round(v * 100)) for k, v in zip(kinds, by_kind) if not np.isnan(v)}
+    high, low = max(percent.values()), min(percent.values())
+    if high == low:
+        return f"Every kind of matrix keeps {high}% of its parameters on average, so no kind stands out."
+    ranked = sorted(percent, key=lambda k: -percent[k])  # stable: table order among equals
+    most = [k for k in ranked if percent[k] > low][:2]
+    least = [k for k in reversed(ranked) if percent[k] < high and k not in most][:2]
+    return (f"The task needs {_join(most)} most (kept {_join(f'{percent[k]}%' for k in most)} of their parameters) "
+            f"and {_join(least)} least ({_join(f'{percent[k]}%' for k in least)}).")
 
 
 def _param_grid(plan: dict, blocks: list[int], kinds: list[str]) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Reading a task's records: local data files, a Hugging Face dataset, or the built-in stdlib task.
+"""Reading a task's records: local data files, a Hugging Face dataset, or a built-in generator (`GENERATED`).
 
 Local files (`dataset_path: csv | json | text | parquet`) are read by `datasets`' own packaged
 builders, so the `dataset_kwargs` users know from lm-evaluation-harness task files work
@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..builtin_tasks.reviews import review_records
 from ..errors import TaskError
 from ..files import sha256_file, sha256_json
 from .spec import DATA_ROOT_ENV, Task
@@ -31,8 +32,8 @@ STDLIB = "python_stdlib"
 def read_records(task: Task, split: str | None = None) -> list[dict]:
     """The records of one dataset split (`task.split` by default), each a dict of fields."""
     split = split or task.split
-    if task.dataset_path == STDLIB:
-        return stdlib_records(**task.dataset_kwargs)
+    if task.dataset_path in GENERATED:
+        return GENERATED[task.dataset_path](**task.dataset_kwargs)
     if task.dataset_path in LOCAL_BUILDERS:
         records = []
         for path in data_files_of(task, split):
@@ -72,7 +73,7 @@ def reads_same_data(task: Task, split_a: str | None, split_b: str | None) -> boo
         return True
     if task.dataset_path in LOCAL_BUILDERS:
         return data_files_of(task, split_a) == data_files_of(task, split_b)
-    return task.dataset_path == STDLIB
+    return task.dataset_path in GENERATED
 
 
 def data_fingerprint(task: Task, records: list[dict] | None = None) -> dict[str, str]:
@@ -221,3 +222,9 @@ def stdlib_records(max_chars: int = 1200, min_chars: int = 200) -> list[dict[str
             text = text[: cut + 1 if cut > max_chars // 2 else max_chars]
         records.append({"path": rel.as_posix(), "text": text})
     return records
+
+
+
+# Datasets built in code rather than read from files: dataset_path -> records function,
+# called with the task's dataset_kwargs.
+GENERATED = {STDLIB: stdlib_records, "synthetic_reviews": review_records}

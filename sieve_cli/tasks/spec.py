@@ -29,7 +29,11 @@ import yaml
 from ..errors import InputError, TaskError
 from ..files import sha256_json
 
-DEFAULT_TASK = Path(__file__).resolve().parent.parent / "builtin_tasks" / "python_stdlib.yaml"
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin_tasks"
+# Task files that need no data (their records are generated): name -> file. The first is the default.
+BUILTIN_TASKS = {"reviews": BUILTIN_DIR / "reviews.yaml", "python_stdlib": BUILTIN_DIR / "python_stdlib.yaml"}
+DEFAULT_TASK = BUILTIN_TASKS["reviews"]
+STDLIB_TASK = BUILTIN_TASKS["python_stdlib"]
 DATA_ROOT_ENV = "SIEVE_DATA_ROOT"
 OUTPUT_TYPES = ("multiple_choice", "generate_until", "text_modelling")
 # How few-shot demonstrations are drawn (`fewshot_config: {sampler: ...}`): lm-eval's
