@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import InputError
+from .files import sha256_file
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -91,13 +92,14 @@ class FactorSet:
             file = shard_name(self.blocks.get(name))
             tensors = shards.setdefault(file, {})
             entries[name] = self._store_matrix(name, tensors, dtype, lean) | {"file": file}
-        written = []
+        written, hashes = [], {}
         for file, tensors in shards.items():
             save_file(tensors, str(index.parent / file), metadata={"method": self.method})
             written.append(index.parent / file)
+            hashes[file] = sha256_file(index.parent / file)
         stored = next((t.dtype for ts in shards.values() for t in ts.values()), dtype or torch.float32)
         body = {"format": INDEX_FORMAT, "method": self.method, "dtype": str(stored).removeprefix("torch."),
-                "lean": lean, "matrices": entries}
+                "lean": lean, "matrices": entries, "shards": hashes}
         tmp = index.with_suffix(".tmp")
         tmp.write_text(json.dumps(body, indent=1))
         tmp.replace(index)
@@ -137,6 +139,7 @@ class StoredFactors(FactorSet):
         body = _read_index(index)
         super().__init__(method=body["method"])
         self.folder, self.index, self.cache = index.parent, body["matrices"], cache
+        self.hashes: dict[str, str] = body.get("shards", {})  # shard file -> sha256, checked on first open
         self.stored_dtype = getattr(torch, body["dtype"])
         self.device: torch.device = torch.device("cpu")
         self.dtype: torch.dtype | None = None  # None: as stored
@@ -222,6 +225,10 @@ class StoredFactors(FactorSet):
         file = self.folder / shard
         if not file.exists():
             raise InputError(f"factor shard {file} is missing; rerun `sieve fit -w WS --method {self.method} --force`")
+        if file.name not in self._opened and file.name in self.hashes and sha256_file(file) != self.hashes[file.name]:
+            # a damaged shard would otherwise give a model with other weights and exit 0
+            raise InputError(f"factor shard {file} does not match the hash its fit recorded (damaged or replaced); "
+                             f"rerun `sieve fit -w WS --method {self.method} --force`")
         self._opened.add(file.name)
         with safe_open(str(file), framework="pt") as f:
             return {k: f.get_tensor(k).to(self.device, self.dtype or self.stored_dtype)

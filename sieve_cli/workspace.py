@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+CHECKED_BYTES = 16 << 20  # files up to this size are re-hashed whenever a later stage requires their stage
 
 
 class Stage:
@@ -208,7 +209,33 @@ class Workspace:
                 f"{self.root / missing[0]}, written by the {stage} stage, is missing; "
                 f"run `{self.command_for(stage)} --force` to rebuild it"
             )
+        changed = self.changed_files(manifest)
+        if changed:
+            raise WorkspaceError(
+                f"{self.root / changed[0]} is not what the {stage} stage wrote (damaged or edited since); "
+                f"run `{self.command_for(stage)} --force` to rebuild it"
+            )
         return manifest
+
+    def changed_files(self, manifest: dict) -> list[str]:
+        """Listed files whose size or content hash differs from the manifest's record.
+
+        Sizes are checked for every file; content hashes for files up to CHECKED_BYTES (plans,
+        manifests of matrices, splits, spectra, factor indexes: the small files whose silent
+        corruption would change what later stages do). Large files carry their own checks
+        (factor shards are hashed when first read).
+        """
+        files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+        changed = []
+        for name, record in files.items():
+            path = self.root / name
+            if not isinstance(record, dict) or record.get("kind") != "file" or not path.is_file():
+                continue
+            size = path.stat().st_size
+            if size != record.get("bytes") or (
+                    size <= CHECKED_BYTES and "sha256" in record and sha256_file(path) != record["sha256"]):
+                changed.append(name)
+        return changed
 
     def missing_files(self, manifest: dict) -> list[str]:
         """The files a manifest lists that are no longer in the workspace."""

@@ -153,3 +153,18 @@ def test_old_single_file_workspace_names_the_refit(fitted, tmp_path):
     (old / "factors.safetensors").write_bytes(b"")
     with pytest.raises(InputError, match="sieve fit --force"):
         FactorSet.load(old / "factors.json")
+
+
+def test_a_damaged_shard_of_the_same_size_is_refused_not_used(tmp_path):
+    """Garbled factor bytes would give an applied model with other weights and exit 0: the index's hash catches it."""
+    fs = FactorSet("output")
+    fs.full["m"] = (torch.randn(8, 8), torch.randn(8, 8))
+    fs.blocks["m"] = 0
+    index = tmp_path / "factors.json"
+    fs.save(index)
+    shard = tmp_path / shard_name(0)
+    data = bytearray(shard.read_bytes())
+    data[-8:] = bytes(8 - b % 8 for b in data[-8:])  # same length, other bytes in the tensor data
+    shard.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="does not match the hash its fit recorded"):
+        FactorSet.load(index).pair("m", 2)

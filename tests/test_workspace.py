@@ -131,3 +131,19 @@ def test_a_plan_rank_of_true_is_refused_not_read_as_one():
     with pytest.raises(InputError, match="rank of m must be a non-negative integer"):
         Plan.parse({"method": "output", "matrices": {"m": {"rank": True}}})
     assert Plan.parse({"method": "output", "matrices": {"m": {"rank": 3}, "n": {"rank": None}}}).ranks() == {"m": 3, "n": None}
+
+
+def test_a_file_edited_after_its_stage_finished_is_refused_in_one_line(tmp_path):
+    """A plan garbled in place (valid JSON, other ranks) must not be executed silently."""
+    from sieve_cli.errors import WorkspaceError
+    from sieve_cli.files import write_json_atomic
+
+    ws = Workspace(tmp_path / "ws")
+    inputs = {"options": {}}
+    ws.begin("search", inputs)
+    write_json_atomic(ws.plan_json, {"method": "output", "matrices": {"m": {"rank": 12}}})
+    ws.finish("search", inputs, [ws.plan_json])
+    ws.require("search")
+    ws.plan_json.write_text(ws.plan_json.read_text().replace("12", "13"))  # same size, other content
+    with pytest.raises(WorkspaceError, match=r"plan\.json is not what the search stage wrote.*--force"):
+        ws.require("search")
