@@ -126,6 +126,7 @@ def run_fit(ws: Workspace, options: FitOptions, force: bool = False, model: nn.M
         matrices, weight = workspace_matrices(ws), _file_weights(ws)
     started = time.perf_counter()
     training: dict = {}
+    ws.verify_folder(Stage.CAPTURE, ws.capture_store)  # a garbled chunk would give a fit of garbage
     factors, spectrum = fit_matrices(matrices, ws.capture_store, weight, options, training)
     return _write_fit(ws, stage, inputs, options, factors, spectrum, matrices, time.perf_counter() - started,
                       load_seconds, mode, training)

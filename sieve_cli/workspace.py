@@ -217,6 +217,23 @@ class Workspace:
             )
         return manifest
 
+    def verify_folder(self, stage: str, folder: Path) -> None:
+        """Every file of `folder` (e.g. the capture store) has the content `stage` recorded: one line if not.
+
+        Called once by the stage that reads the folder whole, since hashing it is not free.
+        """
+        record = (self.require(stage).get("files") or {}).get(str(Path(folder).relative_to(self.root)))
+        recorded = record.get("sha256") if isinstance(record, dict) else None
+        if not isinstance(recorded, dict):
+            return  # written before folders were hashed
+        for name, digest in recorded.items():
+            path = Path(folder) / name
+            if not path.is_file() or sha256_file(path) != digest:
+                raise WorkspaceError(
+                    f"{path} is not what the {stage} stage wrote (damaged or edited since); "
+                    f"run `{self.command_for(stage)} --force` to rebuild it"
+                )
+
     def changed_files(self, manifest: dict) -> list[str]:
         """Listed files whose size or content hash differs from the manifest's record.
 
@@ -229,6 +246,11 @@ class Workspace:
         changed = []
         for name, record in files.items():
             path = self.root / name
+            if isinstance(record, dict) and record.get("kind") == "dir" and path.is_dir():
+                now = _describe_file(path, hashes=False)
+                if (now["files"], now["bytes"]) != (record.get("files"), record.get("bytes")):
+                    changed.append(name)  # a store with a chunk deleted, added or cut
+                continue
             if not isinstance(record, dict) or record.get("kind") != "file" or not path.is_file():
                 continue
             size = path.stat().st_size
@@ -398,8 +420,13 @@ def describe_changes(old: dict, new: dict) -> str:
     return "changed " + "; ".join(parts)
 
 
-def _describe_file(path: Path) -> dict:
+def _describe_file(path: Path, hashes: bool = True) -> dict:
+    """What a manifest records of a file (size, sha256) or a folder (file count, bytes, and the
+    sha256 of every file in it, which `Workspace.verify_folder` checks before the folder is read)."""
     if path.is_dir():
-        files = [p for p in path.rglob("*") if p.is_file()]
-        return {"kind": "dir", "files": len(files), "bytes": sum(p.stat().st_size for p in files)}
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        record = {"kind": "dir", "files": len(files), "bytes": sum(p.stat().st_size for p in files)}
+        if hashes:
+            record["sha256"] = {str(p.relative_to(path)): sha256_file(p) for p in files}
+        return record
     return {"kind": "file", "bytes": path.stat().st_size, "sha256": sha256_file(path)}

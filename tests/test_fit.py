@@ -198,3 +198,19 @@ def test_smollm2_output_fit_on_one_block(smollm2_gguf, tmp_path):
         basis = output_basis(W, C)
         ref = reference_relative(W.numpy(), C.numpy())
         np.testing.assert_allclose(basis.relative().numpy(), ref, atol=1e-8)
+
+
+def test_a_garbled_capture_chunk_is_refused_before_fitting(tmp_path, tiny_dir):
+    """Same-size garbage in a Gram chunk would give a fit of garbage with exit 0: the recorded hashes catch it."""
+    from sieve_cli.errors import SieveError
+
+    ws, _ = make_workspace(tmp_path / "ws", tiny_dir)
+    chunks = sorted(p for p in ws.capture_store.rglob("*") if p.is_file() and "gram" in p.parts and p.name != "zarr.json")
+    data = bytearray(chunks[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunks[0].write_bytes(bytes(data))
+    with pytest.raises(SieveError, match="is not what the capture stage wrote"):
+        run_fit(ws, FitOptions(method="output"))
+    chunks[0].unlink()  # a deleted chunk is caught by the cheap size/count check of every later stage
+    with pytest.raises(SieveError, match="stats.zarr is not what the capture stage wrote"):
+        ws.require("capture")
