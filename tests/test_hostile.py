@@ -402,7 +402,7 @@ def test_sieve_cache_pointing_at_a_file_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF pretend")
-    one_line_error(cli("discover", gguf, "-w", tmp_path / "ws"), "SIEVE_CACHE")
+    one_line_error(cli("discover", gguf, "-w", tmp_path / "ws"), "is a file, not a folder; point SIEVE_CACHE at a folder")
 
 
 # ==== misleading messages ===============================================================================================
