@@ -174,9 +174,9 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def pad_batch(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and the attention mask; right padding leaves real tokens' activations
-    unchanged in a causal model."""
+def pad_batch(sequences, pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and the attention mask (1 on real tokens); right padding leaves real
+    tokens' activations unchanged in a causal model. Capture and the evaluator's suffixes use it."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from . import progress
+from .accumulate import pad_batch
 
 # Below this many shared tokens (a BOS, a common first word) the prefix pass and the per-batch
 # cache copies are not worth a second code path; a few-shot prompt shares tens to hundreds.
@@ -82,17 +83,6 @@ def left_pad(rows: list[tuple[int, ...]], pad_id: int, device: torch.device):
         mask[i, width - len(row) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), positions.to(device)
-
-
-def right_pad(rows: list[tuple[int, ...]], pad_id: int, device: torch.device):
-    """Right-padded ids and their attention mask (1 on real tokens)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _longest_span(seq: Sequence) -> int:
@@ -195,7 +185,7 @@ def _prefix_runner(model, prefix: tuple[int, ...], pad_id: int):
 
     def run(rows: list[Sequence], keep: int) -> torch.Tensor:
         suffixes = [s.tokens[n:] for s in rows]
-        ids, suffix_mask = right_pad(suffixes, pad_id, device)
+        ids, suffix_mask = pad_batch(suffixes, pad_id, device)
         width = ids.shape[1]
         mask = torch.cat([torch.ones((len(rows), n), dtype=torch.long, device=device), suffix_mask], dim=1)
         positions = torch.arange(n, n + width, device=device)[None].expand(len(rows), width)
