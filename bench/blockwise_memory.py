@@ -163,10 +163,7 @@ def full_size_estimates() -> None:
               f"({full['capture'].describe()}; {full['fit'].describe()})")
         block = full["blockwise"]
         print(f"    {block.describe()}")
-        # the factors term is today's single factors.safetensors written at the end (2x every
-        # full-rank float32 basis); with factors written per block (issue 12, item 3) it is one block's
-        one_block = block.parts["factors"] // 2 // config.num_hidden_layers
-        print(f"    with per-block factor files: {gib(block.total - block.parts['factors'] + 2 * one_block)}")
+        print("    (factors: lean, break-even rank in bf16, merged and written per block at the end; counted twice)")
 
 
 # ---- part smollm2 ---------------------------------------------------------------------------
