@@ -37,7 +37,7 @@ from . import memory, progress
 from .accumulate import Accumulators, BatchRows, PlannedBatch, SiteHooks, backbone_of, pad_batch, plan_batches
 from .discover import workspace_model_source
 from .errors import InputError, ModelLoadError
-from .factors import FactorSet
+from .factors import INDEX_FORMAT, FactorSet
 from .files import read_json, sha256_json, write_json_atomic
 from .matrices import Matrix, decoder_blocks, find_matrices, sites_of
 from .models import check_fits_positions, meta_model, safetensors_folder, torch_dtype
@@ -453,15 +453,23 @@ def _save_block(work: Path, index: int, method: str, part: FactorSet, spectrum: 
 
 
 def _merge_blocks(work: Path, blocks: list[int], method: str) -> tuple[FactorSet, dict]:
-    factors, spectrum = FactorSet(method), {}
+    """Every block's factors as one lazily read set (one index over the blocks' shards), and the spectra.
+
+    Nothing is loaded: memory holds one block's factors at a time, from the fit of a block to
+    the fit's files (`StoredFactors.save` copies the shards).
+    """
+    entries, hashes, spectrum, dtype = {}, {}, {}, "float32"
     for index in blocks:
         path = _block_file(work, index, method)
-        part = FactorSet.load(path).load_all()
-        factors.full.update(part.full)
-        factors.fixed.update(part.fixed)
-        factors.blocks.update({name: index for name in part.names()})
+        body = json.loads(path.read_text())
+        entries.update(body["matrices"])
+        hashes.update(body.get("shards", {}))
+        dtype = body.get("dtype", dtype)
         spectrum.update(json.loads(path.with_suffix(".spectrum.json").read_text()))
-    return factors, spectrum
+    merged = work / method / "factors.json"
+    write_json_atomic(merged, {"format": INDEX_FORMAT, "method": method, "dtype": dtype, "lean": True,
+                               "matrices": entries, "shards": hashes})
+    return FactorSet.load(merged), spectrum
 
 
 # ---- the stages' entry point ---------------------------------------------------------------------

@@ -16,6 +16,7 @@ reads the index only and opens a shard when one of its matrices is first asked f
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +189,29 @@ class StoredFactors(FactorSet):
                 f"refit with the levels you search, or use --method output"
             )
         return self._tensors(name, (f"{name}@{rank}.B", f"{name}@{rank}.A"))
+
+    def save(self, index: Path, dtype: torch.dtype | None = None, lean: bool = True) -> list[Path]:
+        """Copy this set's shards beside `index` and write its index there; returns every file written.
+
+        Nothing is loaded: the block-wise fit's per-block shards become the fit's files this way,
+        so its memory never holds every block's factors at once. The factors stay as stored (lean,
+        in their dtype): `dtype` and `lean` must not ask for anything else.
+        """
+        if (dtype is not None and dtype != self.stored_dtype) or not lean:
+            raise ValueError("stored factors are saved as they are stored")
+        index = Path(index)
+        written = []
+        for file in sorted({entry["file"] for entry in self.index.values()}):
+            target = index.parent / file
+            if (self.folder / file).resolve() != target.resolve():
+                shutil.copyfile(self.folder / file, target)
+            written.append(target)
+        body = {"format": INDEX_FORMAT, "method": self.method, "dtype": str(self.stored_dtype).removeprefix("torch."),
+                "lean": True, "matrices": self.index, "shards": self.hashes}
+        tmp = index.with_suffix(".tmp")
+        tmp.write_text(json.dumps(body, indent=1))
+        tmp.replace(index)
+        return [index, *written]
 
     def load_all(self) -> FactorSet:
         """Every matrix in memory as a plain FactorSet (tests, small models)."""

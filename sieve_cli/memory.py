@@ -195,9 +195,9 @@ def blockwise(shape: ModelShape, run: RunShape) -> Estimate:
     """Block-wise capture+fit: embeddings and one block's weights, one block's statistics,
     the hidden states entering and leaving the block, one matrix's fit, the factors.
 
-    The factors of finished blocks go to disk per block; at the end the blocks' lean factors
-    (break-even rank, model dtype) are merged and written as per-block shards: counted twice,
-    an upper bound on that merge.
+    The factors of each block (lean: break-even rank, model dtype) go to disk as that block's
+    shard as soon as it is fitted, and the fit's files are made by copying the shards: memory
+    holds one block's factors (counted twice: built, then written).
     """
     per_block_stats = max(statistics_bytes(shape.sites(b), run) for b in shape.blocks)
     nbytes = run.weight_bytes
@@ -205,13 +205,12 @@ def blockwise(shape: ModelShape, run: RunShape) -> Estimate:
         sum(factor_bytes(m.out_features, m.in_features, nbytes) for m in shape.matrices if m.block == b)
         for b in shape.blocks
     )
-    all_factors = sum(factor_bytes(m.out_features, m.in_features, nbytes) for m in shape.matrices)
     return Estimate("capture+fit, blockwise", {
         "weights": (shape.resident_params + shape.block_params()) * run.weight_bytes,
         "statistics": per_block_stats,
         "hidden cache": 2 * run.padded_tokens * shape.hidden * run.compute_bytes,
         "fit working set": max(fit_work_bytes(m.out_features, m.in_features) for m in shape.matrices),
-        "factors": max(per_block_factors, 2 * all_factors),
+        "factors": 2 * per_block_factors,
         "activations": activation_bytes(shape, run),
         **_runtime(run),
     })
