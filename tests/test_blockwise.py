@@ -17,6 +17,7 @@ from sieve_cli.blockwise import SafetensorsWeights, capture_and_fit, open_runner
 from sieve_cli.capture import CaptureOptions, capture_statistics, run_capture
 from sieve_cli.discover import DiscoverOptions, diagnose, run_discover
 from sieve_cli.errors import ModelLoadError
+from sieve_cli.factors import StoredFactors
 from sieve_cli.fit import FitOptions, fit_model, fit_site, load_factors, load_spectrum, run_fit
 from sieve_cli.memory import MemoryBudgetError, parse_bytes
 from sieve_cli.models import load_model, meta_model
@@ -94,6 +95,8 @@ def test_blockwise_statistics_and_factors_equal_in_memory(folders, family, tmp_p
         torch.testing.assert_close(got[site].gram, ref[site].gram, rtol=1e-10, atol=1e-10)
         assert torch.equal(got[site].samples, ref[site].samples) and got[site].tokens == ref[site].tokens == sum(LENGTHS)
     blockwise = result.factors["output"]
+    # the blocks' factors are merged by index, not loaded: nothing has been read back yet
+    assert isinstance(blockwise, StoredFactors) and blockwise.files_read() == set()
     assert sorted(blockwise.names()) == sorted(factors.names())
     for name in factors.names():
         np.testing.assert_allclose(result.spectra["output"][name], spectrum[name], atol=1e-9)
