@@ -163,7 +163,7 @@ def full_size_estimates() -> None:
               f"({full['capture'].describe()}; {full['fit'].describe()})")
         block = full["blockwise"]
         print(f"    {block.describe()}")
-        print("    (factors: lean, break-even rank in bf16, merged and written per block at the end; counted twice)")
+        print("    (factors: lean, break-even rank in bf16, one block held at a time: each goes to its shard when fitted)")
 
 
 # ---- part smollm2 ---------------------------------------------------------------------------
