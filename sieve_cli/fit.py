@@ -52,7 +52,6 @@ from .workspace import Stage, Workspace
 
 log = logging.getLogger(__name__)
 
-METHODS = FIT_METHODS
 TRAINING_FILE = "training.json"  # learned only: steps and the optimum per trained rank
 
 
@@ -74,8 +73,8 @@ def stored_dtype(options: FitOptions, weight: torch.Tensor) -> torch.dtype:
 
 
 def _require_fit(ws: Workspace, method: str) -> dict:
-    if method not in METHODS:
-        raise InputError(f"unknown fit method {method!r}; use one of {', '.join(METHODS)}")
+    if method not in FIT_METHODS:
+        raise InputError(f"unknown fit method {method!r}; use one of {', '.join(FIT_METHODS)}")
     manifest = ws.read_manifest(ws.fit_stage(method))
     if manifest is None or not manifest.get("complete"):
         raise MissingStageError(
@@ -382,5 +381,5 @@ def _mean(values: list[float]) -> float:
     return math.fsum(values) / len(values) if values else float("nan")
 
 
-__all__ = ["EmptySiteError", "FitOptions", "METHODS", "fit_matrices", "fit_model", "fit_site", "load_factors",
+__all__ = ["EmptySiteError", "FitOptions", "fit_matrices", "fit_model", "fit_site", "load_factors",
            "load_spectrum", "record_blockwise_fit", "run_fit"]

@@ -313,9 +313,6 @@ class GAConfig:
             raise InputError("--population must be >= 2, --generations >= 0 and --patience >= 1")
 
 
-GA_CLI_FIELDS = ("population", "generations", "patience", "seed")
-
-
 @dataclass(frozen=True)
 class SearchOptions:
     strategy: str = opt("uniform", "uniform: one kept fraction p for every matrix, binary search (about 8 "

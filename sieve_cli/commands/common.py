@@ -27,7 +27,7 @@ from rich.console import Console
 
 from .. import progress
 from ..errors import SieveError
-from ..options import default_workspace
+from ..options import cli_fields, default_workspace
 from ..units import count as human  # noqa: F401 - the commands print counts through it
 from ..units import file_size  # noqa: F401 - and byte sizes
 
@@ -228,7 +228,7 @@ def _required(cls: type) -> list[dataclasses.Field]:
 
 def _fixed(group: Group) -> dict:
     """A command's defaults for fields it does not expose as options (the demo's fixed settings)."""
-    exposed = {f.name for f in dataclasses.fields(group.cls) if "help" in f.metadata and group.wanted(f.name)}
+    exposed = {f.name for f in cli_fields(group.cls) if group.wanted(f.name)}
     return {k: v for k, v in group.defaults.items() if k not in exposed}
 
 
