@@ -62,10 +62,21 @@ class Scorer:
     score: Callable[[Ranks], "Measurement | float"]
     metric: str = "metric"
     examples: int | None = None
+    # scores a batch of allocations at once (a pool of workers); None: one after another
+    score_many: Callable[[list[Ranks]], "list[Measurement | float]"] | None = None
 
     def __call__(self, ranks: Ranks) -> Measurement:
-        result = self.score(ranks)
-        return result if isinstance(result, Measurement) else Measurement(float(result))
+        return as_measurement(self.score(ranks))
+
+    def many(self, batch: list[Ranks]) -> list[Measurement]:
+        """Measurements of `batch`, in its order: the seam where a pool of workers takes over."""
+        if self.score_many is None or len(batch) < 2:
+            return [self(ranks) for ranks in batch]
+        return [as_measurement(r) for r in self.score_many(batch)]
+
+
+def as_measurement(result) -> Measurement:
+    return result if isinstance(result, Measurement) else Measurement(float(result))
 
 
 def swapping_scorer(model, factors: FactorSet, measure: Callable[[object], "Measurement | float"],
@@ -172,12 +183,21 @@ class Evaluations:
         return tuple(ranks[t.name] for t in self.targets)
 
     def metric(self, kept: list[float], record: dict) -> float:
-        ranks = ranks_for(self.targets, kept, self.factors)
-        key = self.key(ranks)
-        if key not in self.memo:
-            self.memo[key] = self.log(self.scorer(ranks), ranks, record, self.dense)
+        return self.metrics([kept], [record])[0]
+
+    def metrics(self, kepts: list[list[float]], records: list[dict]) -> list[float]:
+        """Judged values of a batch of allocations; the ones not memoised are scored together
+        (`Scorer.many`: in parallel where the scorer has a pool) and logged in the batch's order."""
+        ranks = [ranks_for(self.targets, kept, self.factors) for kept in kepts]
+        todo: dict[tuple, int] = {}  # new key -> its first position in the batch
+        for i, r in enumerate(ranks):
+            if self.key(r) not in self.memo:
+                todo.setdefault(self.key(r), i)
+        measured = self.scorer.many([ranks[i] for i in todo.values()])
+        for i, m in zip(todo.values(), measured, strict=True):
+            self.memo[self.key(ranks[i])] = self.log(m, ranks[i], records[i], self.dense)
             self.scored += 1
-        return self.memo[key][1]
+        return [self.memo[self.key(r)][1] for r in ranks]
 
     def point(self, kept: list[float]) -> float:
         return self.memo[self.key(ranks_for(self.targets, kept, self.factors))][0]
@@ -401,9 +421,9 @@ def search_adaptive(ws, evals: Evaluations, options: SearchOptions, targets, fac
     current = {"generation": 0 if state is None else state["generation"] + 1}  # the one being scored
 
     def evaluate(genomes):
-        return [evals.metric([levels[g] for g in genome], {"strategy": "adaptive", "generation": current["generation"],
-                                                            "genome": [levels[g] for g in genome]})
-                for genome in genomes]
+        kepts = [[levels[g] for g in genome] for genome in genomes]
+        return evals.metrics(kepts, [{"strategy": "adaptive", "generation": current["generation"], "genome": kept}
+                                     for kept in kepts])
 
     tick = [time.perf_counter()]
     with progress.bar("adaptive search (generations)", total=options.ga.generations + 1,

@@ -231,3 +231,20 @@ def test_both_strategies_on_real_smollm2(smollm2_gguf, data_root, tmp_path):
     restore = prune_in_memory(model, plan_ranks(adaptive), load_factors(ws, "output"))
     assert evaluate(model, prepared, show_progress=False).value == adaptive["metric"]["plan"]
     restore()
+
+
+def test_batched_scorer_gives_the_serial_plan_and_history(ws, tmp_path):
+    """A scorer with a pool (`score_many`) gets each generation's new candidates in one batch,
+    and the plan and history equal the one-at-a-time search's."""
+    options = SearchOptions(strategy="adaptive", ga=GAConfig(population=6, generations=2, patience=2, seed=3))
+    serial = run_search(ws, options, scorer=synthetic_scorer(ws))
+    serial_history = history(ws)
+
+    batches = []
+    pooled = synthetic_scorer(ws)
+    pooled.score_many = lambda batch: (batches.append(len(batch)), [pooled.score(r) for r in batch])[1]
+    again = run_search(ws, options, force=True, scorer=pooled)
+    strip = lambda plan: {k: v for k, v in plan["search"].items() if k not in ("seconds",)}  # noqa: E731
+    assert again["matrices"] == serial["matrices"] and strip(again) == strip(serial)
+    assert history(ws) == serial_history
+    assert max(batches) > 1  # a generation's new candidates really went to the pool together
