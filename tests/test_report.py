@@ -254,3 +254,18 @@ def test_report_on_the_real_pipeline(tiny_dir, tmp_path):
     assert "counted by apply" in page
     for path in result.images:
         assert_png_has_content(path)
+
+
+def test_part_rows_put_dense_beside_the_plan_on_each_part():
+    from sieve_cli.report.page import part_rows
+    from sieve_cli.report.read import Score
+
+    scores = [Score("dense (test split)", 0.80, n=300), Score("pruned (test split)", 0.76, n=300),
+              Score("dense (search split)", 0.75, n=200), Score("plan (search split)", 0.75, n=200),
+              Score("dense (confirm split)", 0.70, n=150), Score("plan (confirm split)", 0.77, n=150),
+              Score("model other (test split)", 0.1)]
+    rows = part_rows(scores)
+    assert [r[0] for r in rows] == ["search", "confirm", "test"]
+    assert rows[2] == ("test", "0.8", "0.76", "-5.0%", 300)
+    assert rows[1][3] == "+10.0%" and rows[0][3] == "+0.0%"
+    assert part_rows(scores[2:4]) == [("search", "0.75", "0.75", "+0.0%", 200)]  # no eval yet: no test row

@@ -23,7 +23,18 @@ from ..files import write_text_atomic
 from ..options import ReportOptions
 from ..workspace import Stage, Workspace
 from .figures import heatmap_figure, metric_figure, spectra_figure, tradeoff_figure
-from .page import image_tag, note, options_rows, plan_sentence, render_html, score_rows, section, summary_rows, table
+from .page import (
+    image_tag,
+    note,
+    options_rows,
+    part_rows,
+    plan_sentence,
+    render_html,
+    score_rows,
+    section,
+    summary_rows,
+    table,
+)
 from .read import ReportInputError, collect
 from .summary import describe_plan, kept_grid, pareto_front
 
@@ -70,6 +81,7 @@ def run_report(ws: Workspace, options: ReportOptions) -> ReportResult:
     body = figure("metric", metric_figure(data.scores, metric["name"], threshold), "dense vs pruned metric")
     body = (note(data.notes["metric"]) if "metric" in data.notes else "") + body
     body += table(score_rows(data.scores), (metric["name"], "value", "95% interval", "examples"))
+    body += table(part_rows(data.scores), ("split part", "dense", "plan", "relative change", "examples"))
     body += f"<p>{html.escape(plan_sentence(plan, threshold))}</p>"
     body += table(summary_rows(data), ("", "before", "after", "change"))
     body += note(data.notes["apply"]) if "apply" in data.notes else ""

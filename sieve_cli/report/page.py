@@ -65,6 +65,27 @@ def score_rows(scores: list[Score]) -> list[tuple]:
     return [(s.label, f"{s.value:.4g}", interval(s), s.n or "") for s in scores]
 
 
+def part_rows(scores: list[Score]) -> list[tuple]:
+    """Dense beside the plan on each split part: search (what chose it), confirm (what checked it), test
+    (what is reported). A model evaluated on a part shows there; a missing one is left blank."""
+    by_part: dict[str, dict[str, Score]] = {}
+    for s in scores:
+        who, _, part = s.label.partition(" (")
+        who = "plan" if who == "pruned" else who
+        if part.endswith(" split)") and who in ("dense", "plan"):
+            by_part.setdefault(part.removesuffix(" split)"), {})[who] = s
+    rows = []
+    for part in ("search", "confirm", "test"):
+        dense, plan = by_part.get(part, {}).get("dense"), by_part.get(part, {}).get("plan")
+        if dense is None and plan is None:
+            continue
+        change = f"{(plan.value - dense.value) / abs(dense.value):+.1%}" if dense and plan and dense.value else ""
+        n = (dense or plan).n or ""
+        rows.append((part, "" if dense is None else f"{dense.value:.4g}", "" if plan is None else f"{plan.value:.4g}",
+                     change, n))
+    return rows
+
+
 def summary_rows(data: Data) -> list[tuple]:
     """Parameters and sizes: the plan's prediction, and what apply counted when it ran."""
     p, a = data.plan["params"], data.applied

@@ -150,8 +150,12 @@ def read_scores(ws: Workspace, plan: dict, notes: dict) -> tuple[list[Score], Pa
                            f"for test-split scores with confidence intervals")
     metric = plan["metric"]
     split = metric.get("split", "search")
-    scores.append(Score(f"dense ({split} split)", float(metric["dense"])))
-    scores.append(Score(f"plan ({split} split)", float(metric["plan"])))
+    scores.append(Score(f"dense ({split} split)", float(metric["dense"]), n=plan.get("search", {}).get("examples")))
+    scores.append(Score(f"plan ({split} split)", float(metric["plan"]), n=plan.get("search", {}).get("examples")))
+    confirm = plan.get("search", {}).get("confirm")
+    if confirm:  # the examples that checked the plan after the search chose it
+        scores.append(Score("dense (confirm split)", float(confirm["dense"]), n=confirm.get("examples")))
+        scores.append(Score("plan (confirm split)", float(confirm["plan"]), n=confirm.get("examples")))
     return scores, pruned_dir
 
 
