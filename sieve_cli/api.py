@@ -25,7 +25,7 @@ from .factors import FactorSet
 from .files import sha256_json
 from .fit import fit_model, record_fit
 from .matrices import Matrix, find_matrices
-from .options import CaptureOptions, FitOptions, GAConfig, SearchOptions
+from .options import CaptureOptions, FitOptions, GAConfig, SearchOptions, check_quantize
 from .plan import Plan
 from .pruned import prune_in_memory, save_pruned
 from .search import find_plan, swapping_scorer
@@ -206,11 +206,16 @@ class TransformerPruner:
             self._restore = prune_in_memory(self.model, self.plan, self.factors)
         return self.model
 
-    def save_pruned_model(self, path: str | Path) -> dict:
-        """Save the pruned model (reload with `sieve_cli.load_pruned(path)`); returns its sieve.json."""
+    def save_pruned_model(self, path: str | Path, quantize: str | None = None) -> dict:
+        """Save the pruned model (reload with `sieve_cli.load_pruned(path)`); returns its sieve.json.
+
+        `quantize` ("int8") stores the linear weights quantised, as `sieve apply --quantize` does.
+        """
+        check_quantize(quantize)
         self.apply_pruning()
         identity = {"kind": "memory", "name": getattr(self.model.config, "_name_or_path", "")}
-        return save_pruned(self.model, path, self.plan.data, identity, self.tokenizer, self.config.fit_method)
+        return save_pruned(self.model, path, self.plan.data, identity, self.tokenizer, self.config.fit_method,
+                           quantize=quantize)
 
 
 __all__ = ["LLMSieveConfig", "TransformerPruner", "diagnose_model"]

@@ -126,6 +126,11 @@ def check_dtype(dtype: str | None, allow_none: bool = True) -> None:
         raise InputError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
 
 
+def quantize_opt() -> Any:
+    return opt(None, "Store the linear weights (dense and both factors) quantised: int8 (torchao weight-only, one "
+                     "scale per output row; needs sieve-cli[quantize]). The folder loads and evaluates like any other.")
+
+
 def check_quantize(scheme: str | None) -> None:
     if scheme is not None and scheme not in QUANTIZE_SCHEMES:
         raise InputError(f"--quantize {scheme!r} is not supported; choose one of: {', '.join(QUANTIZE_SCHEMES)}")
@@ -381,9 +386,7 @@ class ApplyOptions:
     dense_above: float = opt(1.0, "Store a planned matrix as the dense product B·A when it keeps more than this "
                                   f"fraction (same function, dense size, dense speed); {DENSE_ABOVE} is the CPU "
                                   "speed crossover (bench/pruned_speed.py). Default 1: factor every planned matrix.")
-    quantize: str | None = opt(None, "Store the linear weights (dense and both factors) quantised: int8 (torchao "
-                                     "weight-only, one scale per output row; needs sieve-cli[quantize]). The folder "
-                                     "loads and evaluates like any other.")
+    quantize: str | None = quantize_opt()
 
     def __post_init__(self) -> None:
         check_dtype(self.dtype, allow_none=False)
@@ -451,10 +454,12 @@ class RunOptions:
     data_root: str | None = None
     device: str = device_opt()
     dtype: str = dtype_opt("float32")
+    quantize: str | None = quantize_opt()  # passed to apply: the pruned model is written (and evaluated) quantised
 
     def __post_init__(self) -> None:
         check_device(self.device)
         check_dtype(self.dtype, allow_none=False)
+        check_quantize(self.quantize)
         # one device and dtype for every stage, and search truncates the fit it made
         for name in ("capture", "search", "eval"):
             object.__setattr__(self, name, replace(getattr(self, name), device=self.device))

@@ -5,7 +5,8 @@ factors A and B of a LowRankLinear) as int8 with one float scale per output row;
 stay in the folder's dtype. It runs on CPU and GPU, and transformers saves and reloads it
 (`quantization_config` in config.json), so the remote-code path and `load_pruned` read
 the folder alike. Embeddings and the LM head stay unquantised (transformers' default for
-torchao), and so does a rank-0 factor, which has no weights to quantise.
+torchao), and so do the factors torchao cannot quantise (`unquantisable_factors`: rank 0 and
+the B of rank 1).
 
 int4: torchao 0.18 has no 4-bit weight format that runs and saves on CPU (Int4WeightOnlyConfig
 needs the mslk kernels or a CUDA/XPU device; IntxWeightOnlyConfig(int4) stores one int4 per
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -35,12 +37,38 @@ def torchao_config(scheme: str, skip: list[str]):
     from transformers import TorchAoConfig
 
     assert scheme in SCHEMES, scheme  # options.check_quantize refused the others
-    return TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=skip or None)
+    return TorchAoConfig(Int8WeightOnlyConfig(), modules_to_not_convert=skip)
 
 
-def empty_factors(factored: Mapping[str, Mapping]) -> list[str]:
-    """The A and B of every rank-0 matrix: zero-element weights that torchao cannot quantise."""
-    return [f"{name}.{part}" for name, spec in factored.items() if spec["rank"] == 0 for part in ("A", "B")]
+def default_skips(folder: Path, info: Mapping) -> list[str]:
+    """What transformers leaves unquantised by default: the LM head and tied weights.
+
+    transformers drops these defaults as soon as it is given its own `modules_to_not_convert`
+    (HfQuantizer.get_modules_to_not_convert), so they are computed here, with its own function,
+    on the folder's architecture built on the meta device (no weights read).
+    """
+    from accelerate import init_empty_weights
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    config_class, model_class = local_classes(info["model_type"])
+    with init_empty_weights(), warnings.catch_warnings():  # a rank-0 factor is a legal zero-element weight
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        model = model_class(config_class.from_dict(json.loads((folder / "config.json").read_text())))
+    return sorted(get_keys_to_not_convert(model))
+
+
+def unquantisable_factors(factored: Mapping[str, Mapping]) -> list[str]:
+    """Factors torchao's int8 cannot quantise, left in float: both of a rank-0 matrix (zero-element
+    weights), and B of a rank-1 matrix (one input column: torchao 0.18's per-row scales fail on
+    an out x 1 weight, "shape '[out, 1]' is invalid for input of size 1"). Either holds at most
+    out_features numbers, so leaving it in float costs nothing measurable."""
+    skipped = []
+    for name, spec in factored.items():
+        if spec["rank"] == 0:
+            skipped += [f"{name}.A", f"{name}.B"]
+        elif spec["rank"] == 1:
+            skipped.append(f"{name}.B")
+    return skipped
 
 
 def load_through_transformers(folder: Path, info: Mapping, device: str, dtype, quantization_config=None):
@@ -58,7 +86,7 @@ def quantize_folder(folder: Path, scheme: str, info: Mapping, weights: str) -> N
     loading) and keeps only what save_pretrained writes for the weights and the quantization
     config: sieve's config.json, modeling file, tokenizer and sieve.json stay.
     """
-    config = torchao_config(scheme, empty_factors(info["factored"]))
+    config = torchao_config(scheme, default_skips(folder, info) + unquantisable_factors(info["factored"]))
     model = load_through_transformers(folder, info, "cpu", torch_dtype(info["dtype"]), config)
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
         model.save_pretrained(tmp)

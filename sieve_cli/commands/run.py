@@ -44,7 +44,7 @@ def _stage_line(report: StageReport) -> None:
 
 
 RUN_GROUPS = dict(
-    run=Group(RunOptions, only=("device", "dtype")),  # every stage runs on this device
+    run=Group(RunOptions, only=("device", "dtype", "quantize")),  # every stage runs on this device; apply quantises
     capture=Group(CaptureOptions, only=("tokens", "seq_len")),
     fit=Group(FitOptions, only=("method",)),
     search=Group(SearchOptions, exclude=("method", "device", "dtype", "batch_size")),
@@ -74,7 +74,8 @@ def run(
 
     Examples:\n
       sieve run model.gguf --task examples/tasks/sst2.yaml -w ws -o pruned\n
-      sieve run ./my-model --task my_task.yaml -w ws -o pruned --strategy adaptive --tolerance 0.01
+      sieve run ./my-model --task my_task.yaml -w ws -o pruned --strategy adaptive --tolerance 0.01\n
+      sieve run model.gguf --task examples/tasks/sst2.yaml -w ws -o pruned-int8 --quantize int8
     """
     options = replace(run, model=model, task=None if task is None else str(task), out=out,
                       workspace=workspace_path(workspace), data_root=None if data_root is None else str(data_root),
