@@ -19,12 +19,14 @@ reads those fields verbatim with num_fewshot 0: lm-eval then scores the very str
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import yaml
 
 from .errors import TaskError
 from .tasks import BoundTask
+from .workspace import Stage, Workspace
 
 
 def lm_eval_task_name(bound: BoundTask, part: str) -> str:
@@ -64,4 +66,35 @@ def write_lm_eval_task(bound: BoundTask, part: str, folder: str | Path, limit: i
     return name
 
 
-__all__ = ["lm_eval_task_name", "write_lm_eval_task"]
+def lm_eval_model_args(ws: Workspace, model: str | None, dtype: str | None) -> dict[str, str]:
+    """lm-eval's `--model_args` for the model `sieve eval --model MODEL --dtype DTYPE` scores.
+
+    A pruned folder goes through its modeling file (trust_remote_code), so one that lost the file is
+    refused here; the dtype is the one sieve would load (the folder's, or discover's for the dense model).
+    """
+    from .models import resolve_source
+    from .pruned import is_pruned_folder, read_sieve_json, require_modeling_file
+
+    if model is None:
+        discovered = ws.require(Stage.DISCOVER)["inputs"]["options"]
+        source = resolve_source(discovered["model"])
+        args = {"pretrained": source.location if source.kind == "hub" else source.folder}
+        if source.gguf_file:
+            args["gguf_file"] = source.gguf_file
+        return args | {"dtype": dtype or discovered["dtype"]}
+    folder = Path(model).expanduser().resolve()
+    if is_pruned_folder(folder):
+        require_modeling_file(folder)
+        return {"pretrained": str(folder), "trust_remote_code": "True", "dtype": dtype or read_sieve_json(folder)["dtype"]}
+    return {"pretrained": str(folder), "dtype": dtype or "float32"}
+
+
+def lm_eval_command(model_args: dict[str, str], folder: str | Path, name: str, device: str) -> str:
+    """The shell command that scores the exported task `name` with lm-eval's Hugging Face backend."""
+    joined = ",".join(f"{k}={v}" for k, v in model_args.items())
+    words = ["lm_eval", "--model", "hf", "--model_args", joined, "--include_path", str(folder), "--tasks", name,
+             "--device", device, "--batch_size", "1"]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+__all__ = ["lm_eval_command", "lm_eval_model_args", "lm_eval_task_name", "write_lm_eval_task"]

@@ -12,6 +12,11 @@ config.json gets a model_type that only the modeling file knows (`sieve_<base ty
 without trust_remote_code, transformers refuses the folder instead of silently building the
 dense architecture with random weights for the factored matrices. `base_config_dict`
 undoes that for `sieve_cli.load_pruned`, the path without remote code.
+
+A folder that lost its modeling file: transformers resolves auto_map's "modeling_sieve.SieveConfig"
+to OUT/modeling_sieve.py and fails with one line naming that file (utils/hub.py `cached_files`);
+nothing else in config.json reaches that message, so sieve's own entry points word the rest
+(`pruned.without_modeling_file`).
 """
 
 from __future__ import annotations

@@ -293,6 +293,20 @@ def read_weights(file: Path, device: str | torch.device) -> dict[str, torch.Tens
                          f"rerun `sieve apply -o {file.parent} --force` to rebuild it") from None
 
 
+def without_modeling_file(path: Path) -> str:
+    """What a pruned folder that lost its modeling file can and cannot do (one line)."""
+    return (f"{path} has no {MODELING_FILE}: transformers' from_pretrained(trust_remote_code=True), and so lm-eval, "
+            f"cannot load it, only sieve_cli.load_pruned (and `sieve eval --model`) can; "
+            f"`sieve apply -o {path} --force` writes it again")
+
+
+def require_modeling_file(path: str | Path) -> None:
+    """For paths that hand a pruned folder to transformers' remote-code loader (lm-eval)."""
+    path = Path(path)
+    if is_pruned_folder(path) and not (path / MODELING_FILE).is_file():
+        raise InputError(without_modeling_file(path))
+
+
 def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
     """Rebuild a model written by `save_pruned`: a regular PreTrainedModel, in eval mode.
 
@@ -303,8 +317,7 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: str
     info = read_sieve_json(path)
     dt = _resolve_dtype(dtype, info.get("dtype", "float32"))
     if info.get("format", 1) >= 2 and not (path / MODELING_FILE).is_file():
-        log.warning("%s has no %s: transformers' from_pretrained(trust_remote_code=True) cannot load it, only "
-                    "sieve_cli.load_pruned can; `sieve apply --force` writes it again", path, MODELING_FILE)
+        log.warning(without_modeling_file(path))
     if info.get("quantize"):  # quantised tensors: transformers' torchao loader reads them
         return load_through_transformers(path, info, str(device), dt).eval()
     model = _empty_model(base_config(path, info), dt)
@@ -363,5 +376,6 @@ __all__ = [
     "plan_ranks",
     "prune_in_memory",
     "read_sieve_json",
+    "require_modeling_file",
     "save_pruned",
 ]

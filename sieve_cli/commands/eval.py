@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
 from rich.table import Table
 
 from ..options import EvalOptions, SplitOptions
@@ -28,6 +32,11 @@ def eval(  # noqa: A001 - the command is called `eval`; cli.py imports it under 
     data_root: DataRootOpt = None,
     as_json: JsonOpt = False,
     force: ForceOpt = False,
+    lm_eval_yaml: Annotated[Optional[Path], typer.Option(
+        "--lm-eval-yaml", metavar="DIR",
+        help="Also write the scored examples (this --split and --limit, rendered as sieve renders them) as an "
+             "lm-evaluation-harness task into DIR, and print the lm_eval command that scores the same model on "
+             "them (multiple_choice tasks; a pruned --model loads through its modeling_sieve.py).")] = None,
     *,
     options: EvalOptions,
     split: SplitOptions,
@@ -46,6 +55,7 @@ def eval(  # noqa: A001 - the command is called `eval`; cli.py imports it under 
       sieve discover model.gguf -w ws && sieve eval -w ws --task examples/tasks/sst2.yaml\n
       sieve eval -w ws --split search --limit 50\n
       sieve eval -w ws --model pruned/ --json\n
+      sieve eval -w ws --model pruned/ --lm-eval-yaml lm_eval_tasks   # then run the lm_eval command it prints\n
       SIEVE_DATA_ROOT=~/data sieve eval -w ws --task examples/tasks/trec.yaml
     """
     # the stage loads torch: imported when the command runs, so `sieve --help` stays fast
@@ -53,12 +63,29 @@ def eval(  # noqa: A001 - the command is called `eval`; cli.py imports it under 
 
     ws = Workspace(workspace_path(workspace))
     bind_given_task(ws, task, split, data_root, force)
+    # before scoring, so a task or folder lm-eval cannot take is refused at once
+    exported = None if lm_eval_yaml is None else export_lm_eval(ws, options, lm_eval_yaml)
     report = run_eval(ws, options, force=force)
     if as_json:
-        print_json({k: v for k, v in report.items() if k != "per_example"})
+        print_json({k: v for k, v in report.items() if k != "per_example"} | ({"lm_eval": exported} if exported else {}))
         return
     render(report)
     console.print(f"results: {ws.eval_dir / report['run'] / 'results.json'}" + (" (stored result: inputs unchanged)" if report.get("reused") else ""))
+    if exported:
+        console.print(f"lm-eval task {exported['task']} ({report['n']} examples, the ones scored above) in "
+                      f"{exported['include_path']}; score it with:\n  {exported['command']}", highlight=False, soft_wrap=True)
+
+
+def export_lm_eval(ws: Workspace, options: EvalOptions, folder: Path) -> dict:
+    """Write the lm-eval task of the examples `options` scores; its name, folder and the lm_eval command."""
+    from ..lm_eval_task import lm_eval_command, lm_eval_model_args, write_lm_eval_task
+    from ..tasks import bind_task
+
+    model_args = lm_eval_model_args(ws, options.model, options.dtype)
+    name = write_lm_eval_task(bind_task(ws, None), options.split, folder, limit=options.limit)
+    include_path = str(folder.expanduser().resolve())
+    return {"task": name, "include_path": include_path, "model_args": model_args,
+            "command": lm_eval_command(model_args, include_path, name, options.device)}
 
 
 def render(report: dict) -> None:
