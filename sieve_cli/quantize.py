@@ -4,13 +4,22 @@ torchao's int8 weight-only scheme stores every linear weight (the dense ones and
 factors A and B of a LowRankLinear) as int8 with one float scale per output row; activations
 stay in the folder's dtype. It runs on CPU and GPU, and transformers saves and reloads it
 (`quantization_config` in config.json), so the remote-code path and `load_pruned` read
-the folder alike. Embeddings and the LM head stay unquantised (transformers' default for
-torchao), and so do the factors torchao cannot quantise (`unquantisable_factors`: rank 0 and
+the folder alike. Embeddings, the LM head and tied weights stay unquantised (transformers'
+default for torchao, `default_skips`), and so do the factors torchao cannot quantise (`unquantisable_factors`: rank 0 and
 the B of rank 1).
 
-int4: torchao 0.18 has no 4-bit weight format that runs and saves on CPU (Int4WeightOnlyConfig
-needs the mslk kernels or a CUDA/XPU device; IntxWeightOnlyConfig(int4) stores one int4 per
-int8 byte, so its file is no smaller than int8's), so it is not offered.
+int4 is not offered: with torchao 0.18 and transformers 5.24 no 4-bit weight format both runs on
+CPU and saves through transformers (checked on this CPU, float32 and bfloat16 weights):
+- Int4WeightOnlyConfig, packing plain / preshuffled: "ImportError: Requires mslk >= 1.0.0" (PyPI's
+  mslk is a 0.0.0 placeholder, mslk-cuda is CUDA only); plain_int32: "Int4PlainInt32Tensor does not
+  support device 'cpu' yet" (XPU/NPU); tile_packed_to_4d (tinygemm): "Torch not compiled with CUDA
+  enabled" (and bfloat16 only). The v1 Int4CPULayout is gone from torchao.dtypes.
+- torchao.prototype.quantization.int4.PrototypeInt4WeightOnlyConfig (Int4OpaqueTensor, torch's
+  _weight_int4pack_mm_for_cpu) quantises and runs on CPU, but save_pretrained fails: "ValueError:
+  Unsupported tensor type: <class 'torchao.prototype.quantization.int4.Int4OpaqueTensor'>" (torchao's
+  safetensors support lists Int4Tensor, Int4TilePackedTo4dTensor, Int4PlainInt32Tensor, not it).
+- IntxWeightOnlyConfig(weight_dtype=torch.int4) runs and saves, but as IntxUnpackedToInt8Tensor: one
+  int4 value per int8 byte, so its file is no smaller than int8's.
 """
 
 from __future__ import annotations
