@@ -129,7 +129,7 @@ def test_symlinked_lock_does_not_touch_its_target(tmp_path):
 def test_symlinked_history_does_not_append_outside(copy, tmp_path):
     from sieve_cli.acceptance import Measurement
     from sieve_cli.fit import load_factors
-    from sieve_cli.search import Evaluations, read_targets
+    from sieve_cli.search import Evaluations, Scorer, read_targets
 
     ws = Workspace(copy[0])
     outside = tmp_path / "outside.jsonl"
@@ -138,7 +138,7 @@ def test_symlinked_history_does_not_append_outside(copy, tmp_path):
     ws.history_jsonl.symlink_to(outside)
     with pytest.raises(WorkspaceError):
         targets, _ = read_targets(ws)
-        evals = Evaluations(ws, lambda ranks: Measurement(0.5), targets, load_factors(ws, "output"), resume=False)
+        evals = Evaluations(ws, Scorer(lambda ranks: Measurement(0.5)), targets, load_factors(ws, "output"), resume=False)
         evals.metric([0.5] * len(targets), {"strategy": "uniform", "p": 0.5})
     assert outside.read_text() == ""
 
