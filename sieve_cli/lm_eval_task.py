@@ -25,6 +25,8 @@ from pathlib import Path
 import yaml
 
 from .errors import TaskError
+from .models import resolve_source
+from .pruned import is_pruned_folder, read_sieve_json, require_modeling_file
 from .tasks import BoundTask
 from .workspace import Stage, Workspace
 
@@ -72,9 +74,6 @@ def lm_eval_model_args(ws: Workspace, model: str | None, dtype: str | None) -> d
     A pruned folder goes through its modeling file (trust_remote_code), so one that lost the file is
     refused here; the dtype is the one sieve would load (the folder's, or discover's for the dense model).
     """
-    from .models import resolve_source
-    from .pruned import is_pruned_folder, read_sieve_json, require_modeling_file
-
     if model is None:
         discovered = ws.require(Stage.DISCOVER)["inputs"]["options"]
         source = resolve_source(discovered["model"])
