@@ -154,6 +154,14 @@ class BlockRunner:
             if not name.startswith(self.prefix + ".") and name.rsplit(".", 1)[0] not in head_names:
                 self._load(model, name, name)  # embeddings and final norm: small beside the blocks
 
+    def load_head(self) -> None:
+        """The LM head too (capture never needs it; the evaluator does): tied to the loaded
+        embeddings where the config ties them, else read from the files."""
+        self.model.tie_weights()
+        for name, param in list(self.model.named_parameters()):
+            if param.device.type == "meta" and not name.startswith(self.prefix + "."):
+                self._load(self.model, name, name)
+
     def _load(self, module: nn.Module, local: str, full: str) -> None:
         from accelerate.utils import set_module_tensor_to_device
 
@@ -175,11 +183,12 @@ class BlockRunner:
             for name in names:
                 set_module_tensor_to_device(block, name, "meta")
 
-    def call_of(self, index: int, ids: torch.Tensor, mask: torch.Tensor) -> tuple[tuple, dict]:
+    def call_of(self, index: int, ids: torch.Tensor, mask: torch.Tensor, **inputs) -> tuple[tuple, dict]:
         """The (args, kwargs) the model's own forward passes block `index` for this batch.
 
         The blocks before it pass their input through (their output is not used: only the
         arguments the model builds for block `index`, and for block 0 its input, are).
+        `inputs` go to the forward as well (the evaluator's position ids).
         """
         replaced = list(self.blocks)[:index]
         target = self.blocks[index]
@@ -192,7 +201,7 @@ class BlockRunner:
                 block.forward = _pass_through
             target.forward = reached
             with torch.inference_mode():
-                self.backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+                self.backbone(input_ids=ids, attention_mask=mask, use_cache=False, **inputs)
         except _Reached as caught:
             return caught.call
         finally:

@@ -223,6 +223,12 @@ def evaluate(
         scores = score_sequences(model, prepared.sequences, prepared.pad_id, batch_size, max_batch_tokens, show_progress, reuse_prefix)
     finally:
         model.train(was_training)
+    return result_of(prepared, scores)
+
+
+def result_of(prepared: PreparedSplit, scores) -> EvalResult:
+    """The metric of a scoring task from its per-sequence span scores (`score_sequences`' output,
+    or the streaming evaluator's)."""
     if prepared.output_type == "multiple_choice":
         return _multiple_choice_result(prepared, scores)
     return _text_modelling_result(prepared, scores)

@@ -85,7 +85,7 @@ def left_pad(rows: list[tuple[int, ...]], pad_id: int, device: torch.device):
     return ids.to(device), mask.to(device), positions.to(device)
 
 
-def _longest_span(seq: Sequence) -> int:
+def longest_span(seq: Sequence) -> int:
     return max(len(span.targets) for span in seq.spans)
 
 
@@ -99,7 +99,7 @@ def shared_prefix_length(sequences: list[Sequence]) -> int:
         return 0
     first = sequences[0].tokens
     # position len(tokens) - k predicts the first of k targets: it must be a suffix position
-    n = max(0, min(len(s.tokens) - _longest_span(s) for s in sequences))
+    n = max(0, min(len(s.tokens) - longest_span(s) for s in sequences))
     for seq in sequences[1:]:
         tokens = seq.tokens
         i = 0
@@ -111,7 +111,7 @@ def shared_prefix_length(sequences: list[Sequence]) -> int:
     return n
 
 
-def _span_scores(logits: torch.Tensor, seq: Sequence, keep: int) -> list[SpanScore]:
+def span_scores(logits: torch.Tensor, seq: Sequence, keep: int) -> list[SpanScore]:
     """Scores of each span of `seq` from its `keep` rows of logits (row keep-1 predicts the last target).
 
     Called one sequence at a time, so the float32 log-softmax temporaries stay one row of logits in size.
@@ -151,10 +151,10 @@ def score_sequences(
             run = _padded_runner(model, pad_id)
         for batch in batches:
             rows = [sequences[i] for i in batch]
-            keep = max(_longest_span(s) for s in rows)
+            keep = max(longest_span(s) for s in rows)
             logits = run(rows, keep)
             for r, seq in enumerate(rows):
-                out[batch[r]] = _span_scores(logits[r], seq, keep)
+                out[batch[r]] = span_scores(logits[r], seq, keep)
             bar.advance(len(batch))
     return out
 

@@ -1,0 +1,179 @@
+"""Streaming evaluation: the task metric of a model that does not fit in memory, block by block.
+
+The model is built on the meta device and its weights are read one decoder block at a time
+from its safetensors files (`blockwise.BlockRunner`, the machinery of block-wise capture).
+Every batch of the split is embedded, then each block is loaded once and every batch's hidden
+states go through it (they are carried between blocks in `blockwise.HiddenCache`: on the
+device, in host memory or on disk); after the last block the model's own final norm and LM
+head give the logits of the scored positions. The model computes its own masks, position
+embeddings and logits: the runner catches the arguments the model hands each block and calls
+the real block with them, never a re-implemented forward.
+
+The batches, the scored positions and the per-span scores are `scoring.py`'s, so the scores
+equal `evaluate.evaluate`'s within float rounding. Not reused: the shared-prefix KV cache
+(every sequence runs whole, left-padded: the evaluator's `reuse_prefix=False` path) and
+generation (a generated token needs every block: `generate_until` is refused).
+
+A search candidate (ranks per matrix) is scored by swapping each block's factored matrices in
+while that block is loaded (`pruned.prune_in_memory` on the block's matrices), so search runs
+on a model that never is whole in memory; each candidate reads the weights once more.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from . import progress
+from .blockwise import BlockRunner, HiddenCache, SafetensorsWeights, _pass_through, open_runner
+from .errors import InputError
+from .evaluate import EvalResult, PreparedSplit, result_of
+from .factors import FactorSet
+from .models import torch_dtype
+from .pruned import SIEVE_JSON, base_config, lowrank_shell, prune_in_memory, read_sieve_json, _empty_model
+from .lowrank import swap_modules
+from .scoring import SpanScore, batches_by_length, left_pad, longest_span, null_bar, span_scores
+
+log = logging.getLogger(__name__)
+
+
+# ---- the model, opened for streaming -----------------------------------------------------------
+
+
+def open_streaming(folder: str | Path, dtype: torch.dtype, device: str) -> BlockRunner:
+    """A Hugging Face folder's model on the meta device, its embeddings, final norm and LM head loaded."""
+    runner = open_runner(folder, dtype, device)
+    runner.load_head()
+    return runner
+
+
+def open_streaming_pruned(folder: str | Path, device: str, dtype: str | torch.dtype | None = None) -> BlockRunner:
+    """A folder written by `sieve apply`, opened like `open_streaming`: the base architecture with
+    its low-rank shells swapped in on the meta device, then read block by block from model.safetensors."""
+    folder = Path(folder)
+    info = read_sieve_json(folder)
+    if info.get("quantize"):
+        raise InputError(f"{folder} holds quantised weights, which streaming evaluation cannot read block by block; "
+                         f"evaluate it with --mode memory, or apply the plan without --quantize")
+    dt = torch_dtype(dtype) if isinstance(dtype, str) else dtype or torch_dtype(info.get("dtype", "float32"))
+    model = _empty_model(base_config(folder, info), dt)
+    for param in model.parameters():  # init_empty_weights(include_buffers=False): parameters only are on meta
+        assert param.device.type == "meta"
+    shells = {name: lowrank_shell(s["in_features"], s["out_features"], s["rank"], s["bias"], dt)
+              for name, s in info["factored"].items()}
+    swap_modules(model, shells)
+    model.tie_weights()
+    runner = BlockRunner(model.eval(), SafetensorsWeights(folder), device, dt)
+    runner.load_head()
+    return runner
+
+
+def is_pruned(folder: str | Path) -> bool:
+    return (Path(folder) / SIEVE_JSON).exists()
+
+
+# ---- the candidate's factors, one block at a time ----------------------------------------------
+
+
+@contextmanager
+def factored_block(runner: BlockRunner, index: int, ranks: Mapping[str, int | None] | None, factors: FactorSet | None):
+    """Block `index` (loaded) with the candidate's low-rank matrices swapped in, restored afterwards."""
+    own = {m.name for m in runner.matrices if m.block == index}
+    chosen = {name: rank for name, rank in (ranks or {}).items() if name in own and rank is not None}
+    if not chosen:
+        yield
+        return
+    if factors is None:
+        raise InputError("a candidate with low-rank matrices needs the fit's factors")
+    restore = prune_in_memory(runner.model, chosen, factors)
+    try:
+        yield
+    finally:
+        restore()
+
+
+# ---- scoring ---------------------------------------------------------------------------------
+
+
+def final_logits(runner: BlockRunner, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                 positions: torch.Tensor, keep: int) -> torch.Tensor:
+    """The logits at the last `keep` positions of the last block's output `hidden`.
+
+    The model's own forward computes them (final norm, LM head, any logit soft-capping): its
+    first block returns `hidden` and the others pass it through.
+    """
+    blocks = list(runner.blocks)
+
+    def feed(*args, **kwargs):
+        return hidden
+
+    try:
+        blocks[0].forward = feed
+        for block in blocks[1:]:
+            block.forward = _pass_through
+        out = runner.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep,
+                           use_cache=False)
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+    return out.logits
+
+
+@torch.inference_mode()
+def stream_scores(runner: BlockRunner, sequences, pad_id: int, batch_size: int = 16, max_batch_tokens: int = 8192,
+                  show_progress: bool = True, ranks: Mapping[str, int | None] | None = None,
+                  factors: FactorSet | None = None, tier: str = "device", folder: Path | None = None,
+                  ) -> list[list[SpanScore]]:
+    """Per sequence, per span: (sum log p(targets), top-1 hits, targets), as `scoring.score_sequences`
+    gives them, with one decoder block in memory at a time.
+
+    `tier` says where the hidden states between blocks live (`blockwise.HiddenCache`; "disk"
+    writes them under `folder`, a temporary folder when None).
+    """
+    batches = batches_by_length([len(s.tokens) for s in sequences], batch_size, max_batch_tokens)
+    inputs = [left_pad([sequences[i].tokens for i in batch], pad_id, runner.device) for batch in batches]
+    out: list[list[SpanScore]] = [[] for _ in sequences]
+    with tempfile.TemporaryDirectory(prefix="sieve-stream-", dir=folder) as scratch:
+        cache = HiddenCache(tier, Path(scratch), runner.device)
+        blocks = len(runner.blocks)
+        with progress.bar("eval (streaming)", total=blocks + 1) if show_progress else null_bar() as bar:
+            for index in range(blocks):
+                with runner.loaded(index) as block, factored_block(runner, index, ranks, factors):
+                    for b, (ids, mask, positions) in enumerate(inputs):
+                        args, kwargs = runner.call_of(index, ids, mask, position_ids=positions)
+                        hidden = args[0] if index == 0 else cache.get(b)
+                        result = block(hidden, *args[1:], **kwargs)
+                        cache.put(b, result[0] if isinstance(result, tuple) else result)
+                cache.advance()
+                bar.advance()
+            for b, (batch, (ids, mask, positions)) in enumerate(zip(batches, inputs)):
+                rows = [sequences[i] for i in batch]
+                keep = max(longest_span(s) for s in rows)
+                logits = final_logits(runner, cache.get(b), ids, mask, positions, keep)
+                for r, seq in enumerate(rows):
+                    out[batch[r]] = span_scores(logits[r], seq, keep)
+            bar.advance()
+        cache.clear()
+    return out
+
+
+def stream_evaluate(runner: BlockRunner, prepared: PreparedSplit, batch_size: int = 16, max_batch_tokens: int = 8192,
+                    show_progress: bool = True, ranks: Mapping[str, int | None] | None = None,
+                    factors: FactorSet | None = None, tier: str = "device", folder: Path | None = None) -> EvalResult:
+    """`evaluate.evaluate` for a model opened by `open_streaming` (and a candidate's ranks and factors)."""
+    if not prepared.examples:
+        raise InputError(f"the {prepared.part} part of task {prepared.task} has no examples to score")
+    if prepared.output_type == "generate_until":
+        raise InputError(
+            f"task {prepared.task} generates text, which streaming evaluation cannot do (every generated token "
+            f"needs every block); give the model the memory it needs (--mode memory, --memory-budget, "
+            f"--dtype bfloat16) or score a log-likelihood task"
+        )
+    scores = stream_scores(runner, prepared.sequences, prepared.pad_id, batch_size, max_batch_tokens, show_progress,
+                           ranks, factors, tier, folder)
+    return result_of(prepared, scores)
