@@ -140,7 +140,9 @@ def check_model_unchanged(workspace: Workspace) -> dict:
     return manifest
 
 
-def load_workspace_model(workspace: Workspace, dtype: str | None = None, device: str = "cpu"):
-    """(model, tokenizer) of the workspace's model; dtype defaults to the one discover used."""
+def load_workspace_model(workspace: Workspace, dtype: str | None = None, device: str = "cpu",
+                         max_memory: dict | None = None):
+    """(model, tokenizer) of the workspace's model; dtype defaults to the one discover used;
+    `max_memory` spreads it over devices (`load_model`)."""
     options = check_model_unchanged(workspace)["inputs"]["options"]
-    return load_model(options["model"], dtype or options["dtype"], device)
+    return load_model(options["model"], dtype or options["dtype"], device, max_memory)

@@ -32,7 +32,7 @@ from .errors import InputError
 from .files import read_json, sha256_bytes, write_json_atomic
 from .models import check_fits_positions, load_model, model_identity, torch_dtype
 from .options import EvalOptions
-from .pruned import SIEVE_JSON, load_pruned, load_tokenizer
+from .pruned import SIEVE_JSON, load_pruned, load_tokenizer, read_sieve_json
 from .scoring import (  # noqa: F401  (the scoring names stay importable from here, as before the split)
     MIN_SHARED_PREFIX,
     Sequence,
@@ -372,15 +372,14 @@ def run_label(options: EvalOptions) -> str:
     return f"{who}-{options.split}" + (f"-limit{options.limit}" if options.limit else "")
 
 
-def load_eval_model(ws: Workspace, options: EvalOptions):
-    """(model, tokenizer, identity): the pruned model folder if it has sieve.json, any model folder, or the dense model."""
+def load_eval_model(ws: Workspace, options: EvalOptions, max_memory: dict | None = None):
+    """(model, tokenizer, identity): the pruned model folder if it has sieve.json, any model folder, or the
+    dense model; `max_memory` spreads a dense model over devices (device_map=auto)."""
 
     if options.model is None:
-        model, tokenizer = load_workspace_model(ws, options.dtype, options.device)
+        model, tokenizer = load_workspace_model(ws, options.dtype, options.device, max_memory)
         return model, tokenizer, {"kind": "dense"}
-    folder = Path(options.model).expanduser()
-    if not folder.is_dir():
-        raise InputError(f"--model {folder} is not a folder; pass the output folder of `sieve apply` or a model folder")
+    folder = eval_folder(options)
     if (folder / SIEVE_JSON).exists():
 
         dtype = torch_dtype(options.dtype) if options.dtype else None
@@ -390,28 +389,94 @@ def load_eval_model(ws: Workspace, options: EvalOptions):
             tokenizer.pad_token = tokenizer.eos_token
         model.eval()
     else:
-        model, tokenizer = load_model(folder, options.dtype or "float32", options.device)
+        model, tokenizer = load_model(folder, options.dtype or "float32", options.device, max_memory)
     return model, tokenizer, model_identity(folder)
 
 
+def eval_folder(options: EvalOptions) -> Path:
+    folder = Path(options.model).expanduser()
+    if not folder.is_dir():
+        raise InputError(f"--model {folder} is not a folder; pass the output folder of `sieve apply` or a model folder")
+    return folder
+
+
+def eval_tokenizer(ws: Workspace, options: EvalOptions):
+    """The tokenizer of the model `run_eval` scores, loaded without its weights."""
+    from .discover import workspace_model_source
+    from .models import load_tokenizer as load_model_tokenizer
+
+    if options.model is None:
+        return load_model_tokenizer(workspace_model_source(ws))
+    folder = eval_folder(options)
+    if not (folder / SIEVE_JSON).exists():
+        return load_model_tokenizer(folder)
+    tokenizer = load_tokenizer(folder)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def eval_dtype(ws: Workspace, options: EvalOptions) -> str:
+    """The dtype the scored model computes in: asked, else a pruned folder's stored one, else discover's."""
+    if options.dtype:
+        return options.dtype
+    if options.model is not None and (eval_folder(options) / SIEVE_JSON).exists():
+        return read_sieve_json(eval_folder(options)).get("dtype", "float32")
+    if options.model is not None:
+        return "float32"
+    return ws.require(Stage.DISCOVER)["inputs"]["options"]["dtype"]
+
+
+def open_eval_streaming(ws: Workspace, options: EvalOptions, dtype: str):
+    """The scored model opened for streaming (`streaming.py`): one block in memory at a time."""
+    from .discover import check_model_unchanged
+    from .models import safetensors_folder
+    from .streaming import open_streaming, open_streaming_pruned
+
+    if options.model is None:
+        source = check_model_unchanged(ws)["inputs"]["options"]["model"]
+        return open_streaming(safetensors_folder(source), torch_dtype(dtype), options.device)
+    folder = eval_folder(options)
+    if (folder / SIEVE_JSON).exists():
+        return open_streaming_pruned(folder, options.device, dtype)
+    return open_streaming(folder, torch_dtype(dtype), options.device)
+
+
 def run_eval(ws: Workspace, options: EvalOptions, force: bool = False) -> dict:
-    """Evaluate the workspace's model (or `options.model`) on a split part; writes WS/eval/<run>/."""
+    """Evaluate the workspace's model (or `options.model`) on a split part; writes WS/eval/<run>/.
+
+    The model is loaded whole on the device, spread over the devices, or streamed block by block,
+    as `--mode` and the memory budget decide (`streaming.choose_layout`; the estimate is logged).
+    """
+    from .streaming import choose_layout, stream_evaluate
+
     label = run_label(options)
     stage = Stage.eval(label)
     bound = bind_task(ws, None)
     upstream = ws.upstream_hashes(Stage.DISCOVER, Stage.TASK)
 
     identity = {"kind": "dense"} if options.model is None else model_identity(Path(options.model).expanduser())
-    inputs = {"options": asdict(options), "upstream": upstream, "model": identity}
+    inputs = {"options": options.recorded(), "upstream": upstream, "model": identity}
     results_path = ws.eval_results(label)
     if not ws.begin(stage, inputs, force):
         log.info("eval %s is up to date; showing the stored result", label)
         return read_json(results_path) | {"reused": True}
-    model, tokenizer, _ = load_eval_model(ws, options)
+    tokenizer = eval_tokenizer(ws, options)
     prepared = prepare(bound, options.split, tokenizer, options.limit, options.max_length)
-    check_fits_positions(model, longest_input(prepared), "--max-length")
-    start = time.perf_counter()
-    result = evaluate(model, prepared, options.batch_size)
+    dtype = eval_dtype(ws, options)
+    pruned_folder = options.model is not None and (eval_folder(options) / SIEVE_JSON).exists()
+    layout = choose_layout(ws, options.mode, options.memory_budget, options.device, dtype, [prepared],
+                           options.batch_size, "eval", can_spread=not pruned_folder)
+    if layout.mode == "blockwise":
+        runner = open_eval_streaming(ws, options, dtype)
+        check_fits_positions(runner.model, longest_input(prepared), "--max-length")
+        start = time.perf_counter()
+        result = stream_evaluate(runner, prepared, options.batch_size, tier=layout.tier, folder=ws.eval_dir)
+    else:
+        model, _, _ = load_eval_model(ws, options, layout.max_memory)
+        check_fits_positions(model, longest_input(prepared), "--max-length")
+        start = time.perf_counter()
+        result = evaluate(model, prepared, options.batch_size)
     seconds = time.perf_counter() - start
     report = {
         "run": label,
@@ -428,6 +493,7 @@ def run_eval(ws: Workspace, options: EvalOptions, force: bool = False) -> dict:
         "seconds": seconds,
         "input_tokens_per_second": prepared.input_tokens / seconds if seconds > 0 else None,
         "per_example": [{"id": i, "score": s, "weight": w} for i, s, w in zip(result.ids, result.per_example, result.weights)],
+        "layout": layout.note(),
     }
     record_eval(ws, label, report, inputs)
     return report | {"reused": False}

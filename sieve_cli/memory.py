@@ -90,6 +90,11 @@ class ModelShape:
         return cls(result["total_params"], groups["embedding"]["params"], head, groups["other"]["params"], matrices)
 
     @property
+    def vocab(self) -> int:
+        """Rows of the embedding (an upper bound where it also holds position embeddings)."""
+        return self.resident_params // max(self.hidden, 1)
+
+    @property
     def blocks(self) -> list[int]:
         return sorted({m.block for m in self.matrices})
 
@@ -214,6 +219,100 @@ def blockwise(shape: ModelShape, run: RunShape) -> Estimate:
         "activations": activation_bytes(shape, run),
         **_runtime(run),
     })
+
+
+# ---- search and eval: scoring a split part --------------------------------------------
+
+
+def scoring_run(lengths: list[int], batch_size: int, dtype: str, device: str, max_batch_tokens: int = 8192) -> RunShape:
+    """The RunShape of scoring sequences of these lengths in the evaluator's batches."""
+    from .scoring import batches_by_length
+
+    batches = batches_by_length(lengths, batch_size, max_batch_tokens) if lengths else []
+    padded = sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
+    rows = max((len(batch) for batch in batches), default=1)
+    return RunShape(weight_bytes=DTYPE_BYTES[dtype], compute_bytes=DTYPE_BYTES[dtype], batch_size=rows,
+                    seq_len=max(lengths, default=1), samples=0, padded_tokens=padded, device=device)
+
+
+def logits_bytes(shape: ModelShape, run: RunShape) -> int:
+    """The scored positions' logits (at most every position of a batch) and one row's float32
+    log-softmax temporaries (`scoring.span_scores`)."""
+    return run.batch_size * run.seq_len * shape.vocab * run.compute_bytes + 3 * run.seq_len * shape.vocab * 4
+
+
+def scoring_activations(shape: ModelShape, run: RunShape) -> int:
+    """One batch's forward working set without capture's hooks."""
+    rows = run.batch_size * run.seq_len
+    widest = max(m.out_features for m in shape.matrices)
+    heads = shape.matrices[0].out_features // 64 or 1
+    return rows * (8 * shape.hidden + 4 * widest) * run.compute_bytes + run.batch_size * heads * run.seq_len ** 2 * 4 * 2
+
+
+def all_factor_bytes(shape: ModelShape, nbytes: int, block: int | None = None) -> int:
+    return sum(factor_bytes(m.out_features, m.in_features, nbytes) for m in shape.matrices
+               if block is None or m.block == block)
+
+
+def scoring_in_memory(shape: ModelShape, run: RunShape, what: str, factors: bool) -> Estimate:
+    """Eval or search with the whole model loaded. Search (`factors`) also holds every matrix's
+    factors on the device (`StoredFactors.keep_on`) and one candidate's low-rank copies."""
+    parts = {"weights": shape.total_params * run.weight_bytes}
+    if factors:
+        parts["factors"] = 2 * all_factor_bytes(shape, run.weight_bytes)
+    return Estimate(f"{what}, in memory", {
+        **parts, "activations": scoring_activations(shape, run), "logits": logits_bytes(shape, run), **_runtime(run),
+    })
+
+
+def scoring_streaming(shape: ModelShape, run: RunShape, what: str, factors: bool) -> Estimate:
+    """Eval or search block by block (`streaming.py`): the embeddings, LM head and one block's
+    weights, the hidden states of every batch entering and leaving the block, one block's
+    factors (read, then copied into its low-rank modules)."""
+    parts = {"weights": (shape.resident_params + shape.head_params + shape.block_params()) * run.weight_bytes,
+             "hidden cache": 2 * run.padded_tokens * shape.hidden * run.compute_bytes}
+    if factors:
+        parts["factors"] = 2 * max(all_factor_bytes(shape, run.weight_bytes, b) for b in shape.blocks)
+    return Estimate(f"{what}, streaming block by block", {
+        **parts, "activations": scoring_activations(shape, run), "logits": logits_bytes(shape, run), **_runtime(run),
+    })
+
+
+def choose_scoring_mode(mode: str, in_memory: Estimate, streaming: Estimate, budget: int, budget_source: str,
+                        dtype: str, spread: int | None = None) -> str:
+    """memory (one device), spread (device_map=auto over `spread` bytes of devices) or blockwise
+    (streaming), as asked or (auto) as fits; refuses a run that cannot fit, naming the way out."""
+    half = " load in bfloat16 (--dtype bfloat16)," if dtype == "float32" else ""
+    if mode in ("auto", "memory"):
+        if in_memory.total <= budget:
+            return "memory"
+        if spread is not None and in_memory.total <= spread:
+            return "spread"
+    if mode == "memory":
+        across = f" or across the devices ({gib(spread)})" if spread is not None else ""
+        raise MemoryBudgetError(
+            f"{in_memory.describe()} exceeds {budget_source} ({gib(budget)}){across}; stream it block by block "
+            f"(--mode blockwise, {gib(streaming.total)}),{half} or raise --memory-budget"
+        )
+    minimum = blockwise_minimum(streaming)
+    if minimum <= budget:
+        return "blockwise"
+    raise MemoryBudgetError(
+        f"even streaming block by block, one block needs {gib(minimum)} but {budget_source} is {gib(budget)} "
+        f"({streaming.describe()}, hidden cache on disk); give --memory-budget of at least {gib(minimum)},{half} "
+        f"or a smaller --batch-size"
+    )
+
+
+def spread_memory(device: str, budget: int) -> dict | None:
+    """accelerate's max_memory for device_map=auto: `budget` on the run's GPU, the free memory of
+    the other GPUs and of the host (less the runtime). None off CUDA (the CPU is one device)."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    own = torch.device(device).index or 0
+    limits: dict = {i: (budget if i == own else free_bytes(f"cuda:{i}")) for i in range(torch.cuda.device_count())}
+    limits["cpu"] = max(free_bytes("cpu") - RUNTIME_BYTES, 0)
+    return limits
 
 
 def free_bytes(device: str) -> int:

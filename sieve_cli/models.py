@@ -71,8 +71,12 @@ def torch_dtype(name: str) -> torch.dtype:
         raise InputError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
 
 
-def load_model(source: str | os.PathLike, dtype: str = "float32", device: str = "cpu"):
-    """(model, tokenizer) for a hub id, a local folder or a .gguf file, in eval mode."""
+def load_model(source: str | os.PathLike, dtype: str = "float32", device: str = "cpu", max_memory: dict | None = None):
+    """(model, tokenizer) for a hub id, a local folder or a .gguf file, in eval mode.
+
+    `max_memory` ({GPU index or "cpu": bytes}) spreads the model over those devices with
+    accelerate's device_map="auto" (a model larger than one GPU) instead of moving it to `device`.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -91,13 +95,17 @@ def load_model(source: str | os.PathLike, dtype: str = "float32", device: str = 
     try:
         # never the model's own code, and never transformers' "run it? [y/N]" prompt
         tokenizer = AutoTokenizer.from_pretrained(src.folder, trust_remote_code=False, **kwargs)
+        if max_memory is not None:
+            kwargs |= {"device_map": "auto", "max_memory": max_memory}
         model = AutoModelForCausalLM.from_pretrained(src.folder, dtype=torch_dtype(dtype), trust_remote_code=False,
                                                      **kwargs)
     except InputError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, ImportError) as exc:
         raise ModelLoadError(_load_failure_message(src, exc)) from exc
-    model.to(device).eval()
+    if max_memory is None:
+        model.to(device)
+    model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -36,6 +36,9 @@ DEFAULT_WORKSPACE = "sieve-workspace"
 QUANTIZE_SCHEMES = {"int8": "int8 weights, one scale per output row (torchao Int8WeightOnlyConfig)"}
 MEMORY_MODES = ("auto", "memory", "blockwise")
 RUN_LAYOUT = ("mode", "memory_budget", "keep_stats")  # options that change how a stage runs, not its outputs
+SCORING_MODE_HELP = ("memory (the whole model: on one device, or spread over the GPUs and host memory with "
+                     "device_map=auto when one device is too small), blockwise (streaming: one decoder block at a "
+                     "time, read from the safetensors files), or auto: as the memory budget allows.")
 
 
 def default_workspace() -> Path:
@@ -341,8 +344,12 @@ class SearchOptions:
     batch_size: int = batch_opt(16, "Examples per forward pass.")
     device: str = device_opt()
     dtype: str | None = dtype_opt()
+    # how the model is laid out in memory, not what comes out: not recorded
+    mode: str = mode_opt(SCORING_MODE_HELP)
+    memory_budget: str | None = budget_opt()
 
     def __post_init__(self) -> None:
+        check_memory(self.mode, self.memory_budget)
         if self.strategy not in STRATEGIES:
             raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.method not in FIT_METHODS:
@@ -368,7 +375,7 @@ class SearchOptions:
 
         The GA's knobs do not change a uniform plan, so changing them does not make it stale.
         """
-        options = asdict(self)
+        options = {k: v for k, v in asdict(self).items() if k not in RUN_LAYOUT}
         if self.strategy == "uniform":
             options.pop("levels")
             options.pop("ga")
@@ -414,14 +421,21 @@ class EvalOptions:
     max_length: int = opt(1024, "Longest sequence in tokens; longer contexts lose their beginning.")
     device: str = device_opt()
     dtype: str | None = dtype_opt()
+    mode: str = mode_opt(SCORING_MODE_HELP)
+    memory_budget: str | None = budget_opt()
 
     def __post_init__(self) -> None:
+        check_memory(self.mode, self.memory_budget)
         if self.split not in EVAL_PARTS:
             raise InputError(f"--split {self.split!r} is not a split part; use test or search")
         check_positive(batch_size=self.batch_size, max_length=self.max_length)
         check_device(self.device)
         check_dtype(self.dtype)
         object.__setattr__(self, "limit", no_limit(self.limit))
+
+    def recorded(self) -> dict:
+        """What decides the result: not how the model was laid out in memory (the scores agree)."""
+        return {k: v for k, v in asdict(self).items() if k not in RUN_LAYOUT}
 
 
 @dataclass(frozen=True)
@@ -455,15 +469,20 @@ class RunOptions:
     device: str = device_opt()
     dtype: str = dtype_opt("float32")
     quantize: str | None = quantize_opt()  # passed to apply: the pruned model is written (and evaluated) quantised
+    mode: str = mode_opt("For every stage: memory (the whole model, on one device or spread over the GPUs and "
+                         "host memory), blockwise (one decoder block at a time), or auto: as the memory budget allows.")
+    memory_budget: str | None = budget_opt()
 
     def __post_init__(self) -> None:
         check_device(self.device)
         check_dtype(self.dtype, allow_none=False)
         check_quantize(self.quantize)
-        # one device and dtype for every stage, and search truncates the fit it made
-        for name in ("capture", "search", "eval"):
-            object.__setattr__(self, name, replace(getattr(self, name), device=self.device))
-        object.__setattr__(self, "fit", replace(self.fit, device=self.device))
+        check_memory(self.mode, self.memory_budget)
+        # one device, layout and budget for every stage (the dtype reaches them through discover, whose
+        # dtype is each stage's default), and search truncates the fit it made
+        layout = dict(device=self.device, mode=self.mode, memory_budget=self.memory_budget)
+        for name in ("capture", "fit", "search", "eval"):
+            object.__setattr__(self, name, replace(getattr(self, name), **layout))
         object.__setattr__(self, "search", replace(self.search, method=self.fit.method))
 
 

@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass, field
 
 from . import progress
 from .acceptance import Measurement, acceptance_threshold, is_acceptable, judge
-from .discover import load_workspace_model
+from .discover import check_model_unchanged, load_workspace_model, workspace_model_source
 from .errors import InputError
 from .evaluate import evaluate, prepare
+from .models import load_tokenizer
 from .factors import FactorSet, StoredFactors
 from .files import append_line, read_json, read_jsonl, write_json_atomic
 from .fit import load_factors, load_spectrum
@@ -64,6 +65,7 @@ class Scorer:
     examples: int | None = None
     # scores a batch of allocations at once (a pool of workers); None: one after another
     score_many: Callable[[list[Ranks]], "list[Measurement | float]"] | None = None
+    layout: dict | None = None  # how the model is held (streaming.Layout.note), for the stage's summary
 
     def __call__(self, ranks: Ranks) -> Measurement:
         return as_measurement(self.score(ranks))
@@ -101,25 +103,79 @@ def measurement(result) -> Measurement:
 
 
 def build_scorers(ws: Workspace, options: SearchOptions, factors: FactorSet) -> tuple[Scorer, Scorer | None]:
-    """Scorers of the search and confirm parts, sharing one loaded model; each call swaps factors in and out."""
-    model, tokenizer = load_workspace_model(ws, options.dtype, options.device)
-    if isinstance(factors, StoredFactors):  # each matrix's factors cross to the device once, then are sliced
-        factors.keep_on(options.device, next(model.parameters()).dtype)
+    """Scorers of the search and confirm parts, sharing one model; each call swaps factors in and out.
+
+    The model is loaded whole on the device, spread over the devices, or streamed block by block
+    (each candidate's factors swapped into each block while it is loaded), as `--mode` and the
+    memory budget decide (`streaming.choose_layout`; the estimate is logged).
+    """
+    from .streaming import choose_layout
+
     bound = bind_task(ws, None)
+    tokenizer = load_tokenizer(workspace_model_source(ws))
+    parts = {"search": prepare(bound, "search", tokenizer, limit=options.limit)}
+    if bound.ids("confirm"):
+        parts["confirm"] = prepare(bound, "confirm", tokenizer)
+    dtype = options.dtype or ws.require(Stage.DISCOVER)["inputs"]["options"]["dtype"]
+    layout = choose_layout(ws, options.mode, options.memory_budget, options.device, dtype, list(parts.values()),
+                           options.batch_size, "search", factors=True)
+    evaluator = (streaming_evaluator(ws, options, factors, dtype, layout.tier) if layout.mode == "blockwise"
+                 else swapping_evaluator(ws, options, factors, layout.max_memory))
 
-    def scorer_for(part: str, limit: int | None) -> Scorer:
-        prepared = prepare(bound, part, tokenizer, limit=limit)
+    def scorer_for(prepared) -> Scorer:
+        run = evaluator(prepared)
 
-        def measure(candidate) -> Measurement:
-            result = evaluate(candidate, prepared, batch_size=options.batch_size, show_progress=False)
+        def score(ranks: Ranks) -> Measurement:
+            result = run(ranks)
             scorer.metric, scorer.examples = result.metric, result.n
             return measurement(result)
 
-        scorer = swapping_scorer(model, factors, measure)
+        scorer = Scorer(score=score, layout=layout.note())
         return scorer
 
-    confirm = scorer_for("confirm", None) if bound.ids("confirm") else None
-    return scorer_for("search", options.limit), confirm
+    confirm = scorer_for(parts["confirm"]) if "confirm" in parts else None
+    return scorer_for(parts["search"]), confirm
+
+
+def swapping_evaluator(ws: Workspace, options: SearchOptions, factors: FactorSet, max_memory: dict | None):
+    """prepared -> (ranks -> EvalResult) on the whole model (one device, or spread by `max_memory`)."""
+    model, _ = load_workspace_model(ws, options.dtype, options.device, max_memory)
+    if isinstance(factors, StoredFactors):  # each matrix's factors cross to the device once, then are sliced
+        factors.keep_on(options.device, next(model.parameters()).dtype)
+
+    def evaluator(prepared):
+        def run(ranks: Ranks):
+            restore = prune_in_memory(model, ranks, factors)
+            try:
+                return evaluate(model, prepared, batch_size=options.batch_size, show_progress=False)
+            finally:
+                restore()
+
+        return run
+
+    return evaluator
+
+
+def streaming_evaluator(ws: Workspace, options: SearchOptions, factors: FactorSet, dtype: str, tier: str):
+    """prepared -> (ranks -> EvalResult), streaming the model block by block for every candidate."""
+    from .models import safetensors_folder, torch_dtype
+    from .streaming import open_streaming, stream_evaluate
+
+    source = check_model_unchanged(ws)["inputs"]["options"]["model"]
+    runner = open_streaming(safetensors_folder(source), torch_dtype(dtype), options.device)
+    if isinstance(factors, StoredFactors):
+        factors.cache = False  # hold no factors between candidates: one block's at a time, read per candidate
+    scratch = ws.stage_dir(STAGE)
+    scratch.mkdir(parents=True, exist_ok=True)
+
+    def evaluator(prepared):
+        def run(ranks: Ranks):
+            return stream_evaluate(runner, prepared, options.batch_size, show_progress=False, ranks=ranks,
+                                   factors=factors, tier=tier, folder=scratch)
+
+        return run
+
+    return evaluator
 
 
 # ---- the matrices and their ranks at each level -------------------------------------------
@@ -282,7 +338,8 @@ def run_search(ws: Workspace, options: SearchOptions, force: bool = False, score
     plan.save(ws.plan_json)
     ws.search_checkpoint.unlink(missing_ok=True)
     # the history is a log for the report, not an output later stages need: only the plan is checked
-    ws.finish(STAGE, inputs, [ws.plan_json], summary=summarise(plan.data))
+    layout = {"layout": scorer.layout} if scorer.layout else {}
+    ws.finish(STAGE, inputs, [ws.plan_json], summary=summarise(plan.data) | layout)
     return plan.data
 
 

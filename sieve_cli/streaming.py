@@ -25,19 +25,22 @@ import logging
 import tempfile
 from collections.abc import Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import progress
+from . import memory, progress
 from .blockwise import BlockRunner, HiddenCache, SafetensorsWeights, _pass_through, open_runner
 from .errors import InputError
 from .evaluate import EvalResult, PreparedSplit, result_of
 from .factors import FactorSet
+from .files import read_json
 from .models import torch_dtype
-from .pruned import SIEVE_JSON, base_config, lowrank_shell, prune_in_memory, read_sieve_json, _empty_model
 from .lowrank import swap_modules
+from .pruned import SIEVE_JSON, _empty_model, base_config, lowrank_shell, prune_in_memory, read_sieve_json
 from .scoring import SpanScore, batches_by_length, left_pad, longest_span, null_bar, span_scores
+from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -177,3 +180,49 @@ def stream_evaluate(runner: BlockRunner, prepared: PreparedSplit, batch_size: in
     scores = stream_scores(runner, prepared.sequences, prepared.pad_id, batch_size, max_batch_tokens, show_progress,
                            ranks, factors, tier, folder)
     return result_of(prepared, scores)
+
+
+# ---- the stages' choice: one device, spread over devices, or streaming ----------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How search or eval holds the model: `memory` (one device), `spread` (device_map=auto with
+    `max_memory`) or `blockwise` (streaming, hidden states on `tier`), and the estimate it was chosen by."""
+
+    mode: str
+    estimate: memory.Estimate
+    budget: int
+    max_memory: dict | None = None
+    tier: str = "device"
+
+    def note(self) -> dict:
+        extra = {"hidden_cache": self.tier} if self.mode == "blockwise" else {}
+        return {"mode": self.mode, "estimate": self.estimate.to_dict(), "budget_bytes": self.budget, **extra}
+
+
+def choose_layout(ws: Workspace, mode: str, memory_budget: str | None, device: str, dtype: str,
+                  parts: list[PreparedSplit], batch_size: int, what: str, factors: bool = False,
+                  can_spread: bool = True) -> Layout:
+    """The layout of a search or eval in this workspace, from discover's shapes and the prepared
+    parts' lengths (no weights loaded); logs the estimated peak; refuses a run that cannot fit."""
+    shape = memory.ModelShape.from_discovery(read_json(ws.matrices_json))
+    runs = [memory.scoring_run([len(s.tokens) for s in p.sequences] + [len(q) + p.max_gen_toks for q in p.prompts],
+                               batch_size, dtype, device) for p in parts]
+    in_memory = max((memory.scoring_in_memory(shape, r, what, factors) for r in runs), key=lambda e: e.total)
+    streaming = max((memory.scoring_streaming(shape, r, what, factors) for r in runs), key=lambda e: e.total)
+    if memory_budget is not None:
+        budget, source = memory.parse_bytes(memory_budget), "--memory-budget"
+    else:
+        budget, source = memory.free_bytes(device), f"the free memory of {device}"
+    limits = memory.spread_memory(device, budget) if can_spread else None
+    chosen = memory.choose_scoring_mode(mode, in_memory, streaming, budget, source, dtype,
+                                        None if limits is None else sum(limits.values()))
+    if chosen == "blockwise":
+        layout = Layout(chosen, streaming, budget, tier=memory.choose_tier(streaming, budget, memory.free_bytes("cpu"), device))
+    else:
+        layout = Layout(chosen, in_memory, budget, max_memory=limits if chosen == "spread" else None)
+    how = {"memory": f"on {device}", "spread": "spread over the devices (device_map=auto)",
+           "blockwise": f"streaming, hidden states on {layout.tier}"}[chosen]
+    log.info("%s; budget %s (%s); runs %s", layout.estimate.describe(), memory.gib(budget), source, how)
+    return layout
