@@ -287,7 +287,8 @@ def read_weights(file: Path, device: str | torch.device) -> dict[str, torch.Tens
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(file), device=str(device))
+        # safetensors names the host "cpu" only (torch also takes "cpu:0")
+        return load_file(str(file), device="cpu" if torch.device(device).type == "cpu" else str(device))
     except (SafetensorError, OSError) as exc:
         raise InputError(f"{file} is damaged or missing ({str(exc).splitlines()[0][:120]}); "
                          f"rerun `sieve apply -o {file.parent} --force` to rebuild it") from None

@@ -67,11 +67,13 @@ def open_streaming_pruned(folder: str | Path, device: str, dtype: str | torch.dt
     model = _empty_model(base_config(folder, info), dt)
     for param in model.parameters():  # init_empty_weights(include_buffers=False): parameters only are on meta
         assert param.device.type == "meta"
+    model.tie_weights()
+    # the runner finds the matrices (and the names tied weights go by) on the dense skeleton; the
+    # shells then take the factored matrices' places, and their A and B load with their blocks
+    runner = BlockRunner(model.eval(), SafetensorsWeights(folder), device, dt)
     shells = {name: lowrank_shell(s["in_features"], s["out_features"], s["rank"], s["bias"], dt)
               for name, s in info["factored"].items()}
     swap_modules(model, shells)
-    model.tie_weights()
-    runner = BlockRunner(model.eval(), SafetensorsWeights(folder), device, dt)
     runner.load_head()
     return runner
 
