@@ -1,18 +1,32 @@
 #!/usr/bin/env bash
-# Block-wise vs in-memory capture+fit on a CUDA GPU: peak device memory
-# (torch.cuda.max_memory_allocated) against the printed estimate, equality of the factors,
-# and seconds per block. Ready for a machine with a GPU; run from the repository root:
+# On a CUDA GPU, with Llama-3.1-8B-shaped blocks in bf16:
+# 1. block-wise vs in-memory capture+fit: peak device memory (torch.cuda.max_memory_allocated)
+#    against the printed estimate, equality of the factors, and seconds per block;
+# 2. evaluation in memory vs streaming block by block vs spread with device_map=auto (half the
+#    weights on the GPU, the rest in host memory): seconds, peak against the estimate that
+#    search and eval print, and the same per-example scores (bench/stream_eval.py; its CPU run:
+#    `python bench/stream_eval.py --device cpu --shape tiny --blocks 2`).
+# Ready for a machine with a GPU; run from the repository root:
 #
 #     bash bench/gpu_check.sh            # 4 blocks of Llama-3.1-8B shape, bf16, 4096 tokens
 #     BLOCKS=2 TOKENS=2048 bash bench/gpu_check.sh
+#     PART=eval bash bench/gpu_check.sh  # only part 2 (PART=capture: only part 1)
 #
 # Each mode runs in its own process so the peaks do not mix. Exit status 1 when an
-# estimate does not bound its measurement or the two modes disagree.
+# estimate does not bound its measurement or two modes disagree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-BLOCKS="${BLOCKS:-4}" TOKENS="${TOKENS:-4096}" FOLDER="${FOLDER:-/tmp/sieve-gpu-check}"
+BLOCKS="${BLOCKS:-4}" TOKENS="${TOKENS:-4096}" FOLDER="${FOLDER:-/tmp/sieve-gpu-check}" PART="${PART:-all}"
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: this check needs a GPU')"
+
+status=0
+if [[ "$PART" == "all" || "$PART" == "eval" ]]; then
+  echo "== evaluation: in memory vs streaming vs device_map=auto"
+  python bench/stream_eval.py --device cuda --shape 8b --blocks "$BLOCKS" --sequences 64 --length 512 || status=1
+fi
+if [[ "$PART" == "eval" ]]; then exit "$status"; fi
+echo "== capture+fit: block-wise vs in memory"
 
 python - "$FOLDER" "$BLOCKS" <<'PY'
 import sys, torch
@@ -65,7 +79,7 @@ PY
 
 memory_json="$(run_mode memory | tail -n 1)"
 block_json="$(run_mode blockwise | tail -n 1)"
-python - "$memory_json" "$block_json" <<'PY'
+if python - "$memory_json" "$block_json" <<'PY'
 import json, sys
 import numpy as np
 rows = [json.loads(a) for a in sys.argv[1:3]]
@@ -82,3 +96,5 @@ ok &= worst < 1e-6
 print(f"block-wise / in-memory time: {rows[1]['seconds'] / rows[0]['seconds']:.2f}")
 sys.exit(0 if ok else 1)
 PY
+then :; else status=1; fi
+exit "$status"

@@ -281,3 +281,17 @@ def test_run_mode_reaches_capture_search_and_eval(tiny_dir, tmp_path):
     whole = run_eval(ws, EvalOptions(model=str(tmp_path / "pruned"), mode="memory"), force=True)
     assert [e["score"] for e in whole["per_example"]] == [e["score"] for e in result.pruned["per_example"]]
     assert whole["layout"]["mode"] == "memory"
+
+
+@pytest.mark.slow
+def test_smollm2_streaming_eval_equals_in_memory(smollm2_gguf, data_root, tmp_path):
+    """The real model (tied head, few-shot sst2 scored through the prefix cache in memory):
+    the eval stage streamed block by block gives the same per-example scores."""
+    ws = Workspace(tmp_path / "ws")
+    run_discover(ws, DiscoverOptions(model=str(smollm2_gguf)))
+    bind_task(ws, "examples/tasks/sst2.yaml", data_root=str(data_root))
+    reports = {mode: run_eval(ws, EvalOptions(mode=mode, limit=24, batch_size=8), force=True)
+               for mode in ("memory", "blockwise")}
+    assert reports["blockwise"]["layout"]["mode"] == "blockwise"
+    assert [e["score"] for e in reports["blockwise"]["per_example"]] == [e["score"] for e in reports["memory"]["per_example"]]
+    assert reports["blockwise"]["value"] == reports["memory"]["value"]
