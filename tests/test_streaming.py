@@ -295,3 +295,18 @@ def test_smollm2_streaming_eval_equals_in_memory(smollm2_gguf, data_root, tmp_pa
     assert reports["blockwise"]["layout"]["mode"] == "blockwise"
     assert [e["score"] for e in reports["blockwise"]["per_example"]] == [e["score"] for e in reports["memory"]["per_example"]]
     assert reports["blockwise"]["value"] == reports["memory"]["value"]
+
+
+def test_run_cli_hands_device_layout_and_budget_to_every_stage(tmp_path):
+    from typer.testing import CliRunner
+
+    import sieve_cli.pipeline as pipeline
+    from sieve_cli.cli import app
+
+    seen = []
+    with mock.patch.object(pipeline, "run_pipeline", side_effect=lambda options, **_: seen.append(options) or 1 / 0):
+        CliRunner().invoke(app, ["run", "model-folder", "-o", str(tmp_path / "out"), "--device", "cpu:0",
+                                 "--mode", "blockwise", "--memory-budget", "2GiB"])
+    (options,) = seen
+    for stage in (options.capture, options.fit, options.search, options.eval):
+        assert (stage.device, stage.mode, stage.memory_budget) == ("cpu:0", "blockwise", "2GiB")

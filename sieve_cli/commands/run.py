@@ -44,10 +44,11 @@ def _stage_line(report: StageReport) -> None:
 
 
 RUN_GROUPS = dict(
-    run=Group(RunOptions, only=("device", "dtype", "quantize")),  # every stage runs on this device; apply quantises
+    # every stage runs on this device, in this layout, within this budget; apply quantises
+    run=Group(RunOptions, only=("device", "dtype", "quantize", "mode", "memory_budget")),
     capture=Group(CaptureOptions, only=("tokens", "seq_len")),
     fit=Group(FitOptions, only=("method",)),
-    search=Group(SearchOptions, exclude=("method", "device", "dtype", "batch_size")),
+    search=Group(SearchOptions, exclude=("method", "device", "dtype", "batch_size", "mode", "memory_budget")),
     split=Group(SplitOptions),
 )
 
