@@ -2,6 +2,8 @@
 estimate that search and eval print, and the per-example scores of each way compared.
 
     PYTHONPATH=$PWD python bench/stream_eval.py --device cpu --blocks 2 --shape tiny   # runs here, seconds
+    PYTHONPATH=$PWD python bench/stream_eval.py --device cpu --shape 1b --blocks 6 --dtype float32 \
+        --sequences 8 --length 64 --batch-size 4                                      # the CPU peaks, minutes
     PYTHONPATH=$PWD python bench/stream_eval.py --device cuda                          # what gpu_check.sh runs
 
 A random-weight Llama (`--shape 8b`: Llama-3.1-8B-shaped blocks, hidden 4096, intermediate 14336,
@@ -13,7 +15,9 @@ heaviest logits an eval can need). Each way runs in its own subprocess so the pe
 - streaming: `streaming.stream_evaluate`, one block's weights read at a time;
 - spread (CUDA only): device_map="auto" with max_memory giving the GPU about half the model's
   weights and the rest to host memory, `evaluate.evaluate` through accelerate's hooks.
-The peak is torch.cuda.max_memory_allocated on CUDA, the peak RSS (getrusage) on the CPU. Exit
+The peak is torch.cuda.max_memory_allocated on CUDA; on the CPU the peak anonymous resident memory
+(RssAnon, sampled), beside getrusage's peak RSS, which also counts the clean pages of the memory-mapped
+weight files read so far (streaming reads every block, so that RSS reaches the file's size). Exit
 status 1 when an estimate does not bound its measurement or the scores disagree.
 """
 
@@ -72,6 +76,35 @@ def prepared_split(vocab: int, sequences: int, length: int):
                          sequences=[Sequence(i, tuple(r[:-1]), (Span(0, tuple(r[1:])),)) for i, r in enumerate(rows)])
 
 
+class AnonymousPeak:
+    """The peak of this process's anonymous resident memory (RssAnon), sampled every 5 ms.
+
+    ru_maxrss also counts the pages of the memory-mapped weight files that were read: clean
+    file pages the kernel drops under pressure, and which streaming touches for every block.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self.now())
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, self.now())
+
+
 def measure(args) -> dict:
     """One way, in this process: the estimate, the run, its peak and its scores."""
     import resource
@@ -88,27 +121,29 @@ def measure(args) -> dict:
     folder = Path(args.folder)
     model_shape = memory.ModelShape.from_discovery(diagnose(meta_model(folder)))
     prepared = prepared_split(model_shape.vocab, args.sequences, args.length)
-    run = memory.scoring_run([len(s.tokens) for s in prepared.sequences], args.batch_size, "bfloat16", args.device)
+    run = memory.scoring_run([len(s.tokens) for s in prepared.sequences], args.batch_size, args.dtype, args.device)
     cuda = args.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    anonymous = AnonymousPeak()
     started = time.perf_counter()
     if args.way == "streaming":
         estimate = memory.scoring_streaming(model_shape, run, "eval", False)
-        runner = open_streaming(folder, torch.bfloat16, args.device)
+        runner = open_streaming(folder, getattr(torch, args.dtype), args.device)
         result = stream_evaluate(runner, prepared, args.batch_size, show_progress=False)
     else:
         estimate = memory.scoring_in_memory(model_shape, run, "eval", False)
         max_memory = None
         if args.way == "spread":  # the GPU gets about half the weights: the rest must go to the host
             max_memory = {0: estimate.total - estimate.parts["weights"] // 2, "cpu": 2 * estimate.parts["weights"]}
-        model, _ = load_model(str(folder), "bfloat16", args.device, max_memory)
+        model, _ = load_model(str(folder), args.dtype, args.device, max_memory)
         result = evaluate(model, prepared, args.batch_size, show_progress=False)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"way": args.way, "seconds": seconds, "peak_bytes": peak, "estimate_bytes": estimate.total,
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if cuda else anonymous.stop()
+    return {"way": args.way, "seconds": seconds, "peak_bytes": peak, "rss_bytes": rss, "estimate_bytes": estimate.total,
             "estimate": estimate.describe(), "blocks": len(model_shape.blocks), "soft": result.soft,
             "value": result.value}
 
@@ -122,6 +157,9 @@ def main() -> int:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="compute dtype (the files are bf16); float32 makes the loaded weights copies, "
+                             "which the CPU's anonymous-memory peak then shows")
     parser.add_argument("--folder", default=None, help="default: /tmp/sieve-stream-eval-<shape>-<blocks>")
     parser.add_argument("--way", choices=("memory", "streaming", "spread"), help=argparse.SUPPRESS)  # the child
     args = parser.parse_args()
@@ -146,7 +184,7 @@ def main() -> int:
         worst = max(abs(a - b) for a, b in zip(r["soft"], reference))
         ok &= bounded and worst < 1e-2  # bf16: the padded and prefix paths round differently
         print(f"{r['way']:<9} {r['seconds']:7.2f} s ({r['seconds'] / r['blocks']:.2f} s per block)  peak "
-              f"{r['peak_bytes'] / 2**30:6.2f} GiB  estimate {r['estimate_bytes'] / 2**30:6.2f} GiB  bounded {bounded}  "
+              f"{r['peak_bytes'] / 2**30:6.2f} GiB (RSS with mapped files {r['rss_bytes'] / 2**30:.2f})  estimate {r['estimate_bytes'] / 2**30:6.2f} GiB  bounded {bounded}  "
               f"value {r['value']:.4f}  largest per-example difference from memory {worst:.1e}")
     print(f"streaming / memory time: {rows[1]['seconds'] / rows[0]['seconds']:.2f}")
     return 0 if ok else 1

@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .accumulate import model_device
 from .capture import capture_statistics
 from .discover import diagnose
 from .errors import InputError
@@ -123,7 +124,8 @@ class TransformerPruner:
         options = CaptureOptions(tokens=sum(map(len, sequences)), seq_len=self.config.seq_len)
         pad = getattr(self.tokenizer, "pad_token_id", None) or 0
         capture_statistics(self.model, sequences, options, self.workspace.capture_store, pad_id=pad, fresh=True)
-        fit_options = self.config.fit_options()
+        # the decompositions run where the user's model lives (capture and search use it in place)
+        fit_options = replace(self.config.fit_options(), device=str(model_device(self.model)))
         self.factors, spectrum = fit_model(self.model, self.workspace.capture_store, fit_options)
         self._record_fit(fit_options, spectrum)
         return self.factors

@@ -125,6 +125,7 @@ class RunShape:
     samples: int = 4096  # reservoir rows per site
     padded_tokens: int = 200_000  # calibration tokens including padding
     device: str = "cpu"
+    scored: int | None = None  # scoring: positions per row projected to the vocabulary (None: seq_len)
 
 
 # ---- the parts -----------------------------------------------------------------------
@@ -224,21 +225,24 @@ def blockwise(shape: ModelShape, run: RunShape) -> Estimate:
 # ---- search and eval: scoring a split part --------------------------------------------
 
 
-def scoring_run(lengths: list[int], batch_size: int, dtype: str, device: str, max_batch_tokens: int = 8192) -> RunShape:
-    """The RunShape of scoring sequences of these lengths in the evaluator's batches."""
+def scoring_run(lengths: list[int], batch_size: int, dtype: str, device: str, scored: int | None = None,
+                max_batch_tokens: int = 8192) -> RunShape:
+    """The RunShape of scoring sequences of these lengths in the evaluator's batches, `scored`
+    positions per row at most projected to the vocabulary (None: every position)."""
     from .scoring import batches_by_length
 
     batches = batches_by_length(lengths, batch_size, max_batch_tokens) if lengths else []
     padded = sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
     rows = max((len(batch) for batch in batches), default=1)
     return RunShape(weight_bytes=DTYPE_BYTES[dtype], compute_bytes=DTYPE_BYTES[dtype], batch_size=rows,
-                    seq_len=max(lengths, default=1), samples=0, padded_tokens=padded, device=device)
+                    seq_len=max(lengths, default=1), samples=0, padded_tokens=padded, device=device, scored=scored)
 
 
 def logits_bytes(shape: ModelShape, run: RunShape) -> int:
-    """The scored positions' logits (at most every position of a batch) and one row's float32
-    log-softmax temporaries (`scoring.span_scores`)."""
-    return run.batch_size * run.seq_len * shape.vocab * run.compute_bytes + 3 * run.seq_len * shape.vocab * 4
+    """The scored positions' logits (`logits_to_keep`) and one row's float32 log-softmax
+    temporaries (`scoring.span_scores`)."""
+    keep = run.seq_len if run.scored is None else min(run.scored, run.seq_len)
+    return run.batch_size * keep * shape.vocab * run.compute_bytes + 3 * keep * shape.vocab * 4
 
 
 def scoring_activations(shape: ModelShape, run: RunShape) -> int:
@@ -304,15 +308,20 @@ def choose_scoring_mode(mode: str, in_memory: Estimate, streaming: Estimate, bud
     )
 
 
-def spread_memory(device: str, budget: int) -> dict | None:
+def spread_memory(device: str, budget: int, host: bool = True) -> dict | None:
     """accelerate's max_memory for device_map=auto: `budget` on the run's GPU, the free memory of
-    the other GPUs and of the host (less the runtime). None off CUDA (the CPU is one device)."""
+    the other GPUs and (`host`) of the host, less the runtime. None off CUDA (the CPU is one device).
+
+    Search passes host=False: accelerate keeps host-mapped weights off the module (on the meta
+    device, copied in per forward), so a candidate's low-rank modules could not be built there.
+    """
     if not device.startswith("cuda") or not torch.cuda.is_available():
         return None
     own = torch.device(device).index or 0
     limits: dict = {i: (budget if i == own else free_bytes(f"cuda:{i}")) for i in range(torch.cuda.device_count())}
-    limits["cpu"] = max(free_bytes("cpu") - RUNTIME_BYTES, 0)
-    return limits
+    if host:
+        limits["cpu"] = max(free_bytes("cpu") - RUNTIME_BYTES, 0)
+    return limits if len(limits) > 1 else None
 
 
 def free_bytes(device: str) -> int:

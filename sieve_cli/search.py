@@ -21,7 +21,6 @@ from .acceptance import Measurement, acceptance_threshold, is_acceptable, judge
 from .discover import check_model_unchanged, load_workspace_model, workspace_model_source
 from .errors import InputError
 from .evaluate import evaluate, prepare
-from .models import load_tokenizer
 from .factors import FactorSet, StoredFactors
 from .files import append_line, read_json, read_jsonl, write_json_atomic
 from .fit import load_factors, load_spectrum
@@ -34,9 +33,11 @@ from .genetic import (
 )
 from .lowrank import lowrank_params, rank_for_fraction
 from .matrices import Matrix
+from .models import load_tokenizer, safetensors_folder, torch_dtype
 from .options import SearchOptions
 from .plan import Plan, Ranks
 from .pruned import prune_in_memory
+from .streaming import choose_layout, open_streaming, stream_evaluate
 from .tasks import bind_task
 from .uniform import binary_search, uniform_grid
 from .workspace import Stage, Workspace
@@ -109,8 +110,6 @@ def build_scorers(ws: Workspace, options: SearchOptions, factors: FactorSet) -> 
     (each candidate's factors swapped into each block while it is loaded), as `--mode` and the
     memory budget decide (`streaming.choose_layout`; the estimate is logged).
     """
-    from .streaming import choose_layout
-
     bound = bind_task(ws, None)
     tokenizer = load_tokenizer(workspace_model_source(ws))
     parts = {"search": prepare(bound, "search", tokenizer, limit=options.limit)}
@@ -158,9 +157,6 @@ def swapping_evaluator(ws: Workspace, options: SearchOptions, factors: FactorSet
 
 def streaming_evaluator(ws: Workspace, options: SearchOptions, factors: FactorSet, dtype: str, tier: str):
     """prepared -> (ranks -> EvalResult), streaming the model block by block for every candidate."""
-    from .models import safetensors_folder, torch_dtype
-    from .streaming import open_streaming, stream_evaluate
-
     source = check_model_unchanged(ws)["inputs"]["options"]["model"]
     runner = open_streaming(safetensors_folder(source), torch_dtype(dtype), options.device)
     if isinstance(factors, StoredFactors):

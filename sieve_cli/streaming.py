@@ -203,6 +203,14 @@ class Layout:
         return {"mode": self.mode, "estimate": self.estimate.to_dict(), "budget_bytes": self.budget, **extra}
 
 
+def scored_positions(prepared: PreparedSplit) -> int | None:
+    """Positions per row the evaluator projects to the vocabulary (None: a generation's, one per step
+    but the prompt's last; counted as every position, an upper bound)."""
+    if prepared.prompts:
+        return None
+    return max((longest_span(s) for s in prepared.sequences), default=1)
+
+
 def choose_layout(ws: Workspace, mode: str, memory_budget: str | None, device: str, dtype: str,
                   parts: list[PreparedSplit], batch_size: int, what: str, factors: bool = False,
                   can_spread: bool = True) -> Layout:
@@ -210,14 +218,14 @@ def choose_layout(ws: Workspace, mode: str, memory_budget: str | None, device: s
     parts' lengths (no weights loaded); logs the estimated peak; refuses a run that cannot fit."""
     shape = memory.ModelShape.from_discovery(read_json(ws.matrices_json))
     runs = [memory.scoring_run([len(s.tokens) for s in p.sequences] + [len(q) + p.max_gen_toks for q in p.prompts],
-                               batch_size, dtype, device) for p in parts]
+                               batch_size, dtype, device, scored_positions(p)) for p in parts]
     in_memory = max((memory.scoring_in_memory(shape, r, what, factors) for r in runs), key=lambda e: e.total)
     streaming = max((memory.scoring_streaming(shape, r, what, factors) for r in runs), key=lambda e: e.total)
     if memory_budget is not None:
         budget, source = memory.parse_bytes(memory_budget), "--memory-budget"
     else:
         budget, source = memory.free_bytes(device), f"the free memory of {device}"
-    limits = memory.spread_memory(device, budget) if can_spread else None
+    limits = memory.spread_memory(device, budget, host=not factors) if can_spread else None
     chosen = memory.choose_scoring_mode(mode, in_memory, streaming, budget, source, dtype,
                                         None if limits is None else sum(limits.values()))
     if chosen == "blockwise":

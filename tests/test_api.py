@@ -78,3 +78,15 @@ def test_diagnose_model_dict():
     result = diagnose_model(tiny_model("gpt2"), "tiny-gpt2")
     assert result["name"] == "tiny-gpt2" and result["prunable"] == 8
     assert set(result["groups"]) >= {"attention", "mlp", "head", "embedding"}
+
+
+def test_fit_runs_on_the_device_of_the_users_model(tmp_path, monkeypatch):
+    """The model's device (here cpu:0, which no default spells) reaches the fit, not the CPU default."""
+    import sieve_cli.api as api
+
+    seen = []
+    real_fit = api.fit_model
+    monkeypatch.setattr(api, "model_device", lambda model: torch.device("cpu", 0))
+    monkeypatch.setattr(api, "fit_model", lambda model, store, options: seen.append(options.device) or real_fit(model, store, options))
+    TransformerPruner(tiny_model("llama"), config(tmp_path), tiny_tokenizer()).calibrate(loader())
+    assert seen == ["cpu:0"]

@@ -22,7 +22,7 @@ from sieve_cli.options import CaptureOptions, EvalOptions, RunOptions, SearchOpt
 from sieve_cli.pipeline import run_pipeline
 from sieve_cli.pruned import prune_in_memory
 from sieve_cli.search import run_search
-from sieve_cli.streaming import choose_layout, open_streaming, stream_evaluate
+from sieve_cli.streaming import choose_layout, open_streaming, scored_positions, stream_evaluate
 from sieve_cli.tasks import bind_task
 from sieve_cli.workspace import Workspace
 
@@ -139,7 +139,8 @@ def streaming_minimum(ws, options, what, factors=False) -> int:
     parts = [prepare(bound, p, eval_tokenizer(ws, EvalOptions())) for p in ("test",)] if what == "eval" else \
         [prepare(bound, p, eval_tokenizer(ws, EvalOptions())) for p in ("search", "confirm")]
     shape = memory.ModelShape.from_discovery(json.loads(ws.matrices_json.read_text()))
-    runs = [memory.scoring_run([len(s.tokens) for s in p.sequences], options.batch_size, "float32", "cpu") for p in parts]
+    runs = [memory.scoring_run([len(s.tokens) for s in p.sequences], options.batch_size, "float32", "cpu",
+                               scored_positions(p)) for p in parts]
     return max(memory.blockwise_minimum(memory.scoring_streaming(shape, r, what, factors)) for r in runs)
 
 
@@ -177,7 +178,8 @@ def test_layout_prefers_one_device_then_the_spread_then_streaming(folders, tmp_p
     one = choose_layout(ws, "auto", "1TiB", "cuda:0", "float32", parts, 4, "eval")
     assert one.mode == "memory" and one.max_memory is None
     shape = memory.ModelShape.from_discovery(json.loads(ws.matrices_json.read_text()))
-    run = memory.scoring_run([len(s.tokens) for s in parts[0].sequences], 4, "float32", "cuda:0")
+    run = memory.scoring_run([len(s.tokens) for s in parts[0].sequences], 4, "float32", "cuda:0",
+                             scored_positions(parts[0]))
     need = memory.scoring_in_memory(shape, run, "eval", False).total
     budget = memory.blockwise_minimum(memory.scoring_streaming(shape, run, "eval", False))
     assert need == one.estimate.total and budget < need
