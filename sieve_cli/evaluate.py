@@ -20,17 +20,18 @@ import logging
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import progress
-from .discover import load_workspace_model
+from .discover import check_model_unchanged, load_workspace_model, workspace_model_source
 from .errors import InputError
 from .files import read_json, sha256_bytes, write_json_atomic
-from .models import check_fits_positions, load_model, model_identity, torch_dtype
+from .models import check_fits_positions, load_model, model_identity, safetensors_folder, torch_dtype
+from .models import load_tokenizer as load_model_tokenizer
 from .options import EvalOptions
 from .pruned import SIEVE_JSON, load_pruned, load_tokenizer, read_sieve_json
 from .scoring import (  # noqa: F401  (the scoring names stay importable from here, as before the split)
@@ -46,6 +47,7 @@ from .scoring import (  # noqa: F401  (the scoring names stay importable from he
     score_sequences,
     shared_prefix_length,
 )
+from .streaming import choose_layout, open_streaming, open_streaming_pruned, stream_scores
 from .tasks import BoundTask, Example, bind_task
 from .workspace import Stage, Workspace
 
@@ -226,6 +228,25 @@ def evaluate(
     return result_of(prepared, scores)
 
 
+def stream_evaluate(runner, prepared: PreparedSplit, batch_size: int = 16, max_batch_tokens: int = 8192,
+                    show_progress: bool = True, ranks=None, factors=None, tier: str = "device",
+                    folder: Path | None = None) -> EvalResult:
+    """`evaluate` for a model opened by `streaming.open_streaming` (one block in memory at a time), with
+    a search candidate's `ranks` and `factors` swapped into each block; same batches, same numbers
+    within float rounding. `tier`/`folder`: where the hidden states between blocks live."""
+    if not prepared.examples:
+        raise InputError(f"the {prepared.part} part of task {prepared.task} has no examples to score")
+    if prepared.output_type == "generate_until":
+        raise InputError(
+            f"task {prepared.task} generates text, which streaming evaluation cannot do (every generated token "
+            f"needs every block); give the model the memory it needs (--mode memory, --memory-budget, "
+            f"--dtype bfloat16) or score a log-likelihood task"
+        )
+    scores = stream_scores(runner, prepared.sequences, prepared.pad_id, batch_size, max_batch_tokens, show_progress,
+                           ranks, factors, tier, folder)
+    return result_of(prepared, scores)
+
+
 def result_of(prepared: PreparedSplit, scores) -> EvalResult:
     """The metric of a scoring task from its per-sequence span scores (`score_sequences`' output,
     or the streaming evaluator's)."""
@@ -402,9 +423,6 @@ def eval_folder(options: EvalOptions) -> Path:
 
 def eval_tokenizer(ws: Workspace, options: EvalOptions):
     """The tokenizer of the model `run_eval` scores, loaded without its weights."""
-    from .discover import workspace_model_source
-    from .models import load_tokenizer as load_model_tokenizer
-
     if options.model is None:
         return load_model_tokenizer(workspace_model_source(ws))
     folder = eval_folder(options)
@@ -429,10 +447,6 @@ def eval_dtype(ws: Workspace, options: EvalOptions) -> str:
 
 def open_eval_streaming(ws: Workspace, options: EvalOptions, dtype: str):
     """The scored model opened for streaming (`streaming.py`): one block in memory at a time."""
-    from .discover import check_model_unchanged
-    from .models import safetensors_folder
-    from .streaming import open_streaming, open_streaming_pruned
-
     if options.model is None:
         source = check_model_unchanged(ws)["inputs"]["options"]["model"]
         return open_streaming(safetensors_folder(source), torch_dtype(dtype), options.device)
@@ -448,8 +462,6 @@ def run_eval(ws: Workspace, options: EvalOptions, force: bool = False) -> dict:
     The model is loaded whole on the device, spread over the devices, or streamed block by block,
     as `--mode` and the memory budget decide (`streaming.choose_layout`; the estimate is logged).
     """
-    from .streaming import choose_layout, stream_evaluate
-
     label = run_label(options)
     stage = Stage.eval(label)
     bound = bind_task(ws, None)

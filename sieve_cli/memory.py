@@ -19,6 +19,7 @@ from .accumulate import plan_batches
 from .errors import InputError
 from .files import read_json
 from .options import CaptureOptions
+from .scoring import batches_by_length
 from .workspace import Stage, Workspace
 
 GiB = 1 << 30
@@ -229,8 +230,6 @@ def scoring_run(lengths: list[int], batch_size: int, dtype: str, device: str, sc
                 max_batch_tokens: int = 8192) -> RunShape:
     """The RunShape of scoring sequences of these lengths in the evaluator's batches, `scored`
     positions per row at most projected to the vocabulary (None: every position)."""
-    from .scoring import batches_by_length
-
     batches = batches_by_length(lengths, batch_size, max_batch_tokens) if lengths else []
     padded = sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
     rows = max((len(batch) for batch in batches), default=1)

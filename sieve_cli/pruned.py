@@ -271,7 +271,7 @@ def base_config(path: Path, info: Mapping):
     return CONFIG_MAPPING[base_type].from_dict(base)
 
 
-def _empty_model(config, dtype: torch.dtype) -> nn.Module:
+def empty_model(config, dtype: torch.dtype) -> nn.Module:
     """The base architecture from its config, parameters on the meta device, buffers real."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -321,7 +321,7 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: str
         log.warning(without_modeling_file(path))
     if info.get("quantize"):  # quantised tensors: transformers' torchao loader reads them
         return load_through_transformers(path, info, str(device), dt).eval()
-    model = _empty_model(base_config(path, info), dt)
+    model = empty_model(base_config(path, info), dt)
     shells = {
         name: lowrank_shell(s["in_features"], s["out_features"], s["rank"], s["bias"], dt)
         for name, s in info["factored"].items()

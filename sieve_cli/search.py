@@ -20,7 +20,7 @@ from . import progress
 from .acceptance import Measurement, acceptance_threshold, is_acceptable, judge
 from .discover import check_model_unchanged, load_workspace_model, workspace_model_source
 from .errors import InputError
-from .evaluate import evaluate, prepare
+from .evaluate import evaluate, prepare, stream_evaluate
 from .factors import FactorSet, StoredFactors
 from .files import append_line, read_json, read_jsonl, write_json_atomic
 from .fit import load_factors, load_spectrum
@@ -37,7 +37,7 @@ from .models import load_tokenizer, safetensors_folder, torch_dtype
 from .options import SearchOptions
 from .plan import Plan, Ranks
 from .pruned import prune_in_memory
-from .streaming import choose_layout, open_streaming, stream_evaluate
+from .streaming import choose_layout, open_streaming
 from .tasks import bind_task
 from .uniform import binary_search, uniform_grid
 from .workspace import Stage, Workspace

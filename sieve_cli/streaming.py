@@ -10,7 +10,7 @@ embeddings and logits: the runner catches the arguments the model hands each blo
 the real block with them, never a re-implemented forward.
 
 The batches, the scored positions and the per-span scores are `scoring.py`'s, so the scores
-equal `evaluate.evaluate`'s within float rounding. Not reused: the shared-prefix KV cache
+(`evaluate.stream_evaluate` turns them into the metric) equal `evaluate.evaluate`'s within float rounding. Not reused: the shared-prefix KV cache
 (every sequence runs whole, left-padded: the evaluator's `reuse_prefix=False` path) and
 generation (a generated token needs every block: `generate_until` is refused).
 
@@ -31,14 +31,13 @@ from pathlib import Path
 import torch
 
 from . import memory, progress
-from .blockwise import BlockRunner, HiddenCache, SafetensorsWeights, _pass_through, open_runner
+from .blockwise import BlockRunner, HiddenCache, SafetensorsWeights, open_runner, pass_through
 from .errors import InputError
-from .evaluate import EvalResult, PreparedSplit, result_of
 from .factors import FactorSet
 from .files import read_json
-from .models import torch_dtype
 from .lowrank import swap_modules
-from .pruned import SIEVE_JSON, _empty_model, base_config, lowrank_shell, prune_in_memory, read_sieve_json
+from .models import torch_dtype
+from .pruned import SIEVE_JSON, base_config, empty_model, lowrank_shell, prune_in_memory, read_sieve_json
 from .scoring import SpanScore, batches_by_length, left_pad, longest_span, null_bar, span_scores
 from .workspace import Workspace
 
@@ -64,7 +63,7 @@ def open_streaming_pruned(folder: str | Path, device: str, dtype: str | torch.dt
         raise InputError(f"{folder} holds quantised weights, which streaming evaluation cannot read block by block; "
                          f"evaluate it with --mode memory, or apply the plan without --quantize")
     dt = torch_dtype(dtype) if isinstance(dtype, str) else dtype or torch_dtype(info.get("dtype", "float32"))
-    model = _empty_model(base_config(folder, info), dt)
+    model = empty_model(base_config(folder, info), dt)
     for param in model.parameters():  # init_empty_weights(include_buffers=False): parameters only are on meta
         assert param.device.type == "meta"
     model.tie_weights()
@@ -120,7 +119,7 @@ def final_logits(runner: BlockRunner, hidden: torch.Tensor, ids: torch.Tensor, m
     try:
         blocks[0].forward = feed
         for block in blocks[1:]:
-            block.forward = _pass_through
+            block.forward = pass_through
         out = runner.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep,
                            use_cache=False)
     finally:
@@ -167,23 +166,6 @@ def stream_scores(runner: BlockRunner, sequences, pad_id: int, batch_size: int =
     return out
 
 
-def stream_evaluate(runner: BlockRunner, prepared: PreparedSplit, batch_size: int = 16, max_batch_tokens: int = 8192,
-                    show_progress: bool = True, ranks: Mapping[str, int | None] | None = None,
-                    factors: FactorSet | None = None, tier: str = "device", folder: Path | None = None) -> EvalResult:
-    """`evaluate.evaluate` for a model opened by `open_streaming` (and a candidate's ranks and factors)."""
-    if not prepared.examples:
-        raise InputError(f"the {prepared.part} part of task {prepared.task} has no examples to score")
-    if prepared.output_type == "generate_until":
-        raise InputError(
-            f"task {prepared.task} generates text, which streaming evaluation cannot do (every generated token "
-            f"needs every block); give the model the memory it needs (--mode memory, --memory-budget, "
-            f"--dtype bfloat16) or score a log-likelihood task"
-        )
-    scores = stream_scores(runner, prepared.sequences, prepared.pad_id, batch_size, max_batch_tokens, show_progress,
-                           ranks, factors, tier, folder)
-    return result_of(prepared, scores)
-
-
 # ---- the stages' choice: one device, spread over devices, or streaming ----------------------------
 
 
@@ -203,7 +185,7 @@ class Layout:
         return {"mode": self.mode, "estimate": self.estimate.to_dict(), "budget_bytes": self.budget, **extra}
 
 
-def scored_positions(prepared: PreparedSplit) -> int | None:
+def scored_positions(prepared) -> int | None:
     """Positions per row the evaluator projects to the vocabulary (None: a generation's, one per step
     but the prompt's last; counted as every position, an upper bound)."""
     if prepared.prompts:
@@ -212,10 +194,11 @@ def scored_positions(prepared: PreparedSplit) -> int | None:
 
 
 def choose_layout(ws: Workspace, mode: str, memory_budget: str | None, device: str, dtype: str,
-                  parts: list[PreparedSplit], batch_size: int, what: str, factors: bool = False,
+                  parts: list, batch_size: int, what: str, factors: bool = False,
                   can_spread: bool = True) -> Layout:
-    """The layout of a search or eval in this workspace, from discover's shapes and the prepared
-    parts' lengths (no weights loaded); logs the estimated peak; refuses a run that cannot fit."""
+    """The layout of a search or eval in this workspace, from discover's shapes and the lengths of
+    the parts it scores (`evaluate.PreparedSplit`s; no weights loaded); logs the estimated peak;
+    refuses a run that cannot fit."""
     shape = memory.ModelShape.from_discovery(read_json(ws.matrices_json))
     runs = [memory.scoring_run([len(s.tokens) for s in p.sequences] + [len(q) + p.max_gen_toks for q in p.prompts],
                                batch_size, dtype, device, scored_positions(p)) for p in parts]

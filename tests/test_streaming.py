@@ -14,7 +14,7 @@ import torch
 
 from sieve_cli import memory
 from sieve_cli.discover import DiscoverOptions, run_discover
-from sieve_cli.evaluate import evaluate, prepare, run_eval
+from sieve_cli.evaluate import evaluate, prepare, run_eval, stream_evaluate
 from sieve_cli.factors import FactorSet
 from sieve_cli.matrices import find_matrices, weight_of
 from sieve_cli.models import load_model
@@ -22,7 +22,7 @@ from sieve_cli.options import CaptureOptions, EvalOptions, RunOptions, SearchOpt
 from sieve_cli.pipeline import run_pipeline
 from sieve_cli.pruned import prune_in_memory
 from sieve_cli.search import run_search
-from sieve_cli.streaming import choose_layout, open_streaming, scored_positions, stream_evaluate
+from sieve_cli.streaming import choose_layout, open_streaming, scored_positions
 from sieve_cli.tasks import bind_task
 from sieve_cli.workspace import Workspace
 
