@@ -4,6 +4,11 @@ estimate that search and eval print, and the per-example scores of each way comp
     PYTHONPATH=$PWD python bench/stream_eval.py --device cpu --blocks 2 --shape tiny   # runs here, seconds
     PYTHONPATH=$PWD python bench/stream_eval.py --device cpu --shape 1b --blocks 6 --dtype float32 \
         --sequences 8 --length 64 --batch-size 4                                      # the CPU peaks, minutes
+    PYTHONPATH=$PWD python bench/stream_eval.py --smollm2                             # the real stages, minutes
+
+`--smollm2`: SmolLM2-135M on sst2 (4-shot), the real stages side by side in one process (1 thread):
+`run_eval` on 100 test examples and a uniform `run_search` (32 search examples, grid 0.25) with
+--mode memory and then --mode blockwise: seconds of each, the same per-example scores, the same plan.
     PYTHONPATH=$PWD python bench/stream_eval.py --device cuda                          # what gpu_check.sh runs
 
 A random-weight Llama (`--shape 8b`: Llama-3.1-8B-shaped blocks, hidden 4096, intermediate 14336,
@@ -148,6 +153,48 @@ def measure(args) -> dict:
             "value": result.value}
 
 
+def smollm2(data_root: str) -> int:
+    """The real stages on SmolLM2: eval and a short uniform search, in memory then streamed."""
+    import tempfile
+
+    import torch
+
+    from sieve_cli.capture import run_capture
+    from sieve_cli.discover import run_discover
+    from sieve_cli.evaluate import run_eval
+    from sieve_cli.fit import run_fit
+    from sieve_cli.models import smollm2_gguf
+    from sieve_cli.options import CaptureOptions, DiscoverOptions, EvalOptions, FitOptions, SearchOptions
+    from sieve_cli.search import run_search
+    from sieve_cli.tasks import bind_task
+    from sieve_cli.workspace import Workspace
+
+    torch.set_num_threads(1)
+    ws = Workspace(Path(tempfile.mkdtemp(prefix="sieve-stream-smollm2-")) / "ws")
+    run_discover(ws, DiscoverOptions(model=str(smollm2_gguf())))
+    bind_task(ws, "examples/tasks/sst2.yaml", data_root=data_root)
+    run_capture(ws, CaptureOptions(tokens=4096))
+    run_fit(ws, FitOptions())
+    evals, plans, seconds = {}, {}, {}
+    for mode in ("memory", "blockwise"):
+        started = time.perf_counter()
+        evals[mode] = run_eval(ws, EvalOptions(mode=mode, limit=100), force=True)
+        seconds[f"eval {mode}"] = time.perf_counter() - started
+        started = time.perf_counter()
+        plan = run_search(ws, SearchOptions(mode=mode, limit=32, grid_step=0.25, allow_chance=True), force=True)
+        seconds[f"search {mode}"] = time.perf_counter() - started
+        plans[mode] = (plan["matrices"], plan["search"]["evaluations"], plan["metric"])
+    same_scores = [e["score"] for e in evals["memory"]["per_example"]] == [e["score"] for e in evals["blockwise"]["per_example"]]
+    for mode in ("memory", "blockwise"):
+        print(f"{mode:<9} eval {seconds[f'eval {mode}']:6.1f} s ({evals[mode]['metric']} {evals[mode]['value']:.4f}, "
+              f"{evals[mode]['n']} examples)   uniform search {seconds[f'search {mode}']:6.1f} s "
+              f"({plans[mode][1]} evaluations)")
+    print(f"same per-example scores: {same_scores}   same plan: {plans['memory'] == plans['blockwise']}   "
+          f"streaming / memory: eval {seconds['eval blockwise'] / seconds['eval memory']:.2f}, "
+          f"search {seconds['search blockwise'] / seconds['search memory']:.2f}")
+    return 0 if same_scores and plans["memory"] == plans["blockwise"] else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -162,7 +209,11 @@ def main() -> int:
                              "which the CPU's anonymous-memory peak then shows")
     parser.add_argument("--folder", default=None, help="default: /tmp/sieve-stream-eval-<shape>-<blocks>")
     parser.add_argument("--way", choices=("memory", "streaming", "spread"), help=argparse.SUPPRESS)  # the child
+    parser.add_argument("--smollm2", action="store_true", help="the real stages on SmolLM2 and sst2 instead")
+    parser.add_argument("--data-root", default="/work/shared/data")
     args = parser.parse_args()
+    if args.smollm2:
+        return smollm2(args.data_root)
     args.folder = args.folder or f"/tmp/sieve-stream-eval-{args.shape}-{args.blocks}"
     if args.way:
         print(json.dumps(measure(args)))
