@@ -312,3 +312,18 @@ def test_run_cli_hands_device_layout_and_budget_to_every_stage(tmp_path):
     (options,) = seen
     for stage in (options.capture, options.fit, options.search, options.eval):
         assert (stage.device, stage.mode, stage.memory_budget) == ("cpu:0", "blockwise", "2GiB")
+
+
+def test_eval_cli_prints_the_layout_and_refuses_a_tiny_budget_in_one_line(folders, tmp_path):
+    from typer.testing import CliRunner
+
+    from sieve_cli.cli import app
+
+    ws = workspace(folders["llama"], tmp_path)
+    runner = CliRunner()
+    streamed = runner.invoke(app, ["eval", "-w", str(ws.root), "--mode", "blockwise"])
+    assert streamed.exit_code == 0, streamed.output
+    assert "layout: streamed block by block" in " ".join(streamed.output.split())
+    refused = runner.invoke(app, ["eval", "-w", str(ws.root), "--memory-budget", "1KiB", "--force"])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert "--memory-budget of at least" in " ".join(refused.output.split())

@@ -104,3 +104,12 @@ def render(report: dict) -> None:
         console.print(f"chance: {extra['chance']:.1%}")
     if report.get("seconds"):
         console.print(f"{report['seconds']:.1f} s, {report['input_tokens_per_second']:.0f} input tokens/s")
+    if report.get("layout"):
+        console.print(layout_line(report["layout"]))
+
+
+def layout_line(layout: dict) -> str:
+    """How the model was held, and the peak estimated for it (search's summary holds the same)."""
+    how = {"memory": "whole model on the device", "spread": "spread over the devices (device_map=auto)",
+           "blockwise": f"streamed block by block (hidden states on {layout.get('hidden_cache')})"}[layout["mode"]]
+    return f"layout: {how}, estimated peak {layout['estimate']['total_bytes'] / 2**30:.2f} GiB"
