@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import memory, progress
-from .accumulate import calibration_sequences
+from .calibration import calibration_sequences
 from .blockwise import SafetensorsWeights, capture_and_fit_workspace
 from .discover import load_workspace_model, workspace_model_source
 from .errors import InputError, MissingStageError

@@ -70,7 +70,7 @@ def test_block_calls_reproduce_the_in_memory_forward(folders, family):
         states = model.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
     hidden = None
     for index in range(len(runner.blocks)):
-        args, kwargs = runner.call_of(index, ids, mask)
+        args, kwargs = runner.call_of(index, {"input_ids": ids, "attention_mask": mask})
         hidden = args[0] if index == 0 else hidden
         with runner.loaded(index) as block, torch.no_grad():
             out = block(hidden, *args[1:], **kwargs)
