@@ -194,3 +194,45 @@ def test_short_shared_part_and_long_examples_run_whole():
     pieces, _ = build_calibration(tokenizer, long, seq_len=80, budget=10**6, share_prefix=False)
     assert calibration.full_sequences() == pieces.full_sequences()
     assert calibration.prefix_of[0] == 0 and NO_PREFIX in calibration.prefix_of
+
+
+def test_stage_summary_states_examples_covered_and_repeated_prefix_tokens(tiny_dir, tmp_path, monkeypatch):
+    import json
+
+    from rich.console import Console
+
+    from sieve_cli.commands import capture as command
+
+    from sieve_cli.tasks import bind_task
+    from sieve_cli.workspace import Workspace
+
+    from .test_capture import invoke
+    from .test_tasks import write_task
+
+    task = write_task(tmp_path, "multiple_choice", num_fewshot=2)
+    ws = tmp_path / "ws"
+    assert invoke("discover", tiny_dir, "-w", ws).exit_code == 0
+    result = invoke("capture", "-w", ws, "--task", task, "--batch-size", 3, "--chunk-tokens", 200, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    examples = bind_task(Workspace(ws), None).examples("calibration")
+    full = [len(e.text(" ")) for e in examples]  # one token per character
+    groups: dict[str, int] = {}
+    for e in examples:
+        groups[e.shared] = groups.get(e.shared, 0) + 1
+    repeated = sum((m - 1) * len(shared) for shared, m in groups.items())
+    assert summary["exhausted"] and summary["examples_covered"] == len(examples) == summary["examples"]
+    assert summary["tokens"] == sum(full) and summary["repeated_prefix_tokens"] == repeated > 0
+    assert summary["tokens_run"] == sum(full) - repeated and summary["prefixes"] == len(groups)
+    stats = read_stats(ws / "capture" / "stats.zarr")
+    assert all(st.tokens == sum(full) for st in stats.values())
+    monkeypatch.setattr(command, "console", Console(width=200, record=True))
+    command.render(Workspace(ws), summary)
+    shown = command.console.export_text()
+    assert f"{len(examples)} covered of {len(examples)}" in shown and f"{repeated:,} repeated prefix tokens" in shown
+    whole = invoke("capture", "-w", ws, "--batch-size", 3, "--chunk-tokens", 200, "--force", "--no-share-prefix", "--json")
+    assert whole.exit_code == 0, whole.output
+    summary = json.loads(whole.stdout)
+    assert summary["repeated_prefix_tokens"] == 0 and summary["tokens_run"] == summary["tokens"] == sum(full)
+    assert all(torch.allclose(a.gram, stats[site].gram, rtol=1e-5, atol=1e-5)
+               for site, a in read_stats(ws / "capture" / "stats.zarr").items())
