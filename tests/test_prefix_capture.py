@@ -236,3 +236,20 @@ def test_stage_summary_states_examples_covered_and_repeated_prefix_tokens(tiny_d
     assert summary["repeated_prefix_tokens"] == 0 and summary["tokens_run"] == summary["tokens"] == sum(full)
     assert all(torch.allclose(a.gram, stats[site].gram, rtol=1e-5, atol=1e-5)
                for site, a in read_stats(ws / "capture" / "stats.zarr").items())
+
+
+def test_a_refit_replays_the_stream_the_recorded_capture_ran():
+    """fit's block-wise refit rebuilds the capture's stream from its manifest: one recorded before
+    --share-prefix existed ran every example whole, a newer one says what it ran."""
+    from sieve_cli.fit import _capture_options
+
+    class Recorded:
+        def __init__(self, options):
+            self.options = options
+
+        def require(self, stage):
+            return {"inputs": {"options": self.options}}
+
+    assert _capture_options(Recorded({"tokens": 100})).share_prefix is False
+    assert _capture_options(Recorded({"tokens": 100, "share_prefix": True})).share_prefix is True
+    assert _capture_options(Recorded({"tokens": 100, "share_prefix": False})).share_prefix is False
