@@ -32,6 +32,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -487,17 +488,13 @@ def _replay_prefixes(runner, stream, plan, upto: int, bar) -> None:
     runs = [(position, planned) for position, planned in enumerate(plan) if planned.runs_prefix]
     if not runs:
         return
-    hidden: dict[int, torch.Tensor] = {}
-
-    class Held:  # the prefixes' hidden states between blocks, in memory (they are short)
-        def get(self, position):
-            return hidden[position]
-
+    hidden: dict[int, torch.Tensor] = {}  # the prefixes' hidden states between blocks, in memory (they are short)
+    held = SimpleNamespace(get=hidden.__getitem__)  # read as `_run_block` reads a HiddenCache
     for index in range(upto):
         with runner.loaded(index):
             block = runner.blocks[index]
             for position, planned in runs:
-                hidden[position] = _run_block(runner, index, block, stream, planned, position, Held())
+                hidden[position] = _run_block(runner, index, block, stream, planned, position, held)
         bar.note(f"replayed the shared prefixes through block {index}")
 
 
