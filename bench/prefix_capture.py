@@ -14,6 +14,7 @@ the two Grams (over sites, Frobenius norm) is printed.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -75,6 +76,8 @@ def main() -> None:
                     if args.check and share:
                         timed_capture(model, calibration.full_sequences(), options, pad, folder, f"{task}-full")
                         note = f"{largest_gram_difference(folder / f'{task}-True.zarr', folder / f'{task}-full.zarr'):.1e}"
+                    for store in folder.glob("*.zarr"):  # 0.75 GiB each: keep the disk free between runs
+                        shutil.rmtree(store)
                     rows.append((f"{task} ({shots}-shot)", f"{budget:,}", "after" if share else "before",
                                  f"{calibration.examples} of {len(examples)}" + (" (all)" if exhausted else ""),
                                  f"{summary['tokens_this_run']:,}", f"{summary['tokens']:,}", f"{seconds:.1f}", note))
