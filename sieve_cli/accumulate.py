@@ -1,10 +1,10 @@
 """Accumulating per-site statistics over a batch plan: what the in-memory and the block-wise
 capture share, so both give the same numbers.
 
-`plan_batches` fixes the calibration stream before any model runs (chunks, longest-first
-batches, seeded reservoir draws, float32 -> float64 drains); `Accumulators` hold the running
-sums of some sites; `SiteHooks` feed them from forward pre-hooks on the matrices that read
-each site; `calibration_sequences` tokenises the task's calibration split.
+`plan_batches` fixes the calibration stream before any model runs (chunks, each shared prompt
+prefix once, longest-first batches, seeded reservoir draws, float32 -> float64 drains);
+`Accumulators` hold the running sums of some sites; `SiteHooks` feed them from forward
+pre-hooks on the matrices that read each site. `calibration.py` builds the stream itself.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 
 from .matrices import get_module
 from .options import CaptureOptions
-from .statistics import add_gram, batches_of, chunk_bounds, cut_sequences, drain_gram, gram_dtype, reservoir_slots
+from .statistics import add_gram, batches_of, chunk_bounds, drain_gram, gram_dtype, reservoir_slots
 from .store import SiteStats
 
 log = logging.getLogger(__name__)
@@ -32,36 +32,84 @@ DRAIN_TOKENS = 8192
 # ---- the batch plan ----------------------------------------------------------------
 
 
+NO_PREFIX = -1  # calibration.NO_PREFIX: a sequence that runs after no shared prefix
+
+
 @dataclass(frozen=True)
 class PlannedBatch:
-    """One forward pass of the calibration stream, decided before any model runs."""
+    """One forward pass of the calibration stream, decided before any model runs.
+
+    Either a batch of sequences (`members`), run after shared prefix `prefix` when it is not
+    NO_PREFIX, or (no members) the one run of shared prefix `prefix`, whose rows count `weight`
+    times: once per sequence that starts with it.
+    """
 
     chunk: int
-    members: list[int]  # indices into the sequences
-    tokens: int  # non-padding tokens in the batch
+    members: list[int]  # indices into the sequences; empty: the batch runs prefix `prefix`
+    tokens: int  # tokens the batch counts for (non-padding, times `weight`)
     sample_rows: np.ndarray  # rows (among the batch's non-padding ones) that enter the reservoir
     sample_slots: np.ndarray  # their reservoir slots
     drain: bool  # add the float32 partial sums into float64 after this batch
+    prefix: int = NO_PREFIX
+    weight: int = 1
+
+    @property
+    def runs_prefix(self) -> bool:
+        return not self.members
 
 
-def plan_batches(lengths: list[int], options: CaptureOptions) -> list[PlannedBatch]:
-    """The deterministic batch plan: chunks, batches, reservoir draws and drains.
+def _first_uses(prefix_of: list[int]) -> dict[int, int]:
+    """prefix -> the first sequence that runs after it, in stream order."""
+    first: dict[int, int] = {}
+    for i, p in enumerate(prefix_of):
+        if p != NO_PREFIX:
+            first.setdefault(p, i)
+    return first
 
-    Each chunk draws from its own generator, so a resumed run draws what an uninterrupted
-    one would; the drains follow the tokens, so the float64 sums are rounded the same way
-    whether the statistics are computed all at once or one block at a time.
+
+def _chunk_steps(first: int, last: int, lengths, prefix_of, first_use, multiplicity, batch_size) -> list[tuple[list[int], int, int]]:
+    """(members, prefix, weight) of one chunk: the prefixes first used in it, then batches of its
+    sequences grouped by prefix (a batch shares one cache), longest first within each group."""
+    steps = [([], p, multiplicity[p]) for p in sorted(first_use, key=first_use.get) if first <= first_use[p] < last]
+    groups: dict[int, list[int]] = {}
+    for i in range(first, last):
+        groups.setdefault(prefix_of[i], []).append(i)
+    for p, members in groups.items():
+        steps += [(batch, p, 1) for batch in batches_of(members, lengths, batch_size)]
+    return steps
+
+
+def plan_batches(lengths: list[int], options: CaptureOptions, prefix_of: list[int] | None = None,
+                 prefix_lengths: list[int] | None = None) -> list[PlannedBatch]:
+    """The deterministic batch plan: chunks, prefix runs, batches, reservoir draws and drains.
+
+    `lengths` are the tokens each sequence runs; `prefix_of[i]` the shared prefix sequence i runs
+    after (NO_PREFIX: none), of `prefix_lengths[p]` tokens. A prefix runs once, at the start of
+    the chunk that first uses it, and counts once per sequence after it; in the reservoir's
+    stream it stands for that many copies of its rows. Each chunk draws from its own generator,
+    so a resumed run draws what an uninterrupted one would; the drains follow the tokens, so
+    the float64 sums are rounded the same way whether the statistics are computed all at once
+    or one block at a time.
     """
+    prefix_of = prefix_of or [NO_PREFIX] * len(lengths)
+    prefix_lengths = prefix_lengths or []
+    first_use = _first_uses(prefix_of)
+    multiplicity = {p: prefix_of.count(p) for p in first_use}
+    # a chunk's size counts the tokens it runs: a prefix where it is first used
+    run_lengths = [n + (prefix_lengths[prefix_of[i]] if first_use.get(prefix_of[i]) == i else 0) for i, n in enumerate(lengths)]
     plan, seen, pending = [], 0, 0
-    for index, (first, last) in enumerate(chunk_bounds(lengths, options.chunk_tokens)):
+    for index, (first, last) in enumerate(chunk_bounds(run_lengths, options.chunk_tokens)):
         rng = np.random.default_rng([options.seed, index])
-        batches = batches_of(list(range(first, last)), lengths, options.batch_size)
-        for position, members in enumerate(batches):
-            count = sum(lengths[i] for i in members)
-            rows, slots = reservoir_slots(seen, count, options.samples_per_site, rng)
+        steps = _chunk_steps(first, last, lengths, prefix_of, first_use, multiplicity, options.batch_size)
+        for position, (members, prefix, weight) in enumerate(steps):
+            rows = sum(lengths[i] for i in members) if members else prefix_lengths[prefix]
+            count = rows * weight
+            sampled, slots = reservoir_slots(seen, count, options.samples_per_site, rng)
+            sampled = sampled % rows  # stream item k of a prefix is row k mod its length (copy k // length)
             seen, pending = seen + count, pending + count
-            drain = pending >= DRAIN_TOKENS or position == len(batches) - 1  # the flushed state is exact float64
+            drain = pending >= DRAIN_TOKENS or position == len(steps) - 1  # the flushed state is exact float64
             pending = 0 if drain else pending
-            plan.append(PlannedBatch(index, members, count, rows, slots, drain))
+            plan.append(PlannedBatch(index, members, count, sampled, slots, drain, prefix, weight))
     return plan
 
 
@@ -119,12 +167,16 @@ class BatchRows:
     keep: torch.Tensor | None = None  # flat indices of non-padding rows; None: every row counts
     sample_rows: torch.Tensor | None = None  # rows (among kept ones) that enter the reservoir
     sample_slots: torch.Tensor | None = None  # their reservoir slots (unique)
+    weight: int = 1  # times each row counts (a shared prefix's multiplicity)
+    record: bool = True  # False: a pass that only rebuilds a prefix's keys/values (already counted)
 
     def prepare(self, planned: PlannedBatch, mask: torch.Tensor, device: torch.device) -> None:
+        """`mask`: 1 on the rows the hooks see that are real tokens (a suffix batch: its suffix part)."""
         flat_mask = mask.reshape(-1).bool()
-        self.keep = None if planned.tokens == flat_mask.numel() else flat_mask.nonzero().squeeze(1)
+        self.keep = None if planned.tokens // planned.weight == flat_mask.numel() else flat_mask.nonzero().squeeze(1)
         self.sample_rows = torch.from_numpy(planned.sample_rows).to(device)
         self.sample_slots = torch.from_numpy(planned.sample_slots).to(device)
+        self.weight, self.record = planned.weight, True
 
 
 class SiteHooks:
@@ -139,10 +191,12 @@ class SiteHooks:
         acc, batch = self._acc, self._batch
 
         def hook(module: nn.Module, args: tuple) -> None:
+            if not batch.record:
+                return
             x = args[0]
             flat = x.reshape(-1, x.shape[-1])
             rows = flat if batch.keep is None else flat.index_select(0, batch.keep)
-            add_gram(acc.pending[site], rows)
+            add_gram(acc.pending[site], rows, batch.weight)
             if batch.sample_rows is not None and batch.sample_rows.numel():
                 acc.samples[site][batch.sample_slots] = rows.index_select(0, batch.sample_rows).to(torch.float16)
 
@@ -184,33 +238,3 @@ def pad_batch(sequences, pad_id: int, device: torch.device) -> tuple[torch.Tenso
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[row, : len(seq)] = 1
     return ids.to(device), mask.to(device)
-
-
-def tokenize_calibration(tokenizer, texts: list[str], seq_len: int, budget: int, block: int = 256) -> tuple[list[list[int]], bool]:
-    """Token-id sequences of the calibration texts, in split order, cut at `budget` tokens.
-
-    Encoded as the evaluator encodes (special tokens included) and in blocks, so a large
-    split is only tokenised as far as the budget needs. Returns (sequences, exhausted).
-    """
-    sequences, total = [], 0
-    for start in range(0, len(texts), block):
-        ids = tokenizer(texts[start : start + block])["input_ids"]
-        more, exhausted = cut_sequences(ids, seq_len, budget - total)
-        sequences += more
-        total += sum(map(len, more))
-        if not exhausted:
-            return sequences, False
-    return sequences, True
-
-
-def calibration_sequences(bound, options: CaptureOptions, tokenizer) -> tuple[list[list[int]], bool]:
-    texts = bound.texts("calibration")
-    sequences, exhausted = tokenize_calibration(tokenizer, texts, options.seq_len, options.tokens)
-    if exhausted:
-        log.warning(
-            "the calibration split of %s holds only %s tokens, fewer than --tokens %s: capturing all of them",
-            bound.name, f"{sum(map(len, sequences)):,}", f"{options.tokens:,}",
-        )
-    return sequences, exhausted
-
-

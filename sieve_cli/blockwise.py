@@ -17,6 +17,10 @@ pass-throughs, catches the (args, kwargs) that the model hands block k (its atte
 for its layer type, the position embeddings, ...), and calls the real block with them.
 The batch plan, reservoir draws and float64 drains are the in-memory capture's own
 (`capture.plan_batches`), so both modes give the same statistics and the same factors.
+
+A shared prompt prefix runs once per block, as in memory: its hidden states are cached between
+blocks like a batch's, and its keys/values, kept per layer across blocks, are what each block's
+batches after it attend to (the model builds their masks from that cache, as in a full forward).
 """
 
 from __future__ import annotations
@@ -28,13 +32,24 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
 from torch import nn
 
 from . import memory, progress
-from .accumulate import Accumulators, BatchRows, PlannedBatch, SiteHooks, backbone_of, pad_batch, plan_batches
+from .accumulate import (
+    NO_PREFIX,
+    Accumulators,
+    BatchRows,
+    PlannedBatch,
+    SiteHooks,
+    backbone_of,
+    pad_batch,
+    plan_batches,
+)
+from .calibration import Calibration, as_calibration
 from .discover import workspace_model_source
 from .errors import InputError, ModelLoadError
 from .factors import INDEX_FORMAT, FactorSet
@@ -42,6 +57,7 @@ from .files import read_json, sha256_json, write_json_atomic
 from .matrices import Matrix, decoder_blocks, find_matrices, sites_of
 from .models import check_fits_positions, meta_model, safetensors_folder, torch_dtype
 from .options import CaptureOptions
+from .scoring import cache_keywords, prefix_inputs, suffix_inputs, suffix_mask
 from .store import STORE_SCHEMA, SiteStats, add_sites, remove_store
 from .workspace import Stage, Workspace
 
@@ -183,12 +199,13 @@ class BlockRunner:
             for name in names:
                 set_module_tensor_to_device(block, name, "meta")
 
-    def call_of(self, index: int, ids: torch.Tensor, mask: torch.Tensor, **inputs) -> tuple[tuple, dict]:
-        """The (args, kwargs) the model's own forward passes block `index` for this batch.
+    def call_of(self, index: int, inputs: dict) -> tuple[tuple, dict]:
+        """The (args, kwargs) the model's own forward passes block `index` for this batch
+        (`inputs`: forward keywords such as input ids, mask, the evaluator's position ids, and a
+        prefix's cache under "cache").
 
         The blocks before it pass their input through (their output is not used: only the
         arguments the model builds for block `index`, and for block 0 its input, are).
-        `inputs` go to the forward as well (the evaluator's position ids).
         """
         replaced = list(self.blocks)[:index]
         target = self.blocks[index]
@@ -201,7 +218,7 @@ class BlockRunner:
                 block.forward = pass_through
             target.forward = reached
             with torch.inference_mode():
-                self.backbone(input_ids=ids, attention_mask=mask, use_cache=False, **inputs)
+                self.backbone(**cache_keywords(self.backbone, {"use_cache": False, **inputs}))
         except _Reached as caught:
             return caught.call
         finally:
@@ -277,6 +294,52 @@ class HiddenCache:
                 shutil.rmtree(path, ignore_errors=True)
 
 
+# ---- a planned batch's inputs ----------------------------------------------------------------
+
+
+def _cache_in(args: tuple, kwargs: dict):
+    """The KV cache the model hands a block (positionally in GPT-2, by keyword in most)."""
+    from transformers import Cache
+
+    return next((v for v in [*args, *kwargs.values()] if isinstance(v, Cache)), None)
+
+
+class BlockStream:
+    """Forward inputs of each planned batch at one block, and the shared prefixes' keys/values.
+
+    A prefix's cache holds layers 0..k after block k: its own run at block k starts from an
+    empty cache (the model masks it as the first tokens) and its layer k is then copied in;
+    the batches after it run from a copy, so the model builds their masks and positions as in
+    the full forward, and block k attends to layer k.
+    """
+
+    def __init__(self, calibration: Calibration, pad_id: int, device: torch.device) -> None:
+        self.calibration, self.pad_id, self.device = calibration, pad_id, device
+        self.prefix_caches: dict[int, object] = {}
+
+    def inputs(self, planned: PlannedBatch) -> tuple[dict, torch.Tensor]:
+        """(forward keywords, mask of the rows the block's hooks see: 1 on real tokens)."""
+        calibration = self.calibration
+        if planned.runs_prefix:
+            inputs = prefix_inputs(calibration.prefixes[planned.prefix], self.device)
+            return inputs, torch.ones_like(inputs["input_ids"])
+        rows = [calibration.sequences[i] for i in planned.members]
+        if planned.prefix == NO_PREFIX:
+            ids, mask = pad_batch(rows, self.pad_id, self.device)
+            return {"input_ids": ids, "attention_mask": mask}, mask
+        cache = self.prefix_caches[planned.prefix]
+        inputs = suffix_inputs(cache, len(calibration.prefixes[planned.prefix]), rows, self.pad_id, self.device)
+        return inputs, suffix_mask(inputs)
+
+    def keep_layer(self, planned: PlannedBatch, index: int, ran_with) -> None:
+        """After a prefix's run through block `index` (from cache `ran_with`), keep its layer."""
+        if not planned.runs_prefix:
+            return
+        kept = self.prefix_caches.setdefault(planned.prefix, ran_with)
+        if kept is not ran_with:
+            kept.layers[index] = ran_with.layers[index]
+
+
 # ---- the block loop ----------------------------------------------------------------------------
 
 
@@ -295,7 +358,7 @@ FitSite = Callable[[str, list[Matrix], SiteStats, Callable[[Matrix], torch.Tenso
 
 def capture_and_fit(
     runner: BlockRunner,
-    sequences: list[list[int]],
+    sequences: Calibration | list[list[int]],
     options: CaptureOptions,
     fits: list,
     work: Path,
@@ -316,14 +379,17 @@ def capture_and_fit(
     finished block; `fresh` starts over. `after_block(k)` runs after block k is saved.
     `fit_site` is fit's own per-site function (passed in: fit imports this module).
     """
-    if not sequences:
+    calibration = as_calibration(sequences)
+    if not calibration.sequences:
         raise InputError("no calibration tokens to capture; check the task's calibration split")
-    lengths = [len(s) for s in sequences]
-    plan = plan_batches(lengths, options)
+    plan = plan_batches(calibration.lengths, options, calibration.prefix_of, [len(p) for p in calibration.prefixes])
+    run_tokens = calibration.tokens_run
+    stream = BlockStream(calibration, pad_id, runner.device)
     sites = sites_of(runner.matrices)
     blocks = sorted({m.block for m in runner.matrices})
     key = sha256_json({
-        "caller": fingerprint, "sequences": sha256_json(sequences), "options": options.recorded(),
+        "caller": fingerprint, "sequences": sha256_json(calibration.sequences),
+        "prefixes": sha256_json([calibration.prefix_of, calibration.prefixes]), "options": options.recorded(),
         "fits": [f.recorded() for f in fits], "store": store is not None, "sites": {s: [m.name for m in g] for s, g in sites.items()},
     })
     work.mkdir(parents=True, exist_ok=True)
@@ -333,16 +399,17 @@ def capture_and_fit(
     result = BlockwiseResult(summary={}, work=work)
     seconds = {f.method: 0.0 for f in fits}
     started = time.perf_counter()
-    with progress.bar("capture+fit (blockwise)", total=len(blocks) * sum(lengths)) as bar:
+    with progress.bar("capture+fit (blockwise)", total=len(blocks) * run_tokens) as bar:
         if 0 < start < len(blocks) and not cache.resumable_at(start):
-            _replay(runner, sequences, plan, pad_id, cache, start, bar)
+            _replay(runner, stream, plan, cache, start, bar)
         elif start:
             cache.block = start
-        bar.advance(start * sum(lengths))
+            _replay_prefixes(runner, stream, plan, start, bar)
+        bar.advance(start * run_tokens)
         for index in blocks[start:]:
             block_sites = {s: g for s, g in sites.items() if g[0].block == index}
             with runner.loaded(index):
-                stats = _block_statistics(runner, index, block_sites, sequences, plan, options, pad_id, cache,
+                stats = _block_statistics(runner, index, block_sites, stream, plan, options, cache,
                                           last=index == blocks[-1], bar=bar)
                 if store is not None:
                     add_sites(store, stats, _store_state(key, sites, index + 1, len(blocks), stats, options))
@@ -365,9 +432,10 @@ def capture_and_fit(
         result.factors[fit.method], result.spectra[fit.method] = _merge_blocks(work, blocks, fit.method)
     state = read_json(work / STATE_FILE)
     result.fit_seconds = state.get("fit_seconds", seconds)
+    counted = calibration.tokens_counted
     result.summary = {
-        "tokens": sum(lengths), "tokens_this_run": sum(lengths), "sites": len(sites), "chunks": plan[-1].chunk + 1,
-        "blocks": len(blocks), "resumed_from_block": start, "samples_per_site": min(sum(lengths), options.samples_per_site),
+        "tokens": counted, "tokens_this_run": run_tokens, "sites": len(sites), "chunks": plan[-1].chunk + 1,
+        "blocks": len(blocks), "resumed_from_block": start, "samples_per_site": min(counted, options.samples_per_site),
         "hidden_cache": tier, "seconds_this_run": round(time.perf_counter() - started, 2),
     }
     return result
@@ -388,46 +456,64 @@ def _resume_point(work: Path, key: str, cache: HiddenCache, fresh: bool, store: 
     return 0
 
 
-def _run_block(runner, index, block, sequences, planned, position, pad_id, cache, batch=None):
-    ids, mask = pad_batch([sequences[i] for i in planned.members], pad_id, runner.device)
-    args, kwargs = runner.call_of(index, ids, mask)
+def _run_block(runner, index, block, stream: BlockStream, planned, position, cache, batch=None):
+    inputs, mask = stream.inputs(planned)
+    args, kwargs = runner.call_of(index, inputs)
     hidden = args[0] if index == 0 else cache.get(position)
     if batch is not None:
         batch.prepare(planned, mask, runner.device)
     with torch.inference_mode():
         out = block(hidden, *args[1:], **kwargs)
+    stream.keep_layer(planned, index, _cache_in(args, kwargs))
     return out[0] if isinstance(out, tuple) else out
 
 
-def _block_statistics(runner, index, block_sites, sequences, plan: list[PlannedBatch], options, pad_id, cache, last, bar):
+def _block_statistics(runner, index, block_sites, stream, plan: list[PlannedBatch], options, cache, last, bar):
     """One block over every planned batch: its sites' statistics; its outputs into the cache."""
     acc = Accumulators.empty(block_sites, options.samples_per_site, runner.device, runner.dtype)
     batch = BatchRows()
     block = runner.blocks[index]
     with SiteHooks(runner.model, block_sites, acc, batch):
         for position, planned in enumerate(plan):
-            out = _run_block(runner, index, block, sequences, planned, position, pad_id, cache, batch)
+            out = _run_block(runner, index, block, stream, planned, position, cache, batch)
             if not last:  # the last block's outputs feed nothing we capture
                 cache.put(position, out)
             acc.tokens += planned.tokens
             if planned.drain:
                 acc.drain()
-            bar.advance(planned.tokens)
+            bar.advance(planned.tokens // planned.weight)
             bar.note(f"block {index}")
     acc.pending.clear()  # the float32 partial sums are drained; free them before fitting
     return acc.site_stats()
 
 
-def _replay(runner, sequences, plan, pad_id, cache, upto: int, bar) -> None:
-    """Rebuild the hidden states entering block `upto` by running the finished blocks forward
-    only (no statistics, no fit): what resuming costs when the cache was not on disk."""
+def _replay(runner, stream, plan, cache, upto: int, bar) -> None:
+    """Rebuild the hidden states entering block `upto` (and the prefixes' keys/values) by running
+    the finished blocks forward only (no statistics, no fit): what resuming costs when the cache
+    was not on disk."""
     for index in range(upto):
         with runner.loaded(index):
             block = runner.blocks[index]
             for position, planned in enumerate(plan):
-                cache.put(position, _run_block(runner, index, block, sequences, planned, position, pad_id, cache))
+                cache.put(position, _run_block(runner, index, block, stream, planned, position, cache))
         cache.advance()
         bar.note(f"replayed block {index}")
+
+
+def _replay_prefixes(runner, stream, plan, upto: int, bar) -> None:
+    """Rebuild the shared prefixes' keys/values in blocks before `upto` (a resume from hidden
+    states on disk): the prefixes alone through the finished blocks."""
+    runs = [(position, planned) for position, planned in enumerate(plan) if planned.runs_prefix]
+    if not runs:
+        return
+    hidden: dict[int, torch.Tensor] = {}  # the prefixes' hidden states between blocks, in memory (they are short)
+    held = SimpleNamespace(get=hidden.__getitem__)  # read as `_run_block` reads a HiddenCache
+    for index in range(upto):
+        with runner.loaded(index):
+            block = runner.blocks[index]
+            for position, planned in runs:
+                hidden[position] = _run_block(runner, index, block, stream, planned, position, held)
+        bar.note(f"replayed the shared prefixes through block {index}")
 
 
 def _weights_for_fit(runner: BlockRunner, dtype: torch.dtype) -> Callable[[Matrix], torch.Tensor]:
@@ -484,7 +570,7 @@ def _merge_blocks(work: Path, blocks: list[int], method: str) -> tuple[FactorSet
 # ---- the stages' entry point ---------------------------------------------------------------------
 
 
-def capture_and_fit_workspace(ws: Workspace, options: CaptureOptions, sequences: list[list[int]], fits: list, tokenizer,
+def capture_and_fit_workspace(ws: Workspace, options: CaptureOptions, sequences: Calibration | list[list[int]], fits: list, tokenizer,
                               fit_site: FitSite, *, fingerprint: str = "", fresh: bool = False,
                               work: Path | None = None) -> BlockwiseResult:
     """`capture_and_fit` on the workspace's model: its safetensors folder, the hidden-cache tier
@@ -497,7 +583,7 @@ def capture_and_fit_workspace(ws: Workspace, options: CaptureOptions, sequences:
     host = memory.free_bytes("cpu")
     tier = memory.choose_tier(estimate, budget, host, options.device)
     runner = open_runner(safetensors_folder(workspace_model_source(ws)), torch_dtype(dtype), options.device)
-    check_fits_positions(runner.model, max(map(len, sequences), default=0), "--seq-len")
+    check_fits_positions(runner.model, as_calibration(sequences).longest, "--seq-len")
     return capture_and_fit(
         runner, sequences, options, fits, work or ws.stage_dir(Stage.CAPTURE) / "blockwise", fit_site,
         pad_id=tokenizer.pad_token_id or 0, fit_dtype=torch_dtype(discover_dtype),

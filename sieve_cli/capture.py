@@ -28,16 +28,18 @@ from torch import nn
 
 from . import memory, progress
 from .accumulate import (
+    NO_PREFIX,
     Accumulators,
     BatchRows,
+    PlannedBatch,
     SiteHooks,
     backbone_of,
-    calibration_sequences,
     model_device,
     pad_batch,
     plan_batches,
 )
 from .blockwise import capture_and_fit_workspace
+from .calibration import Calibration, as_calibration, calibration_sequences
 from .discover import load_workspace_model, workspace_model_source
 from .errors import InputError
 from .files import sha256_json
@@ -45,6 +47,7 @@ from .fit import fit_site, record_blockwise_fit
 from .matrices import find_matrices, sites_of
 from .models import check_fits_positions, load_tokenizer
 from .options import CaptureOptions, FitOptions
+from .scoring import call_with_cache, run_prefix, suffix_inputs, suffix_mask
 from .store import STORE_SCHEMA, read_stats, remove_store, store_state, write_store
 from .tasks import bind_task
 from .workspace import Stage, Workspace
@@ -57,12 +60,13 @@ STAGE = Stage.CAPTURE
 # ---- the capture loop --------------------------------------------------------------
 
 
-def _fingerprint(sequences: list[list[int]], options: CaptureOptions, sites: dict, caller: str) -> str:
+def _fingerprint(calibration: Calibration, options: CaptureOptions, sites: dict, caller: str) -> str:
     """What a store on disk must have been made from to be resumed."""
     return sha256_json(
         {
             "caller": caller,
-            "sequences": sha256_json(sequences),
+            "sequences": sha256_json(calibration.sequences),
+            "prefixes": sha256_json([calibration.prefix_of, calibration.prefixes]),
             "batch_size": options.batch_size,
             "samples_per_site": options.samples_per_site,
             "chunk_tokens": options.chunk_tokens,
@@ -72,9 +76,48 @@ def _fingerprint(sequences: list[list[int]], options: CaptureOptions, sites: dic
     )
 
 
+class _StreamRunner:
+    """Runs planned batches through the backbone: a shared prefix once (its keys/values kept),
+    sequences after a prefix from a copy of its cache, other sequences whole (right-padded)."""
+
+    def __init__(self, model: nn.Module, calibration: Calibration, batch: BatchRows, pad_id: int) -> None:
+        self.backbone, self.calibration, self.batch, self.pad_id = backbone_of(model), calibration, batch, pad_id
+        self.device = model_device(model)
+        self.caches: dict[int, object] = {}
+
+    def prefix_cache(self, p: int):
+        """Prefix p's keys/values; rebuilt without counting when a resumed run skipped its batch."""
+        if p not in self.caches:
+            self.batch.record = False
+            try:
+                self.caches[p] = run_prefix(self.backbone, self.calibration.prefixes[p])
+            finally:
+                self.batch.record = True
+        return self.caches[p]
+
+    @torch.inference_mode()
+    def run(self, planned: PlannedBatch) -> None:
+        calibration, device = self.calibration, self.device
+        if planned.runs_prefix:
+            prefix = calibration.prefixes[planned.prefix]
+            self.batch.prepare(planned, torch.ones((1, len(prefix)), dtype=torch.long), device)
+            self.caches[planned.prefix] = run_prefix(self.backbone, prefix)
+            return
+        rows = [calibration.sequences[i] for i in planned.members]
+        if planned.prefix == NO_PREFIX:
+            ids, mask = pad_batch(rows, self.pad_id, device)
+            self.batch.prepare(planned, mask, device)
+            self.backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+            return
+        cache = self.prefix_cache(planned.prefix)
+        inputs = suffix_inputs(cache, len(calibration.prefixes[planned.prefix]), rows, self.pad_id, device)
+        self.batch.prepare(planned, suffix_mask(inputs), device)
+        call_with_cache(self.backbone, inputs)
+
+
 def capture_statistics(
     model: nn.Module,
-    sequences: list[list[int]],
+    sequences: Calibration | list[list[int]],
     options: CaptureOptions,
     store: str | Path,
     *,
@@ -83,70 +126,70 @@ def capture_statistics(
     fresh: bool = False,
     after_chunk: Callable[[int], None] | None = None,
 ) -> dict:
-    """Accumulate every site's statistics over `sequences` (token ids) into the Zarr `store`.
+    """Accumulate every site's statistics over `sequences` into the Zarr `store`.
 
-    The in-memory mode. Resumes a store left by an interrupted call with the same sequences,
-    options, model sites and `fingerprint`; `fresh` discards it. `after_chunk(k)` runs after
-    chunk k is flushed (tests use it to interrupt). Returns a summary dict.
+    The in-memory mode. `sequences`: token ids, or a `Calibration` whose shared prefixes run once
+    and count once per sequence after them. Resumes a store left by an interrupted call with the
+    same sequences, options, model sites and `fingerprint`; `fresh` discards it. `after_chunk(k)`
+    runs after chunk k is flushed (tests use it to interrupt). Returns a summary dict.
     """
     store = Path(store)
-    if not sequences:
+    calibration = as_calibration(sequences)
+    if not calibration.sequences:
         raise InputError("no calibration tokens to capture; check the task's calibration split")
     site_matrices = sites_of(find_matrices(model))
-    lengths = [len(s) for s in sequences]
-    plan = plan_batches(lengths, options)
+    plan = plan_batches(calibration.lengths, options, calibration.prefix_of, [len(p) for p in calibration.prefixes])
     chunks = plan[-1].chunk + 1
-    key = _fingerprint(sequences, options, site_matrices, fingerprint)
+    key = _fingerprint(calibration, options, site_matrices, fingerprint)
     device = model_device(model)
     acc = Accumulators.empty(site_matrices, options.samples_per_site, device, next(model.parameters()).dtype)
 
     state = None if fresh else store_state(store)
-    start = 0
+    start, run_before = 0, 0
     if state and state.get("fingerprint") == key:
         acc.load(read_stats(store))
-        start = int(state["next_chunk"])
+        start, run_before = int(state["next_chunk"]), int(state.get("tokens_run", 0))
         if start:
-            log.info("resuming capture at chunk %d of %d (%s tokens done)", start, chunks, f"{acc.tokens:,}")
+            log.info("resuming capture at chunk %d of %d (%s tokens done)", start, chunks, f"{run_before:,}")
     elif state is not None or fresh:
         log.info("discarding a capture store made from other inputs: %s", store)
         remove_store(store)
 
-    def save(next_chunk: int) -> None:
+    def save(next_chunk: int, tokens_run: int) -> None:
         write_store(store, acc.site_stats(), {
             "schema": STORE_SCHEMA, "fingerprint": key, "next_chunk": next_chunk, "chunks": chunks,
-            "tokens": acc.tokens, "complete": next_chunk == chunks, "sites": list(site_matrices),
+            "tokens": acc.tokens, "tokens_run": tokens_run, "complete": next_chunk == chunks, "sites": list(site_matrices),
             "samples_per_site": options.samples_per_site, "seed": options.seed,
         })
 
-    total = sum(lengths)
     batch = BatchRows()
-    backbone = backbone_of(model)
-    started, done_before = time.perf_counter(), acc.tokens
-    with progress.bar("capture", total=total, completed=acc.tokens) as bar, SiteHooks(model, site_matrices, acc, batch):
+    runner = _StreamRunner(model, calibration, batch, pad_id)
+    started, run = time.perf_counter(), run_before
+    with progress.bar("capture", total=calibration.tokens_run, completed=run_before) as bar, \
+            SiteHooks(model, site_matrices, acc, batch):
         for position, planned in enumerate(plan):
             if planned.chunk < start:
                 continue
-            ids, mask = pad_batch([sequences[i] for i in planned.members], pad_id, device)
-            batch.prepare(planned, mask, device)
-            with torch.inference_mode():
-                backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+            runner.run(planned)
+            ran = planned.tokens // planned.weight
             acc.tokens += planned.tokens
-            bar.advance(planned.tokens)
-            bar.note(f"{(acc.tokens - done_before) / (time.perf_counter() - started):,.0f} tok/s")
+            run += ran
+            bar.advance(ran)
+            bar.note(f"{(run - run_before) / (time.perf_counter() - started):,.0f} tok/s")
             if planned.drain:
                 acc.drain()
             if position == len(plan) - 1 or plan[position + 1].chunk != planned.chunk:
-                save(planned.chunk + 1)
+                save(planned.chunk + 1, run)
                 if after_chunk is not None:
                     after_chunk(planned.chunk)
-    return {"tokens": acc.tokens, "tokens_this_run": acc.tokens - done_before, "sites": len(site_matrices), "chunks": chunks,
-            "resumed_from_chunk": start, "samples_per_site": acc.filled()}
+    return {"tokens": acc.tokens, "tokens_this_run": run - run_before, "sites": len(site_matrices), "chunks": chunks,
+            "resumed_from_chunk": start, "samples_per_site": acc.filled(), **calibration.describe()}
 
 
 # ---- the stage -------------------------------------------------------------------
 
 
-def choose_capture_mode(ws: Workspace, options: CaptureOptions, sequences: list[list[int]]) -> tuple[str, dict]:
+def choose_capture_mode(ws: Workspace, options: CaptureOptions, sequences: Calibration) -> tuple[str, dict]:
     """memory or blockwise for this capture, and the estimates it was chosen by (logged)."""
     shape, run = memory.workspace_shapes(ws, options, sequences)
     in_memory, block_wise = memory.capture_in_memory(shape, run), memory.blockwise(shape, run)
@@ -177,27 +220,27 @@ def run_capture(ws: Workspace, options: CaptureOptions, force: bool = False) -> 
         log.info("capture is up to date in %s; nothing to do (--force recomputes it)", ws.root)
         return {**ws.read_manifest(STAGE)["summary"], "up_to_date": True}
     tokenizer = load_tokenizer(workspace_model_source(ws))
-    sequences, exhausted = calibration_sequences(bound, options, tokenizer)
-    mode, memory_note = choose_capture_mode(ws, options, sequences)
+    calibration, exhausted = calibration_sequences(bound, options, tokenizer)
+    mode, memory_note = choose_capture_mode(ws, options, calibration)
     started = time.perf_counter()
     fresh = force and not resuming
     if mode == "memory":
         model, _ = load_workspace_model(ws, options.dtype, options.device)
-        check_fits_positions(model, max(map(len, sequences), default=0), "--seq-len")
+        check_fits_positions(model, calibration.longest, "--seq-len")
         summary = capture_statistics(
-            model, sequences, options, ws.capture_store,
+            model, calibration, options, ws.capture_store,
             pad_id=tokenizer.pad_token_id or 0, fingerprint=sha256_json(inputs), fresh=fresh,
         )
         summary["stats_kept"] = True
         fitted = None
     else:
-        fitted = capture_and_fit_workspace(ws, options, sequences, [FitOptions(method="output", device=options.device)],
+        fitted = capture_and_fit_workspace(ws, options, calibration, [FitOptions(method="output", device=options.device)],
                                            tokenizer, fit_site, fingerprint=sha256_json(inputs), fresh=fresh)
         summary = {**fitted.summary, "stats_kept": options.keep_stats}
     summary.update(
-        task=bound.name, examples=len(bound.texts("calibration")), requested_tokens=options.tokens, exhausted=exhausted,
+        task=bound.name, examples=len(bound.ids("calibration")), requested_tokens=options.tokens, exhausted=exhausted,
         seconds=round(time.perf_counter() - started, 2), store=str(ws.capture_store.relative_to(ws.root)),
-        **memory_note,
+        **calibration.describe(), **memory_note,
     )
     written = [ws.capture_store] if summary["stats_kept"] else []
     ws.finish(STAGE, inputs, written, summary)

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from . import memory, progress
-from .accumulate import calibration_sequences
 from .blockwise import SafetensorsWeights, capture_and_fit_workspace
+from .calibration import calibration_sequences
 from .discover import load_workspace_model, workspace_model_source
 from .errors import InputError, MissingStageError
 from .factorize import (
@@ -173,7 +173,8 @@ def _capture_options(ws: Workspace, **changes) -> CaptureOptions:
     """The options the workspace's capture ran with (as recorded in its manifest), changed by `changes`."""
     recorded = ws.require(Stage.CAPTURE)["inputs"].get("options", {})
     known = {f.name for f in fields(CaptureOptions)}
-    return CaptureOptions(**{**{k: v for k, v in recorded.items() if k in known}, **changes})
+    ran_before = {"share_prefix": False}  # a capture recorded before the option existed ran every example whole
+    return CaptureOptions(**{**ran_before, **{k: v for k, v in recorded.items() if k in known}, **changes})
 
 
 def _file_weights(ws: Workspace) -> Callable[[Matrix], torch.Tensor]:

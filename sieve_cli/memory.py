@@ -376,11 +376,13 @@ def fit_from_store(shape: ModelShape, run: RunShape) -> Estimate:
     return Estimate("fit, weights read per matrix", parts)
 
 
-def workspace_shapes(ws: Workspace, options: CaptureOptions, sequences: list[list[int]] | None = None,
+def workspace_shapes(ws: Workspace, options: CaptureOptions, sequences=None,
                      device: str | None = None) -> tuple[ModelShape, RunShape]:
     """(ModelShape, RunShape) of a capture in this workspace, from discover's matrices.json and
     the batch plan of `sequences` (or of --tokens in full-length pieces): no weights loaded."""
     dtype = options.dtype or ws.require(Stage.DISCOVER)["inputs"]["options"]["dtype"]
+    # of a Calibration, the sequences' own tokens: a shared prefix's one run is small beside the batches
+    sequences = getattr(sequences, "sequences", sequences)
     lengths = [len(s) for s in sequences] if sequences else [options.seq_len] * max(options.tokens // options.seq_len, 1)
     padded = sum(max(lengths[i] for i in batch.members) * len(batch.members) for batch in plan_batches(lengths, options))
     run = RunShape(weight_bytes=DTYPE_BYTES[dtype], compute_bytes=DTYPE_BYTES[dtype], batch_size=options.batch_size,

@@ -227,6 +227,9 @@ class CaptureOptions:
     samples_per_site: int = opt(4096, "Raw input rows kept per site (float16, seeded reservoir).")
     chunk_tokens: int = opt(16_384, "Tokens per resume chunk: the store is flushed after each.")
     seed: int = seed_opt("the reservoir sample of input rows")
+    share_prefix: bool = opt(True, "Run a prompt prefix shared by many examples (the few-shot demonstrations) once and "
+                                   "count it once per example; --tokens counts the tokens run. Off: every example whole.",
+                             flag="--share-prefix/--no-share-prefix")
     device: str = device_opt()
     dtype: str | None = dtype_opt()
     # how the run is laid out in memory, not what comes out (both modes give the same numbers): not recorded

@@ -170,32 +170,68 @@ def _padded_runner(model, pad_id: int):
     return run
 
 
+def run_prefix(model, prefix, **extra):
+    """Run `prefix` (token ids) alone at positions 0.. and return its keys/values (a transformers `Cache`).
+
+    The model builds the cache its config asks for (sliding-window layers keep only their window).
+    Capture runs the backbone with hooks here; scoring the causal LM (`extra`: logits_to_keep=1).
+    """
+    return returned_cache(model(**prefix_inputs(prefix, device_of(model)), **extra, **{cache_argument(model): None}))
+
+
+def prefix_inputs(prefix, device: torch.device) -> dict:
+    """Forward keywords that run `prefix` alone, from an empty cache the model creates."""
+    ids = torch.tensor([list(prefix)], dtype=torch.long, device=device)
+    return {"input_ids": ids, "position_ids": torch.arange(len(prefix), device=device)[None], "use_cache": True}
+
+
+def suffix_inputs(prefix_cache, prefix_length: int, suffixes, pad_id: int, device: torch.device) -> dict:
+    """Forward keywords that run `suffixes` after a cached prefix of `prefix_length` tokens.
+
+    Suffixes are right-padded after the prefix, at positions prefix_length.. as in the full
+    sequences; the forward appends the suffix keys to the cache it is given, so each batch gets
+    its own copy of the prefix's. The suffix part of the mask is `suffix_mask(inputs)`.
+    """
+    ids, mask = pad_batch(suffixes, pad_id, device)
+    rows, width = ids.shape
+    full_mask = torch.cat([torch.ones((rows, prefix_length), dtype=torch.long, device=device), mask], dim=1)
+    positions = torch.arange(prefix_length, prefix_length + width, device=device)[None].expand(rows, width)
+    cache = copy.deepcopy(prefix_cache)
+    cache.batch_repeat_interleave(rows)
+    return {"input_ids": ids, "attention_mask": full_mask, "position_ids": positions, "use_cache": True, "cache": cache}
+
+
+def suffix_mask(inputs: dict) -> torch.Tensor:
+    """The mask of the suffix tokens alone (1 on real tokens) of `suffix_inputs`."""
+    return inputs["attention_mask"][:, -inputs["input_ids"].shape[1] :]
+
+
+def cache_keywords(model, inputs: dict) -> dict:
+    """`inputs` with the cache under the keyword this transformers version names it."""
+    rest = {k: v for k, v in inputs.items() if k != "cache"}
+    return {**rest, cache_argument(model): inputs["cache"]} if "cache" in inputs else rest
+
+
+def call_with_cache(model, inputs: dict, **extra):
+    return model(**cache_keywords(model, inputs), **extra)
+
+
 def _prefix_runner(model, prefix: tuple[int, ...], pad_id: int):
     """Run `prefix` once; then each batch runs only its suffixes, attending to the prefix's cached keys/values.
 
     Returns run(rows, keep) -> logits (rows, keep, vocab) at each row's last `keep` input positions.
     """
     device = device_of(model)
-    cache_arg = cache_argument(model)
     n = len(prefix)
-    ids = torch.tensor([prefix], dtype=torch.long, device=device)
-    positions = torch.arange(n, device=device)[None]
-    # the model builds the cache its config asks for (sliding-window layers keep only their window)
-    prefix_cache = returned_cache(model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_arg: None}))
+    prefix_cache = run_prefix(model, prefix, logits_to_keep=1)
 
     def run(rows: list[Sequence], keep: int) -> torch.Tensor:
         suffixes = [s.tokens[n:] for s in rows]
-        ids, suffix_mask = pad_batch(suffixes, pad_id, device)
-        width = ids.shape[1]
-        mask = torch.cat([torch.ones((len(rows), n), dtype=torch.long, device=device), suffix_mask], dim=1)
-        positions = torch.arange(n, n + width, device=device)[None].expand(len(rows), width)
-        # the forward appends the suffix keys to the cache it is given: each batch gets its own copy
-        cache = copy.deepcopy(prefix_cache)
-        cache.batch_repeat_interleave(len(rows))
+        inputs = suffix_inputs(prefix_cache, n, suffixes, pad_id, device)
         # each row's last `keep` suffix positions (rows shorter than `keep` clamp at 0: those rows never read them)
         lengths = torch.tensor([len(s) for s in suffixes], device=device)
         scored = (lengths[:, None] - keep + torch.arange(keep, device=device)[None]).clamp(min=0)
-        return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=scored, **{cache_arg: cache}).logits
+        return call_with_cache(model, inputs, logits_to_keep=scored).logits
 
     return run
 

@@ -18,14 +18,16 @@ def gram_dtype(compute: torch.dtype) -> torch.dtype:
     return compute if compute in (torch.float32, torch.float64) else torch.float32
 
 
-def add_gram(pending: torch.Tensor, rows: torch.Tensor) -> None:
-    """pending (D x D, >= float32) += rows^T rows, one fused matmul-add into a persistent buffer.
+def add_gram(pending: torch.Tensor, rows: torch.Tensor, weight: int = 1) -> None:
+    """pending (D x D, >= float32) += weight * rows^T rows, one fused matmul-add into a persistent buffer.
+
+    `weight` counts each row that many times (a shared prefix, once per example after it).
 
     Adding each batch's product straight into float64 costs a D x D temporary and a float64
     pass per batch, as much as the matmul itself for short batches; the float32 partial sum
     is drained into float64 by `drain_gram` every few thousand tokens instead.
     """
-    pending.addmm_(rows.T.to(pending.dtype), rows.to(pending.dtype))
+    pending.addmm_(rows.T.to(pending.dtype), rows.to(pending.dtype), alpha=weight)
 
 
 def drain_gram(total: torch.Tensor, pending: torch.Tensor) -> None:

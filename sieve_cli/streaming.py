@@ -149,7 +149,7 @@ def stream_scores(runner: BlockRunner, sequences, pad_id: int, batch_size: int =
             for index in range(blocks):
                 with runner.loaded(index) as block, factored_block(runner, index, ranks, factors):
                     for b, (ids, mask, positions) in enumerate(inputs):
-                        args, kwargs = runner.call_of(index, ids, mask, position_ids=positions)
+                        args, kwargs = runner.call_of(index, {"input_ids": ids, "attention_mask": mask, "position_ids": positions})
                         hidden = args[0] if index == 0 else cache.get(b)
                         result = block(hidden, *args[1:], **kwargs)
                         cache.put(b, result[0] if isinstance(result, tuple) else result)

@@ -70,7 +70,7 @@ def test_block_calls_reproduce_the_in_memory_forward(folders, family):
         states = model.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
     hidden = None
     for index in range(len(runner.blocks)):
-        args, kwargs = runner.call_of(index, ids, mask)
+        args, kwargs = runner.call_of(index, {"input_ids": ids, "attention_mask": mask})
         hidden = args[0] if index == 0 else hidden
         with runner.loaded(index) as block, torch.no_grad():
             out = block(hidden, *args[1:], **kwargs)
@@ -241,17 +241,20 @@ def test_parse_bytes_and_flag_named():
 def test_smollm2_blockwise_equals_in_memory_and_gives_the_same_plan(smollm2_gguf, data_root, tmp_path):
     """The real model (tied head stored as lm_head.weight in its dequantised cache): Grams,
     spectra and factors of block-wise capture+fit equal the in-memory stages, and a coarse
-    uniform search on each workspace picks the same plan."""
+    uniform search on each workspace picks the same plan. sst2 is 4-shot: both run the shared
+    prefix once (block-wise from its per-layer KV cache)."""
     from sieve_cli.search import SearchOptions, run_search
 
     task = "examples/tasks/sst2.yaml"
-    spaces = {}
+    spaces, summaries = {}, {}
     for mode in ("memory", "blockwise"):
         ws = Workspace(tmp_path / mode)
         run_discover(ws, DiscoverOptions(model=str(smollm2_gguf)))
-        run_capture(ws, CaptureOptions(task=task, tokens=2048, samples_per_site=256, mode=mode, keep_stats=True))
+        summaries[mode] = run_capture(ws, CaptureOptions(task=task, tokens=2048, samples_per_site=256, mode=mode, keep_stats=True))
         run_fit(ws, FitOptions(method="output"))
         spaces[mode] = ws
+    assert summaries["memory"]["repeated_prefix_tokens"] > 0
+    assert all(summaries["memory"][k] == summaries["blockwise"][k] for k in ("examples_covered", "tokens", "tokens_run"))
     ref, got = read_stats(spaces["memory"].capture_store), read_stats(spaces["blockwise"].capture_store)
     assert len(ref) == 120 and list(ref) == list(got)
     for site in ref:

@@ -43,7 +43,7 @@ SOURCES = {
 
 
 def flag_of(f: dataclasses.Field) -> str:
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    return (f.metadata.get("flag") or "--" + f.name.replace("_", "-")).split("/")[0]  # "--on/--off": the first
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))

@@ -62,11 +62,18 @@ def render(ws: Workspace, summary: dict) -> None:
     table = Table(title=f"Capture: {summary.get('task', '?')}", show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
-    tokens = f"{summary['tokens']:,}"
+    run = summary.get("tokens_run", summary["tokens"])
+    tokens = f"{run:,} run"
     if summary.get("exhausted"):
         tokens += f" (all the calibration split; {summary['requested_tokens']:,} requested)"
     table.add_row("tokens", tokens)
-    table.add_row("calibration examples", f"{summary.get('examples', 0):,}")
+    if "examples_covered" in summary:
+        table.add_row("calibration examples", f"{summary['examples_covered']:,} covered of {summary.get('examples', 0):,}")
+        repeated = summary.get("repeated_prefix_tokens", 0)
+        table.add_row("shared prefixes", f"{summary.get('prefixes', 0)} run once, counted per example: "
+                                         f"{repeated:,} repeated prefix tokens not run ({summary['tokens']:,} tokens counted)")
+    else:
+        table.add_row("calibration examples", f"{summary.get('examples', 0):,}")
     table.add_row("input sites", str(summary["sites"]))
     table.add_row("samples per site", human(summary["samples_per_site"]))
     table.add_row("chunks", f"{summary['chunks']} (resumed from chunk {summary['resumed_from_chunk']})" if summary.get("resumed_from_chunk") else str(summary["chunks"]))

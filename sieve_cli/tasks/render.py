@@ -31,6 +31,7 @@ class Example:
     target: str  # the gold continuation (for multiple_choice, the gold choice)
     choices: tuple[str, ...] = ()
     gold: int = -1
+    shared: str = ""  # the start of `context` that other examples share (description, demonstrations, delimiter)
 
     def text(self, delimiter: str) -> str:
         """Context + delimiter + gold target: the full text capture reads."""
@@ -128,9 +129,9 @@ class Renderer:
         context = self.render(task.doc_to_text, record, "doc_to_text")
         prefix = [task.description] if task.description else []
         prefix += [self.shot(s) for s in shots]
-        if prefix:
-            context = task.fewshot_delimiter.join(prefix + [context])
+        shared = task.fewshot_delimiter.join(prefix) + task.fewshot_delimiter if prefix else ""
+        context = shared + context
         if task.output_type == "multiple_choice":
             choices, gold = self.gold(record)
-            return Example(id_, context, choices[gold], choices, gold)
-        return Example(id_, context, self.render(task.doc_to_target, record, "doc_to_target"), ())
+            return Example(id_, context, choices[gold], choices, gold, shared)
+        return Example(id_, context, self.render(task.doc_to_target, record, "doc_to_target"), (), shared=shared)
