@@ -189,7 +189,9 @@ class Workspace:
             manifest = {}
         inputs = manifest.get("inputs") if isinstance(manifest, dict) else None
         strategy = ((inputs or {}).get("options") or {}).get("strategy")
-        return strategy if strategy in ("uniform", "adaptive") else "uniform"
+        from .options import STRATEGIES
+
+        return strategy if strategy in STRATEGIES else "uniform"
 
     def require(self, stage: str) -> dict:
         """The completed manifest of `stage`, or an error naming the command that makes it.

@@ -343,7 +343,7 @@ def test_full_disk_in_capture_apply_eval_is_one_line(copy, tmp_path, monkeypatch
 
 def test_partial_last_history_line_is_repaired_on_resume(copy):
     from sieve_cli.fit import load_factors
-    from sieve_cli.search import Evaluations, read_targets
+    from sieve_cli.search import Evaluations, Scorer, read_targets
 
     ws = Workspace(copy[0])
     lines = ws.history_jsonl.read_text().splitlines()
