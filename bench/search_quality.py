@@ -12,7 +12,9 @@ The strategies of one task share their measurements: an allocation scored once (
 uniform steps, the seeds) is not scored again by the next strategy, so a cell costs only what
 is new to it. `seconds` is therefore what the strategy's own evaluations cost when they were
 measured (search and confirm parts, each at its first measurement), not the cell's wall clock;
-`wall` is the wall clock of the cell as run (shorter when it reused measurements).
+`cpu_seconds` the same in CPU time of the one torch thread (what a quiet machine would take;
+the shared machine's wall clock can be several times more), `wall` the wall clock of the cell
+as run (shorter when it reused measurements).
 
     python bench/search_quality.py                               # sst2, trec, mbpp at 1% and 5%
     python bench/search_quality.py --tasks sst2 --tolerances 0.05 --strategies local,seeds,genetic,uniform \
@@ -37,6 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sieve_cli.acceptance import Measurement  # noqa: E402
 from sieve_cli.capture import CaptureOptions, run_capture  # noqa: E402
 from sieve_cli.errors import InputError  # noqa: E402
 from sieve_cli.discover import DiscoverOptions, load_workspace_model, run_discover  # noqa: E402
@@ -94,20 +97,45 @@ class TestScorer:
 
 
 class SharedScores:
-    """Measurements by (part, allocation), shared by the strategies of one task, with what each cost."""
+    """Measurements by (part, allocation), shared by the strategies of one task, with what each cost.
 
-    def __init__(self) -> None:
-        self.cache: dict[tuple, tuple[object, float]] = {}
-        self.charged = 0.0  # seconds of the evaluations asked for since the last reset
+    Kept in `path` (one JSON line per measurement) as well, so a rerun of the bench on the same
+    workspace (a killed run, another cell) scores nothing twice.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.cache: dict[str, tuple[Measurement, float, float]] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                entry = json.loads(line)
+                m = entry["m"]
+                self.cache[entry["key"]] = (Measurement(m["value"], tuple(m["scores"]), tuple(m["weights"]),
+                                                        tuple(m["soft"]), m["extra"]), entry["wall"], entry["cpu"])
+        # wall and CPU seconds of the evaluations asked for since the last reset: CPU time is what
+        # one thread costs on a quiet machine, wall clock what it cost on the shared one
+        self.charged = self.cpu = 0.0
 
     def wrap(self, scorer: Scorer, part: str) -> Scorer:
         def score(ranks):
-            key = (part, tuple(sorted(ranks.items())))
+            key = json.dumps([part, sorted(ranks.items())])
             if key not in self.cache:
-                started = time.perf_counter()
-                self.cache[key] = (scorer(ranks), time.perf_counter() - started)
-            measured, seconds = self.cache[key]
+                started, cpu = time.perf_counter(), time.process_time()
+                m = scorer(ranks)
+                self.cache[key] = (m, time.perf_counter() - started, time.process_time() - cpu)
+                with self.path.open("a") as f:
+                    f.write(json.dumps({"key": key, "wall": self.cache[key][1], "cpu": self.cache[key][2],
+                                        "metric": scorer.metric, "examples": scorer.examples,
+                                        "m": {"value": m.value, "scores": m.scores, "weights": m.weights,
+                                              "soft": m.soft, "extra": m.extra}}) + "\n")
+            measured, seconds, cpu_seconds = self.cache[key]
             self.charged += seconds
+            self.cpu += cpu_seconds
+            if scorer.metric == "metric":  # the evaluator names its metric on its first call
+                scorer.metric = next(json.loads(line)["metric"] for line in self.path.read_text().splitlines()
+                                     if json.loads(line)["key"].startswith(f'["{part}"'))
+                scorer.examples = next(json.loads(line)["examples"] for line in self.path.read_text().splitlines()
+                                       if json.loads(line)["key"].startswith(f'["{part}"'))
             shared.metric, shared.examples = scorer.metric, scorer.examples
             return measured
 
@@ -124,7 +152,7 @@ def run_task(task: str, args, results: list[dict], out: Path) -> dict:
     output_factors = load_factors(ws, "output")
     result = {"task": task, "dense_test": test({}, output_factors), "plans": [], "methods": []}
     results.append(result)
-    shared = SharedScores()
+    shared = SharedScores(args.work / task / f"measurements-{args.limit}.jsonl")
     search_scorer, confirm_scorer = build_scorers(ws, SearchOptions(limit=args.limit), output_factors)
     search_scorer, confirm_scorer = shared.wrap(search_scorer, "search"), confirm_scorer and shared.wrap(
         confirm_scorer, "confirm")
@@ -136,7 +164,7 @@ def run_task(task: str, args, results: list[dict], out: Path) -> dict:
             options = SearchOptions(strategy=strategy, tolerance=tolerance, ga=ga, limit=args.limit,
                                     local=LocalConfig(moves=args.local_moves, budget=args.local_budget),
                                     confidence=args.confidence)
-            shared.charged, wall = 0.0, time.perf_counter()
+            shared.charged, shared.cpu, wall = 0.0, 0.0, time.perf_counter()
             try:
                 plan = run_search(ws, options, force=True, scorer=search_scorer, confirm_scorer=confirm_scorer)
             except InputError as e:  # the chance guard: the intended answer on a task the model cannot do
@@ -158,7 +186,8 @@ def run_task(task: str, args, results: list[dict], out: Path) -> dict:
                    "back_off": confirm.get("back_off"), "test_plan": test_plan,
                    "test_drop_over_tolerance": test_drop / tolerance,
                    "evaluations": plan["search"]["evaluations"],
-                   "seconds": round(shared.charged, 1), "wall": round(time.perf_counter() - wall, 1),
+                   "seconds": round(shared.charged, 1), "cpu_seconds": round(shared.cpu, 1),
+                   "wall": round(time.perf_counter() - wall, 1),
                    "uniform_p": plan["search"]["uniform_p"], "seeded": plan["search"].get("seeded"),
                    "progress": [{k: r.get(k) for k in ("step", "generation", "best_removed", "added", "move",
                                                        "evaluations")} for r in plan["search"].get("progress", [])]}
@@ -197,7 +226,7 @@ def compare_methods(ws: Workspace, test: TestScorer, plans: list[dict], args) ->
 def render(results: list[dict]) -> None:
     print("\nplans (removed = share of the prunable matrices' parameters; metric: the task's)")
     print(f"{'task':6} {'tol':>5} {'strategy':9} {'removed':>8} {'model':>7} {'search d->p':>13} "
-          f"{'confirm d->p':>13} {'back-off':>8} {'test d->p':>13} {'drop/tol':>8} {'evals':>6} {'eval s':>7} {'wall s':>7}")
+          f"{'confirm d->p':>13} {'back-off':>8} {'test d->p':>13} {'drop/tol':>8} {'evals':>6} {'eval s':>7} {'cpu s':>7} {'wall s':>7}")
     for r in results:
         for p in r["plans"]:
             if "refused" in p:
@@ -209,7 +238,7 @@ def render(results: list[dict]) -> None:
                   f"{p['removed_model']:>7.2%} {p['search_dense']:>6.3f}->{p['search_plan']:.3f} {confirm} "
                   f"{p['back_off'] if p['back_off'] is not None else '-':>8} "
                   f"{r['dense_test']:>6.3f}->{p['test_plan']:.3f} {p['test_drop_over_tolerance']:>8.2f} "
-                  f"{p['evaluations']:>6} {p['seconds']:>7.0f} {p['wall']:>7.0f}")
+                  f"{p['evaluations']:>6} {p['seconds']:>7.0f} {p['cpu_seconds']:>7.0f} {p['wall']:>7.0f}")
     worst = max((p["test_drop_over_tolerance"] for r in results for p in r["plans"] if "refused" not in p),
                 default=float("nan"))
     print(f"\nheadline: worst test-part relative drop / tolerance over all cells = {worst:.2f} (<= 1: the tolerance held)")

@@ -28,6 +28,7 @@ from .options import LocalConfig
 # greedy lowering from the best genome by these shares of the prunable parameters
 LOWERING_STEPS = (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08)
 PER_FAMILY = 2  # at most this many moves of one family per batch: a batch spans different kinds of move
+BASES = 3  # moves start from the best genome and the next BASES - 1 acceptable ones by removal
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Move:
     name: str  # e.g. "lower block 3", "greedy +1.0%"
     family: str  # greedy | block | kind | merge | repair
     genome: Genome
+    base: Genome = field(default_factory=list, compare=False)  # the scored genome it starts from
 
 
 @dataclass
@@ -108,32 +110,32 @@ def greedy_lowering(errors: Sequence[Sequence[float]], problem: Problem, genome:
     return child
 
 
-def propose(problem: Problem, errors, layout: Layout, best: Genome, accepted_last: list[Genome],
+def propose(problem: Problem, errors, layout: Layout, base: Genome, accepted_last: list[Genome],
             failed_last: list[Genome]) -> list[Move]:
-    """Every move from `best` this step could score (duplicates and no-ops dropped later)."""
+    """Every move from `base` this step could score (duplicates and no-ops dropped later)."""
     moves: list[Move] = []
     if errors is not None:
-        params = problem.params_after(best)
+        params = problem.params_after(base)
         for share in LOWERING_STEPS:
             moves.append(Move(f"greedy +{share:.2%}", "greedy",
-                              greedy_lowering(errors, problem, best, int(params - share * problem.total))))
+                              greedy_lowering(errors, problem, base, int(params - share * problem.total)), base))
     for block in sorted(set(layout.blocks)):
         genes = [i for i, b in enumerate(layout.blocks) if b == block]
-        moves.append(Move(f"lower block {block}", "block", lowered(best, genes, problem)))
+        moves.append(Move(f"lower block {block}", "block", lowered(base, genes, problem), base))
     for kind in dict.fromkeys(layout.kinds):
         genes = [i for i, k in enumerate(layout.kinds) if k == kind]
-        moves.append(Move(f"lower {kind}", "kind", lowered(best, genes, problem)))
+        moves.append(Move(f"lower {kind}", "kind", lowered(base, genes, problem), base))
     if len(accepted_last) >= 2:  # two moves that each held may hold together
-        moves.append(Move("merge", "merge", [max(levels) for levels in zip(*accepted_last)]))
+        moves.append(Move("merge", "merge", [max(levels) for levels in zip(*accepted_last)], base))
     for genome in failed_last:
         if errors is None:
             break
-        changed = [i for i, (g, b) in enumerate(zip(genome, best)) if g > b]
+        changed = [i for i, (g, b) in enumerate(zip(genome, base)) if g > b]
         if changed:  # raise the matrix the spectra say the move damaged most
             worst = max(changed, key=lambda i: errors[i][genome[i]])
             child = list(genome)
             child[worst] -= 1
-            moves.append(Move("repair", "repair", child))
+            moves.append(Move("repair", "repair", child, genome))
     return moves
 
 
@@ -168,17 +170,16 @@ def damage_model(points: list[tuple[float, float, bool]]) -> tuple[float | None,
     return slope, (max(below) + low) / 2 if below else low
 
 
-def rank_moves(moves: list[Move], problem: Problem, errors, best: Genome, best_damage: float,
+def rank_moves(moves: list[Move], problem: Problem, errors, damage: Callable[[Genome], float],
                slope: float | None, limit: float, take: int) -> list[Move]:
-    """The `take` moves to score: predicted to hold first, the largest gain first, at most
-    PER_FAMILY of one family while others are left."""
-    base_error, base_removed = spectral_error(errors, problem, best), problem.removed(best)
+    """The `take` moves to score: predicted to hold first, the largest removal first, at most
+    PER_FAMILY of one family while others are left. A move's predicted damage is its base's
+    measured `damage` plus the slope times the spectral error it adds."""
 
     def key(move: Move) -> tuple:
-        gain = problem.removed(move.genome) - base_removed
-        added = spectral_error(errors, problem, move.genome) - base_error
-        predicted = best_damage + (slope or 0.0) * added
-        return (predicted > limit, -gain)
+        added = spectral_error(errors, problem, move.genome) - spectral_error(errors, problem, move.base)
+        predicted = damage(move.base) + (slope or 0.0) * added
+        return (predicted > limit, -problem.removed(move.genome))
 
     ranked = sorted(moves, key=key)
     chosen: list[Move] = []
@@ -266,6 +267,14 @@ class _Run:
         self.step = 0
         self.close_step(len(new), 0.0)
 
+    def bases(self) -> list[Genome]:
+        """Where moves start: the best, and the runners-up with the most removal (BASES in all). The best
+        often sits at the limit, where every move fails; a runner-up with slack can still pass it."""
+        held = sorted((k for k, s in self.seen.items() if is_acceptable(s.metric, self.problem.threshold)),
+                      key=lambda k: (-self.problem.removed([int(x) for x in k.split(",")]), k))
+        others = [[int(x) for x in k.split(",")] for k in held if k != genome_key(self.best)]
+        return [self.best, *others[: BASES - 1]]
+
     def points(self) -> list[tuple[float, float, bool]]:
         return [(spectral_error(self.errors, self.problem, [int(x) for x in k.split(",")]),
                  damage_of(s, self.dense_metric), is_acceptable(s.metric, self.problem.threshold))
@@ -277,16 +286,16 @@ class _Run:
         if left <= 0:
             self.stopped = "budget"
             return False
-        moves = [m for m in propose(self.problem, self.errors, self.layout, self.best, self.accepted_last,
-                                    self.failed_last)
+        moves = [m for base in self.bases()
+                 for m in propose(self.problem, self.errors, self.layout, base, self.accepted_last, self.failed_last)
                  if genome_key(m.genome) not in self.seen and self.problem.removed(m.genome) > self.problem.removed(self.best)]
         moves = list({genome_key(m.genome): m for m in reversed(moves)}.values())[::-1]  # first of duplicates
         if not moves:
             self.stopped = "no moves"
             return False
         slope, limit = damage_model(self.points())
-        best_damage = damage_of(self.seen[genome_key(self.best)], self.dense_metric)
-        batch = rank_moves(moves, self.problem, self.errors, self.best, best_damage, slope, limit,
+        batch = rank_moves(moves, self.problem, self.errors,
+                           lambda genome: damage_of(self.seen[genome_key(genome)], self.dense_metric), slope, limit,
                            min(self.config.moves, left))
         previous = self.problem.removed(self.best)
         new = self.score([m.genome for m in batch], [m.name for m in batch])

@@ -282,7 +282,7 @@ def test_cli_search_renders_plan(ws, monkeypatch):
 
 @pytest.mark.slow
 def test_both_strategies_on_real_smollm2(smollm2_gguf, data_root, tmp_path):
-    """A short real run: tiny capture, closed-form fit, a coarse uniform and a one-generation GA."""
+    """A short real run: tiny capture, closed-form fit, a coarse uniform and a one-step local search."""
     from sieve_cli.capture import CaptureOptions, run_capture
     from sieve_cli.discover import load_workspace_model
     from sieve_cli.evaluate import evaluate, prepare
@@ -299,7 +299,7 @@ def test_both_strategies_on_real_smollm2(smollm2_gguf, data_root, tmp_path):
     common = dict(tolerance=0.1, limit=16, grid_step=0.25, allow_chance=True)  # 16 examples: not enough to clear the guard
     uniform = run_search(ws, SearchOptions(strategy="uniform", **common))
     assert len(uniform["matrices"]) == 210 and len(history(ws)) <= 4
-    adaptive = run_search(ws, SearchOptions(strategy="adaptive", ga=GAConfig(population=3, generations=1, patience=1), **common),
+    adaptive = run_search(ws, SearchOptions(strategy="adaptive", local=LocalConfig(moves=2, budget=2), **common),
                           force=True)
     assert adaptive["params"]["removed_fraction_prunable"] >= uniform["params"]["removed_fraction_prunable"]
     assert is_acceptable(adaptive["metric"]["plan"], adaptive["metric"]["dense"] * 0.9)
