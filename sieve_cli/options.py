@@ -301,11 +301,11 @@ class FitOptions:
 class GAConfig:
     """The genetic algorithm's knobs; the CLI exposes population, generations, patience, seed."""
 
-    population: int = opt(16, "Adaptive: candidates per generation; each new one costs one evaluation.")
-    generations: int = opt(8, "Adaptive: at most this many generations after the first; each costs about "
+    population: int = opt(16, "genetic: candidates per generation; each new one costs one evaluation.")
+    generations: int = opt(8, "genetic: at most this many generations after the first; each costs about "
                               "population - 2 evaluations.")
-    patience: int = opt(4, "Adaptive: stop early after this many generations without a better plan.")
-    seed: int = seed_opt("adaptive: the genetic algorithm")
+    patience: int = opt(4, "genetic: stop early after this many generations without a better plan.")
+    seed: int = seed_opt("the genetic algorithm")
     tournament: int = 3
     elite: int = 2
     crossover_rate: float = 0.9
@@ -338,7 +338,7 @@ class LocalConfig:
 class SearchOptions:
     strategy: str = opt("uniform", "uniform: one kept fraction p for every matrix, binary search (7 evaluations). "
                                    "seeds: uniform, then greedy per-matrix allocations from the fit spectra at "
-                                   "7 removals, scored as one batch (+7). local: the seeds, then steps of "
+                                   "8 removals beyond uniform's, scored as one batch (up to +8). local: the seeds, then steps of "
                                    "--local-moves moves from the best plan (+ at most --local-budget). genetic: "
                                    "the seeds' start, then a genetic algorithm (about population x generations). "
                                    f"adaptive: {ADAPTIVE}, the most removal per minute measured "
@@ -347,7 +347,7 @@ class SearchOptions:
     tolerance: float = opt(0.05, "Accept a plan whose search-split metric is at least (1 - tolerance) x dense; "
                                  "with --absolute, dense - tolerance.")
     absolute: bool = opt(False, "Read --tolerance in metric units, not as a fraction of dense.")
-    levels: tuple[float, ...] = opt(DEFAULT_LEVELS, "Adaptive: the kept fractions a matrix may take, "
+    levels: tuple[float, ...] = opt(DEFAULT_LEVELS, "seeds, local, genetic: the kept fractions a matrix may take, "
                                     "comma-separated. More levels = finer plans, slower convergence.",
                                     parse=floats("--levels"), show=joined)
     grid_step: float = opt(0.01, "Uniform: grid of p to binary search; 0.01 costs 7 evaluations, 0.05 costs 5.")
