@@ -1,15 +1,24 @@
 """Search quality on SmolLM2-135M: does the tolerance hold on examples the search never saw?
 
-For each task: discover, capture (--tokens), fit (output), then for each tolerance a uniform
-and an adaptive search with the search's own defaults (paired acceptance at its default
-confidence, confirm part with back-off). Reports prunable parameters removed and, for every
-chosen plan, its metric on the search part (what the search saw), on the confirm part (what
-confirmed it) and on the test part (what we report), evaluations and wall time. Headline: the
-worst ratio, over all cells, of the test part's relative drop to the tolerance (<= 1: held).
-With --methods, the test metric of the uniform plan's allocation with each fit method's bases.
+For each task: discover, capture (--tokens), fit (output), then for each tolerance a search
+per strategy with the search's own defaults (paired acceptance at its default confidence,
+confirm part with back-off). Reports prunable parameters removed and, for every chosen plan,
+its metric on the search part (what the search saw), on the confirm part (what confirmed it)
+and on the test part (what we report), evaluations and time. Headline: the worst ratio, over
+all cells, of the test part's relative drop to the tolerance (<= 1: held). With --methods, the
+test metric of the uniform plan's allocation with each fit method's bases.
+
+The strategies of one task share their measurements: an allocation scored once (dense, the
+uniform steps, the seeds) is not scored again by the next strategy, so a cell costs only what
+is new to it. `seconds` is therefore what the strategy's own evaluations cost when they were
+measured (search and confirm parts, each at its first measurement), not the cell's wall clock;
+`cpu_seconds` the same in CPU time of the one torch thread (what a quiet machine would take;
+the shared machine's wall clock can be several times more), `wall` the wall clock of the cell
+as run (shorter when it reused measurements).
 
     python bench/search_quality.py                               # sst2, trec, mbpp at 1% and 5%
-    python bench/search_quality.py --tasks sst2 --tolerances 0.05 --population 8 --generations 3
+    python bench/search_quality.py --tasks sst2 --tolerances 0.05 --strategies local,seeds,genetic,uniform \
+        --population 8 --generations 3
 
 Workspaces are kept under --work so a rerun reuses capture and fits. Exact numbers go to
 --out (JSON) as well as the table. Timings are wall clock on a shared machine: noisy.
@@ -30,14 +39,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sieve_cli.acceptance import Measurement  # noqa: E402
 from sieve_cli.capture import CaptureOptions, run_capture  # noqa: E402
 from sieve_cli.discover import DiscoverOptions, load_workspace_model, run_discover  # noqa: E402
+from sieve_cli.errors import InputError  # noqa: E402
 from sieve_cli.evaluate import evaluate, prepare  # noqa: E402
 from sieve_cli.fit import FitOptions, load_factors, run_fit  # noqa: E402
 from sieve_cli.models import smollm2_gguf  # noqa: E402
-from sieve_cli.options import GAConfig  # noqa: E402
+from sieve_cli.options import GAConfig, LocalConfig  # noqa: E402
 from sieve_cli.pruned import prune_in_memory  # noqa: E402
-from sieve_cli.search import SearchOptions, rank_at, read_targets, run_search  # noqa: E402
+from sieve_cli.search import Scorer, SearchOptions, build_scorers, rank_at, read_targets, run_search  # noqa: E402
 from sieve_cli.tasks import bind_task  # noqa: E402
 from sieve_cli.workspace import Workspace  # noqa: E402
 
@@ -48,12 +59,14 @@ def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default="sst2,trec,mbpp", help="names of examples/tasks/<name>.yaml")
     ap.add_argument("--tolerances", default="0.01,0.05")
-    ap.add_argument("--strategies", default="uniform,adaptive")
+    ap.add_argument("--strategies", default="uniform,adaptive", help="any of uniform,seeds,local,genetic,adaptive")
     ap.add_argument("--methods", default="", help="fit methods compared at the uniform p, e.g. output,learned,svd,pca")
     ap.add_argument("--tokens", type=int, default=50_000, help="calibration tokens to capture")
     ap.add_argument("--population", type=int, default=GAConfig.population)
     ap.add_argument("--generations", type=int, default=GAConfig.generations)
     ap.add_argument("--patience", type=int, default=GAConfig.patience)
+    ap.add_argument("--local-budget", type=int, default=LocalConfig.budget)
+    ap.add_argument("--local-moves", type=int, default=LocalConfig.moves)
     ap.add_argument("--confidence", type=float, default=SearchOptions.confidence)
     ap.add_argument("--limit", type=int, default=SearchOptions.limit, help="search-split examples per evaluation")
     ap.add_argument("--test-limit", type=int, default=None, help="test-split examples (default: all)")
@@ -83,7 +96,54 @@ class TestScorer:
             restore()
 
 
-def run_task(task: str, args) -> dict:
+class SharedScores:
+    """Measurements by (part, allocation), shared by the strategies of one task, with what each cost.
+
+    Kept in `path` (one JSON line per measurement) as well, so a rerun of the bench on the same
+    workspace (a killed run, another cell) scores nothing twice.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.cache: dict[str, tuple[Measurement, float, float]] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                entry = json.loads(line)
+                m = entry["m"]
+                self.cache[entry["key"]] = (Measurement(m["value"], tuple(m["scores"]), tuple(m["weights"]),
+                                                        tuple(m["soft"]), m["extra"]), entry["wall"], entry["cpu"])
+        # wall and CPU seconds of the evaluations asked for since the last reset: CPU time is what
+        # one thread costs on a quiet machine, wall clock what it cost on the shared one
+        self.charged = self.cpu = 0.0
+
+    def wrap(self, scorer: Scorer, part: str) -> Scorer:
+        def score(ranks):
+            key = json.dumps([part, sorted(ranks.items())])
+            if key not in self.cache:
+                started, cpu = time.perf_counter(), time.process_time()
+                m = scorer(ranks)
+                self.cache[key] = (m, time.perf_counter() - started, time.process_time() - cpu)
+                with self.path.open("a") as f:
+                    f.write(json.dumps({"key": key, "wall": self.cache[key][1], "cpu": self.cache[key][2],
+                                        "metric": scorer.metric, "examples": scorer.examples,
+                                        "m": {"value": m.value, "scores": m.scores, "weights": m.weights,
+                                              "soft": m.soft, "extra": m.extra}}) + "\n")
+            measured, seconds, cpu_seconds = self.cache[key]
+            self.charged += seconds
+            self.cpu += cpu_seconds
+            if scorer.metric == "metric":  # the evaluator names its metric on its first call
+                scorer.metric = next(json.loads(line)["metric"] for line in self.path.read_text().splitlines()
+                                     if json.loads(line)["key"].startswith(f'["{part}"'))
+                scorer.examples = next(json.loads(line)["examples"] for line in self.path.read_text().splitlines()
+                                       if json.loads(line)["key"].startswith(f'["{part}"'))
+            shared.metric, shared.examples = scorer.metric, scorer.examples
+            return measured
+
+        shared = Scorer(score=score, metric=scorer.metric, examples=scorer.examples)
+        return shared
+
+
+def run_task(task: str, args, results: list[dict], out: Path) -> dict:
     ws = Workspace(args.work / task)
     started = time.perf_counter()
     prepare_workspace(ws, task, args.tokens)
@@ -91,21 +151,34 @@ def run_task(task: str, args) -> dict:
     test = TestScorer(ws, args.test_limit)
     output_factors = load_factors(ws, "output")
     result = {"task": task, "dense_test": test({}, output_factors), "plans": [], "methods": []}
+    results.append(result)
+    shared = SharedScores(args.work / task / f"measurements-{args.limit}.jsonl")
+    search_scorer, confirm_scorer = build_scorers(ws, SearchOptions(limit=args.limit), output_factors)
+    search_scorer, confirm_scorer = shared.wrap(search_scorer, "search"), confirm_scorer and shared.wrap(
+        confirm_scorer, "confirm")
     plans_dir = args.work / task / "plans"
     plans_dir.mkdir(parents=True, exist_ok=True)
     for tolerance in map(float, args.tolerances.split(",")):
         for strategy in args.strategies.split(","):
             ga = GAConfig(population=args.population, generations=args.generations, patience=args.patience)
             options = SearchOptions(strategy=strategy, tolerance=tolerance, ga=ga, limit=args.limit,
+                                    local=LocalConfig(moves=args.local_moves, budget=args.local_budget),
                                     confidence=args.confidence)
-            plan = run_search(ws, options, force=True)
+            shared.charged, shared.cpu, wall = 0.0, 0.0, time.perf_counter()
+            try:
+                plan = run_search(ws, options, force=True, scorer=search_scorer, confirm_scorer=confirm_scorer)
+            except InputError as e:  # the chance guard: the intended answer on a task the model cannot do
+                log.info("%s %s: refused: %s", task, strategy, e)
+                result["plans"].append({"tolerance": tolerance, "strategy": strategy, "refused": str(e)})
+                save(results, out)
+                continue
             shutil.copy(ws.plan_json, plans_dir / f"{strategy}-{tolerance:g}.json")
             shutil.copy(ws.history_jsonl, plans_dir / f"{strategy}-{tolerance:g}.history.jsonl")
             ranks = {n: m["rank"] for n, m in plan["matrices"].items()}
             confirm = plan["search"].get("confirm") or {}
             test_plan = test(ranks, output_factors)
             test_drop = (result["dense_test"] - test_plan) / abs(result["dense_test"])
-            row = {"tolerance": tolerance, "strategy": strategy,
+            row = {"tolerance": tolerance, "strategy": strategy, "algorithm": options.algorithm,
                    "removed_prunable": plan["params"]["removed_fraction_prunable"],
                    "removed_model": plan["params"]["removed_fraction_model"],
                    "search_dense": plan["metric"]["dense"], "search_plan": plan["metric"]["plan"],
@@ -113,11 +186,20 @@ def run_task(task: str, args) -> dict:
                    "back_off": confirm.get("back_off"), "test_plan": test_plan,
                    "test_drop_over_tolerance": test_drop / tolerance,
                    "evaluations": plan["search"]["evaluations"],
-                   "seconds": plan["search"]["seconds"], "uniform_p": plan["search"]["uniform_p"]}
+                   "seconds": round(shared.charged, 1), "cpu_seconds": round(shared.cpu, 1),
+                   "wall": round(time.perf_counter() - wall, 1),
+                   "uniform_p": plan["search"]["uniform_p"], "seeded": plan["search"].get("seeded"),
+                   "progress": [{k: r.get(k) for k in ("step", "generation", "best_removed", "added", "move",
+                                                       "evaluations")} for r in plan["search"].get("progress", [])]}
             log.info("%s", row)
             result["plans"].append(row)
+            save(results, out)
     result["methods"] = compare_methods(ws, test, result["plans"], args) if args.methods else []
     return result
+
+
+def save(results: list[dict], out: Path) -> None:
+    out.write_text(json.dumps(results, indent=2))
 
 
 def compare_methods(ws: Workspace, test: TestScorer, plans: list[dict], args) -> list[dict]:
@@ -144,17 +226,21 @@ def compare_methods(ws: Workspace, test: TestScorer, plans: list[dict], args) ->
 def render(results: list[dict]) -> None:
     print("\nplans (removed = share of the prunable matrices' parameters; metric: the task's)")
     print(f"{'task':6} {'tol':>5} {'strategy':9} {'removed':>8} {'model':>7} {'search d->p':>13} "
-          f"{'confirm d->p':>13} {'back-off':>8} {'test d->p':>13} {'drop/tol':>8} {'evals':>6} {'time s':>7}")
+          f"{'confirm d->p':>13} {'back-off':>8} {'test d->p':>13} {'drop/tol':>8} {'evals':>6} {'eval s':>7} {'cpu s':>7} {'wall s':>7}")
     for r in results:
         for p in r["plans"]:
+            if "refused" in p:
+                print(f"{r['task']:6} {p['tolerance']:>5.2f} {p['strategy']:9} refused: at chance")
+                continue
             confirm = (f"{p['confirm_dense']:>6.3f}->{p['confirm_plan']:.3f}" if p["confirm_dense"] is not None
                        else f"{'-':>13}")
             print(f"{r['task']:6} {p['tolerance']:>5.2f} {p['strategy']:9} {p['removed_prunable']:>8.2%} "
                   f"{p['removed_model']:>7.2%} {p['search_dense']:>6.3f}->{p['search_plan']:.3f} {confirm} "
                   f"{p['back_off'] if p['back_off'] is not None else '-':>8} "
                   f"{r['dense_test']:>6.3f}->{p['test_plan']:.3f} {p['test_drop_over_tolerance']:>8.2f} "
-                  f"{p['evaluations']:>6} {p['seconds']:>7.0f}")
-    worst = max(p["test_drop_over_tolerance"] for r in results for p in r["plans"])
+                  f"{p['evaluations']:>6} {p['seconds']:>7.0f} {p['cpu_seconds']:>7.0f} {p['wall']:>7.0f}")
+    worst = max((p["test_drop_over_tolerance"] for r in results for p in r["plans"] if "refused" not in p),
+                default=float("nan"))
     print(f"\nheadline: worst test-part relative drop / tolerance over all cells = {worst:.2f} (<= 1: the tolerance held)")
     if any(r["methods"] for r in results):
         print("\ntest metric of the uniform plan's allocation, by fit method")
@@ -171,9 +257,11 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     args = parse()
     args.work.mkdir(parents=True, exist_ok=True)
-    results = [run_task(task, args) for task in args.tasks.split(",")]
     out = args.out or args.work / "search_quality.json"
-    out.write_text(json.dumps(results, indent=2))
+    results: list[dict] = []
+    for task in args.tasks.split(","):
+        run_task(task, args, results, out)  # appends, and saves after every cell
+    save(results, out)
     render(results)
     print(f"\nexact numbers: {out}")
 

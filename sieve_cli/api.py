@@ -26,7 +26,7 @@ from .factors import FactorSet
 from .files import sha256_json
 from .fit import fit_model, record_fit
 from .matrices import Matrix, find_matrices
-from .options import CaptureOptions, FitOptions, GAConfig, SearchOptions, check_quantize
+from .options import STRATEGIES, CaptureOptions, FitOptions, GAConfig, SearchOptions, check_quantize
 from .plan import Plan
 from .pruned import prune_in_memory, save_pruned
 from .search import find_plan, swapping_scorer
@@ -43,7 +43,7 @@ class LLMSieveConfig:
     batch_size: int = 5000  # the seed's; unused: the `learned` fit trains full batch on the captured Gram
     learning_rate: float = 0.001  # Adam's rate for the `learned` fit (the paper's; `sieve fit` starts at 1e-2)
     num_epochs: int = 2  # the seed's; unused: `learned` trains until its loss stops falling
-    pruning_strategy: str = "uniform"  # or "adaptive"
+    pruning_strategy: str = "uniform"  # or adaptive (the measured best), seeds, local, genetic
     target_accuracy_drop: float = 0.05  # relative to the baseline accuracy
     prune_attention: bool = True
     prune_mlp: bool = True
@@ -54,8 +54,8 @@ class LLMSieveConfig:
     seq_len: int = 512
 
     def __post_init__(self) -> None:
-        if self.pruning_strategy not in ("uniform", "adaptive"):
-            raise InputError(f"pruning_strategy must be 'uniform' or 'adaptive', got {self.pruning_strategy!r}")
+        if self.pruning_strategy not in STRATEGIES:
+            raise InputError(f"pruning_strategy must be one of {', '.join(STRATEGIES)}, got {self.pruning_strategy!r}")
         if not (self.prune_attention or self.prune_mlp):
             raise InputError("prune_attention and prune_mlp are both False: nothing to prune")
         if not 0 <= self.target_accuracy_drop < 1:

@@ -22,7 +22,9 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 FIT_METHODS = ("output", "learned", "svd", "pca")
 FIT_INITS = ("random", "output")
 SUMMARY_LEVELS = (0.9, 0.75, 0.5)  # kept fractions reported in every fit summary
-STRATEGIES = ("uniform", "adaptive")
+# how `sieve search` looks for a plan; `adaptive` names the measured best of seeds/local/genetic (ADAPTIVE)
+STRATEGIES = ("uniform", "seeds", "local", "genetic", "adaptive")
+ADAPTIVE = "local"
 DEFAULT_LEVELS = (1.0, 0.9, 0.75, 0.6, 0.5, 0.35, 0.25, 0.2, 0.1, 0.05)  # adaptive: kept fractions a gene may take
 EVAL_PARTS = ("test", "confirm", "search", "calibration")
 # Kept fraction above which a factored matrix runs slower than the dense one. Measured on
@@ -305,11 +307,11 @@ class FitOptions:
 class GAConfig:
     """The genetic algorithm's knobs; the CLI exposes population, generations, patience, seed."""
 
-    population: int = opt(16, "Adaptive: candidates per generation; each new one costs one evaluation.")
-    generations: int = opt(8, "Adaptive: at most this many generations after the first; each costs about "
+    population: int = opt(16, "genetic: candidates per generation; each new one costs one evaluation.")
+    generations: int = opt(8, "genetic: at most this many generations after the first; each costs about "
                               "population - 2 evaluations.")
-    patience: int = opt(4, "Adaptive: stop early after this many generations without a better plan.")
-    seed: int = seed_opt("adaptive: the genetic algorithm")
+    patience: int = opt(4, "genetic: stop early after this many generations without a better plan.")
+    seed: int = seed_opt("the genetic algorithm")
     tournament: int = 3
     elite: int = 2
     crossover_rate: float = 0.9
@@ -325,19 +327,38 @@ class GAConfig:
 
 
 @dataclass(frozen=True)
+class LocalConfig:
+    """The local search's knobs: how many moves one step scores together, and its evaluation budget."""
+
+    moves: int = opt(4, "local: moves scored together per step (one batch); the best acceptable one is taken.",
+                     flag="--local-moves")
+    budget: int = opt(16, "local: at most this many evaluations after the seeds; it stops earlier when a step "
+                          "adds nothing.", flag="--local-budget")
+
+    def __post_init__(self) -> None:
+        if self.moves < 1 or self.budget < 0:
+            raise InputError(f"--local-moves must be >= 1 and --local-budget >= 0, got {self.moves} and {self.budget}")
+
+
+@dataclass(frozen=True)
 class SearchOptions:
-    strategy: str = opt("uniform", "uniform: one kept fraction p for every matrix, binary search (about 8 "
-                                   "evaluations). adaptive: a genetic search per matrix, seeded with the uniform "
-                                   "answer (about population x generations evaluations).", short="-s")
+    strategy: str = opt("uniform", "uniform: one kept fraction p for every matrix, binary search (7 evaluations). "
+                                   "seeds: uniform, then greedy per-matrix allocations from the fit spectra at "
+                                   "8 removals beyond uniform's, scored as one batch (up to +8). local: the seeds, then steps of "
+                                   "--local-moves moves from the best plan (+ at most --local-budget). genetic: "
+                                   "the seeds' start, then a genetic algorithm (about population x generations). "
+                                   f"adaptive: {ADAPTIVE}, the most removal per minute measured "
+                                   "(bench/search_quality.py).", short="-s")
     method: str = opt("output", "Which fit's bases to truncate: output, learned, svd, pca.", short="-m")
     tolerance: float = opt(0.05, "Accept a plan whose search-split metric is at least (1 - tolerance) x dense; "
                                  "with --absolute, dense - tolerance.")
     absolute: bool = opt(False, "Read --tolerance in metric units, not as a fraction of dense.")
-    levels: tuple[float, ...] = opt(DEFAULT_LEVELS, "Adaptive: the kept fractions a matrix may take, "
+    levels: tuple[float, ...] = opt(DEFAULT_LEVELS, "seeds, local, genetic: the kept fractions a matrix may take, "
                                     "comma-separated. More levels = finer plans, slower convergence.",
                                     parse=floats("--levels"), show=joined)
     grid_step: float = opt(0.01, "Uniform: grid of p to binary search; 0.01 costs 7 evaluations, 0.05 costs 5.")
     ga: GAConfig = field(default_factory=GAConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
     confidence: float = opt(0.9, "A candidate is acceptable when, paired with dense on the same examples, its "
                                  "metric's drop is within the tolerance at this one-sided confidence (0.5: the "
                                  "point estimate). The chosen plan must also hold on the confirm part.")
@@ -373,15 +394,24 @@ class SearchOptions:
         # dense is always a level: the GA can leave a matrix untouched
         object.__setattr__(self, "levels", tuple(sorted(set(map(float, self.levels)) | {1.0}, reverse=True)))
 
+    @property
+    def algorithm(self) -> str:
+        """The strategy that runs: `adaptive` is ADAPTIVE."""
+        return ADAPTIVE if self.strategy == "adaptive" else self.strategy
+
     def recorded(self) -> dict:
         """The options that decide the plan, for the manifest.
 
-        The GA's knobs do not change a uniform plan, so changing them does not make it stale.
+        Each strategy records only the knobs it reads (the GA's do not change a local plan, the
+        levels not a uniform one), so changing another strategy's knob never makes it stale.
         """
         options = {k: v for k, v in asdict(self).items() if k not in RUN_LAYOUT}
-        if self.strategy == "uniform":
-            options.pop("levels")
-            options.pop("ga")
+        if self.strategy == "adaptive":  # a later default is another question
+            options["algorithm"] = self.algorithm
+        unused = {"uniform": ("levels", "ga", "local"), "seeds": ("ga", "local"), "local": ("ga",),
+                  "genetic": ("local",)}[self.algorithm]
+        for name in unused:
+            options.pop(name)
         return options
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from . import progress
 from .acceptance import Measurement, acceptance_threshold, is_acceptable, judge
 from .discover import check_model_unchanged, load_workspace_model, workspace_model_source
-from .errors import InputError
+from .errors import InputError, WorkspaceError
 from .evaluate import evaluate, prepare, stream_evaluate
 from .factors import FactorSet, StoredFactors
 from .files import append_line, read_json, read_jsonl, write_json_atomic
@@ -31,23 +33,24 @@ from .genetic import (
     greedy_seeds,
     levels_with,
 )
+from .local import Layout, Scored, StepReport, local_search
 from .lowrank import lowrank_params, rank_for_fraction
 from .matrices import Matrix
 from .models import load_tokenizer, safetensors_folder, torch_dtype
-from .options import SearchOptions
+from .options import STRATEGIES, LocalConfig, SearchOptions
 from .plan import Plan, Ranks
 from .pruned import prune_in_memory
 from .streaming import choose_layout, open_streaming
 from .tasks import bind_task
 from .uniform import binary_search, uniform_grid
-from .workspace import Stage, Workspace
+from .workspace import MANIFEST, Stage, Workspace
 
 log = logging.getLogger(__name__)
 
 STAGE = Stage.SEARCH
-# Greedy seeds at the uniform answer's removal and a few steps beyond it: the GA starts
-# from allocations that are as lean as uniform, and from leaner ones it can back off from.
-GREEDY_STEPS = (0.0, 0.02, 0.05, 0.1, 0.2)
+# Greedy seeds at these removals beyond the uniform answer's (shares of the prunable parameters):
+# fine near it, where SmolLM2's tasks hold at 5% (most matrices stay dense), coarse further out.
+SEED_REMOVALS = (0.0, 0.005, 0.01, 0.02, 0.035, 0.05, 0.1, 0.2)
 
 
 
@@ -220,7 +223,7 @@ class Evaluations:
         self.ws, self.scorer, self.targets, self.factors = ws, scorer, targets, factors
         self.confidence = confidence
         self.total = sum(t.params for t in targets)
-        self.memo: dict[tuple, tuple[float, float]] = {}  # ranks -> (point value, judged value)
+        self.memo: dict[tuple, tuple[float, float, float | None]] = {}  # ranks -> (point, judged, signal)
         self.dense: Measurement | None = None
         self.threshold: float | None = None
         self.scored = 0  # evaluations actually run in this process
@@ -229,7 +232,8 @@ class Evaluations:
                 if entry.get("strategy") == "confirm":
                     continue
                 kept = entry["genome"] if entry.get("genome") is not None else [entry["p"]] * len(targets)
-                self.memo[self.key(ranks_for(targets, kept, factors))] = (entry["metric"], entry.get("lower", entry["metric"]))
+                self.memo[self.key(ranks_for(targets, kept, factors))] = (
+                    entry["metric"], entry.get("lower", entry["metric"]), entry.get("signal"))
 
     def key(self, ranks: Ranks) -> tuple:
         return tuple(ranks[t.name] for t in self.targets)
@@ -254,9 +258,18 @@ class Evaluations:
     def point(self, kept: list[float]) -> float:
         return self.memo[self.key(ranks_for(self.targets, kept, self.factors))][0]
 
+    def judged(self, kept: list[float]) -> float | None:
+        """The judged value of an allocation already scored; None when it was not."""
+        found = self.memo.get(self.key(ranks_for(self.targets, kept, self.factors)))
+        return None if found is None else found[1]
+
+    def signal(self, kept: list[float]) -> float | None:
+        """The paired drop of the low-noise signal (dense - candidate) of a scored allocation; None without one."""
+        return self.memo[self.key(ranks_for(self.targets, kept, self.factors))][2]
+
     def log(self, m: Measurement, ranks: Ranks, record: dict, dense: Measurement | None,
-            threshold: float | None = None) -> tuple[float, float]:
-        """Judge `m` against `dense` and append it to the history; returns (point, judged)."""
+            threshold: float | None = None) -> tuple[float, float, float | None]:
+        """Judge `m` against `dense` and append it to the history; returns (point, judged, signal)."""
         verdict = judge(dense, m, self.confidence) if dense is not None else None
         judged = m.value if verdict is None else verdict.lower
         threshold = self.threshold if threshold is None else threshold
@@ -267,7 +280,7 @@ class Evaluations:
         if verdict is not None:
             entry |= {"drop": verdict.drop, "se": verdict.se, "signal": verdict.signal}
         append_line(self.ws.history_jsonl, json.dumps(entry))  # never through a symlink
-        return m.value, judged
+        return m.value, judged, None if verdict is None else verdict.signal
 
 
 def read_history(path, rebuild: str = "sieve search --force") -> list[dict]:
@@ -317,8 +330,12 @@ def run_search(ws: Workspace, options: SearchOptions, force: bool = False, score
     """
     inputs = {"options": options.recorded(),
               "upstream": ws.upstream_hashes(Stage.DISCOVER, Stage.TASK, Stage.fit(options.method))}
+    switched = None if force else switch_strategy(ws, inputs)
+    if switched == "restored":
+        log.info("search: the %s plan made from these inputs was set aside earlier; restored it", options.strategy)
+        return {**Plan.load(ws.plan_json).data, "up_to_date": True}
     resume = ws.resumable(STAGE, inputs)
-    if not ws.begin(STAGE, inputs, force):
+    if not ws.begin(STAGE, inputs, force or switched == "archived"):
         log.info("search is up to date in %s; nothing to do (--force searches again)", ws.root)
         return {**Plan.load(ws.plan_json).data, "up_to_date": True}
     if not resume:
@@ -337,6 +354,62 @@ def run_search(ws: Workspace, options: SearchOptions, force: bool = False, score
     layout = {"layout": scorer.layout} if scorer.layout else {}
     ws.finish(STAGE, inputs, [ws.plan_json], summary=summarise(plan.data) | layout)
     return plan.data
+
+
+# ---- another strategy's plan is set aside, not stale ------------------------------------------------
+STRATEGY_KNOBS = ("strategy", "algorithm", "levels", "ga", "local")  # options that belong to one strategy
+
+
+def strategy_archive(ws: Workspace, strategy: str):
+    return ws.inside(ws.stage_dir(STAGE) / strategy)
+
+
+def switch_strategy(ws: Workspace, inputs: dict) -> str | None:
+    """Another strategy asked for on the same inputs is a new question, not stale data.
+
+    The completed plan, history and manifest of the other strategy are set aside under
+    WS/search/<its strategy>/ ("archived": the search runs), and when this strategy's own
+    earlier plan from the same inputs is set aside there, it comes back ("restored": nothing
+    runs). Any other difference (tolerance, the fit, ...) is left to the stale check.
+    """
+    ws.lock()
+    try:
+        manifest = ws.read_manifest(STAGE)
+    except (InputError, WorkspaceError):
+        return None  # a damaged manifest: the stale check says what to do
+    new = json.loads(json.dumps(inputs, sort_keys=True, default=str))
+    if not manifest or not manifest.get("complete") or not isinstance(manifest.get("inputs"), dict):
+        return None
+    old = manifest["inputs"]
+    old_strategy = (old.get("options") or {}).get("strategy")
+    if old_strategy == new["options"]["strategy"] or old_strategy not in STRATEGIES:
+        return None
+    if without_knobs(old) != without_knobs(new) or not ws.plan_json.exists():
+        return None
+    keep = strategy_archive(ws, old_strategy)
+    keep.mkdir(parents=True, exist_ok=True)
+    for path in (ws.plan_json, ws.history_jsonl, ws.manifest_path(STAGE)):
+        if path.exists():
+            shutil.copyfile(path, keep / path.name)
+    log.info("search: the %s plan is kept in %s; searching with %s", old_strategy, keep, new["options"]["strategy"])
+    mine = strategy_archive(ws, new["options"]["strategy"])
+    try:
+        earlier = read_json(mine / MANIFEST) if (mine / MANIFEST).exists() else None
+    except (InputError, WorkspaceError):
+        earlier = None
+    if not (isinstance(earlier, dict) and earlier.get("complete") and earlier.get("inputs") == new
+            and (mine / ws.plan_json.name).exists()):
+        return "archived"
+    for name in (ws.plan_json.name, ws.history_jsonl.name):
+        if (mine / name).exists():
+            shutil.copyfile(mine / name, ws.stage_dir(STAGE) / name)
+    ws.search_checkpoint.unlink(missing_ok=True)
+    ws.finish(STAGE, inputs, [ws.plan_json], summary=earlier.get("summary") or {})
+    return "restored"
+
+
+def without_knobs(inputs: dict) -> dict:
+    return {**inputs, "options": {k: v for k, v in (inputs.get("options") or {}).items() if k not in STRATEGY_KNOBS}}
 
 
 def find_plan(ws: Workspace, options: SearchOptions, scorer: Scorer, targets: list[Matrix], factors: FactorSet,
@@ -359,7 +432,7 @@ def find_plan(ws: Workspace, options: SearchOptions, scorer: Scorer, targets: li
     if dense is None:  # the dense model is scored once and kept in the checkpoint
         dense_ranks = ranks_for(targets, [1.0] * len(targets), factors)
         dense = scorer(dense_ranks)
-        evals.log(dense, dense_ranks, {"strategy": options.strategy, "generation": None, "p": 1.0}, None)
+        evals.log(dense, dense_ranks, {"strategy": options.algorithm, "generation": None, "p": 1.0}, None)
         checkpoint = {"dense": dense.value, "metric": scorer.metric, "examples": scorer.examples,
                       "dense_measurement": {"value": dense.value, "scores": dense.scores, "weights": dense.weights,
                                             "soft": dense.soft, "extra": dense.extra}}
@@ -368,13 +441,13 @@ def find_plan(ws: Workspace, options: SearchOptions, scorer: Scorer, targets: li
     scorer.examples = checkpoint.get("examples", scorer.examples)
     check_above_chance(dense, scorer.metric, options.allow_chance)
     evals.dense = dense
-    evals.memo[evals.key(ranks_for(targets, [1.0] * len(targets), factors))] = (dense.value, dense.value)
+    evals.memo[evals.key(ranks_for(targets, [1.0] * len(targets), factors))] = (dense.value, dense.value, 0.0)
     evals.threshold = acceptance_threshold(dense.value, options.tolerance, options.absolute)
     log.info("dense %s on the search split: %.4f; acceptable from %.4f at %.0f%% confidence", scorer.metric,
              dense.value, evals.threshold, 100 * options.confidence)
 
     uniform = search_uniform(evals, options, targets)
-    if options.strategy == "uniform":
+    if options.algorithm == "uniform":
         outcome = Outcome([uniform.p] * len(targets), dense.value if uniform.metric is None else uniform.metric,
                           {"uniform_p": uniform.p})
     else:
@@ -407,7 +480,7 @@ def confirm_plan(evals: Evaluations, options: SearchOptions, kept: list[float], 
         candidate = [k + step * (1 - k) for k in kept]
         ranks = ranks_for(evals.targets, candidate, evals.factors)
         scored = dense if step == 1.0 else scorer(ranks)  # dense holds by definition: no need to score it again
-        point, judged = evals.log(scored, ranks, {"strategy": "confirm", "generation": None, "step": step,
+        point, judged, _ = evals.log(scored, ranks, {"strategy": "confirm", "generation": None, "step": step,
                                                   "genome": candidate}, dense, threshold)
         if is_acceptable(judged, threshold):
             break
@@ -459,8 +532,20 @@ def spectrum_errors(ws: Workspace, options: SearchOptions, targets: list[Matrix]
     return None
 
 
-def search_adaptive(ws, evals: Evaluations, options: SearchOptions, targets, factors, uniform, checkpoint,
-                    on_generation) -> Outcome:
+@dataclass(frozen=True)
+class Start:
+    """What every per-matrix strategy starts from: the levels, the problem, the seeds, the spectra."""
+
+    levels: list[float]
+    problem: Problem
+    seeds: list[list[int]]  # the uniform answer first, then the greedy allocations
+    errors: list[list[float]] | None
+
+    def kept(self, genome) -> list[float]:
+        return [self.levels[g] for g in genome]
+
+
+def adaptive_start(ws, evals: Evaluations, options: SearchOptions, targets, factors, uniform) -> Start:
     levels = levels_with(options.levels, uniform.p)
     kept = [[lowrank_params(rank_at(t, p, factors), t.out_features, t.in_features) for p in levels] for t in targets]
     problem = Problem(kept=kept, total=evals.total, threshold=evals.threshold)
@@ -468,22 +553,80 @@ def search_adaptive(ws, evals: Evaluations, options: SearchOptions, targets, fac
     errors = spectrum_errors(ws, options, targets, levels, factors)
     if errors is not None:
         removal = problem.removed(seeds[0])
-        seeds += greedy_seeds(errors, kept, evals.total, [min(0.95, removal + d) for d in GREEDY_STEPS])
+        seeds += greedy_seeds(errors, kept, evals.total, [min(0.95, removal + d) for d in SEED_REMOVALS])
+    return Start(levels, problem, seeds, errors)
 
+
+def search_adaptive(ws, evals: Evaluations, options: SearchOptions, targets, factors, uniform, checkpoint,
+                    on_generation) -> Outcome:
+    start = adaptive_start(ws, evals, options, targets, factors, uniform)
+    if options.algorithm == "genetic":
+        outcome = search_genetic(ws, evals, options, start, checkpoint, on_generation)
+    else:
+        outcome = search_local(ws, evals, options, targets, start, checkpoint, on_generation)
+    outcome.extra |= {"algorithm": options.algorithm, "uniform_p": uniform.p, "levels": start.levels,
+                      "uniform_removed": start.problem.removed(start.seeds[0])}
+    return outcome
+
+
+def search_local(ws, evals: Evaluations, options: SearchOptions, targets, start: Start, checkpoint,
+                 on_step) -> Outcome:
+    """`seeds` (the seeds alone) and `local` (then local steps): every batch scored at once, checkpointed per step."""
+    config = options.local if options.algorithm == "local" else LocalConfig(budget=0)
+    state = checkpoint.get("local")
+    current = {"step": 0 if state is None else state["step"] + 1}  # the one being scored
+
+    def evaluate(genomes, labels):
+        kepts = [start.kept(genome) for genome in genomes]
+        judged = evals.metrics(kepts, [{"strategy": options.algorithm, "generation": current["step"], "move": label,
+                                        "genome": kept} for kept, label in zip(kepts, labels)])
+        return [Scored(j, evals.signal(kept)) for j, kept in zip(judged, kepts)]
+
+    tick = [time.perf_counter()]
+    steps = 1 + math.ceil(config.budget / config.moves)
+    with progress.bar(f"{options.algorithm} search (steps)", total=steps,
+                      completed=0 if state is None else state["step"] + 1) as b:
+
+        def checkpointed(run_state: dict, report: StepReport) -> None:
+            write_json_atomic(ws.search_checkpoint, {**checkpoint, "local": run_state, "levels": start.levels})
+            current["step"] = report.step + 1
+            seconds, tick[0] = time.perf_counter() - tick[0], time.perf_counter()
+            log.info("%s: best removes %.1f%% of prunable params (+%.1f%%, %s) at %s=%.4f; %d evaluations; %.0f s",
+                     "seeds" if report.step == 0 else f"step {report.step}", 100 * report.best_removed,
+                     100 * report.added, report.move, evals.scorer.metric, report.best_metric, report.evaluations,
+                     seconds)
+            b.advance()
+            b.note(f"best -{report.best_removed:.1%} {evals.scorer.metric}={report.best_metric:.4f}")
+            if on_step is not None:
+                on_step(report, seconds)
+
+        dense_metric = evals.dense.value if evals.dense is not None else 0.0
+        result = local_search(start.problem, start.errors, Layout([t.block for t in targets], [t.kind for t in targets]),
+                              evaluate, config, start.seeds, dense_metric, state=state, on_step=checkpointed)
+    reports = [asdict(r) for r in result.reports]
+    return Outcome(start.kept(result.genome), result.metric, {
+        "steps": result.steps, "stopped": result.stopped, "seeds": len(start.seeds),
+        "seeded": {k: reports[0][k] for k in ("best_removed", "best_metric", "evaluations")},
+        "progress": reports,
+    })
+
+
+def search_genetic(ws, evals: Evaluations, options: SearchOptions, start: Start, checkpoint,
+                   on_generation) -> Outcome:
     state = checkpoint.get("ga")
     current = {"generation": 0 if state is None else state["generation"] + 1}  # the one being scored
 
     def evaluate(genomes):
-        kepts = [[levels[g] for g in genome] for genome in genomes]
-        return evals.metrics(kepts, [{"strategy": "adaptive", "generation": current["generation"], "genome": kept}
+        kepts = [start.kept(genome) for genome in genomes]
+        return evals.metrics(kepts, [{"strategy": "genetic", "generation": current["generation"], "genome": kept}
                                      for kept in kepts])
 
     tick = [time.perf_counter()]
-    with progress.bar("adaptive search (generations)", total=options.ga.generations + 1,
+    with progress.bar("genetic search (generations)", total=options.ga.generations + 1,
                       completed=0 if state is None else state["generation"] + 1) as b:
 
         def checkpointed(ga_state: dict, report: GenerationReport) -> None:
-            write_json_atomic(ws.search_checkpoint, {**checkpoint, "ga": ga_state, "levels": levels})
+            write_json_atomic(ws.search_checkpoint, {**checkpoint, "ga": ga_state, "levels": start.levels})
             current["generation"] = report.generation + 1
             seconds, tick[0] = time.perf_counter() - tick[0], time.perf_counter()
             log.info("generation %d: best removes %.1f%% of prunable params at %s=%.4f; %d evaluations; %.0f s",
@@ -494,11 +637,20 @@ def search_adaptive(ws, evals: Evaluations, options: SearchOptions, targets, fac
             if on_generation is not None:
                 on_generation(report, seconds)
 
-        result = genetic_search(problem, evaluate, options.ga, seeds, state=state, on_generation=checkpointed)
-    return Outcome([levels[g] for g in result.genome], result.metric, {
-        "uniform_p": uniform.p, "levels": levels, "generations": result.generations, "stopped": result.stopped,
-        "seeds": len(seeds), "uniform_removed": problem.removed(seeds[0]),
-        "progress": [asdict(r) for r in result.reports],
+        result = genetic_search(start.problem, evaluate, options.ga, start.seeds, state=state,
+                                on_generation=checkpointed)
+    # what the seeds alone reached: the best acceptable seed the GA scored (a small population holds only the first)
+    judged = {i: evals.judged(start.kept(g)) for i, g in enumerate(start.seeds)}
+    held = [i for i, j in judged.items() if j is not None and is_acceptable(j, evals.threshold)]
+    best_seed = max(held, key=lambda i: start.problem.removed(start.seeds[i]), default=0)
+    reports = [asdict(r) for r in result.reports]
+    for before, report in zip([None, *reports], reports):
+        report["added"] = report["best_removed"] - (before["best_removed"] if before else 0.0)
+    return Outcome(start.kept(result.genome), result.metric, {
+        "generations": result.generations, "stopped": result.stopped, "seeds": len(start.seeds),
+        "seeded": {"best_removed": start.problem.removed(start.seeds[best_seed]), "best_metric": judged[best_seed],
+                   "evaluations": sum(j is not None for j in judged.values())},
+        "progress": reports,
     })
 
 

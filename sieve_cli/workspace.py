@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 from .errors import InputError, MissingStageError, StaleStageError, WorkspaceError
 from .files import open_no_follow, read_json, sha256_file, sha256_json, write_json_atomic
+from .options import STRATEGIES
 from .version import __version__
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,7 @@ class Workspace:
             manifest = {}
         inputs = manifest.get("inputs") if isinstance(manifest, dict) else None
         strategy = ((inputs or {}).get("options") or {}).get("strategy")
-        return strategy if strategy in ("uniform", "adaptive") else "uniform"
+        return strategy if strategy in STRATEGIES else "uniform"
 
     def require(self, stage: str) -> dict:
         """The completed manifest of `stage`, or an error naming the command that makes it.

@@ -124,7 +124,8 @@ def test_report_states_scores_sizes_and_options(full_ws):
     assert "dense (test split)" in page
     assert f"-{plan['params']['removed_fraction_prunable']:.1%}" in page
     assert "The adaptive search over the output fit, tolerance 0.05 (relative to dense)" in page
-    assert "tolerance" in page and "population=12" in page  # the search options are listed
+    # the search options are listed: adaptive runs the local search, so its knobs, not the GA's
+    assert "tolerance" in page and "budget=16" in page and "population=12" not in page
     applied = json.loads((full_ws.stage_dir("apply") / "result.json").read_text())
     assert "counted by apply" in page and "not applied yet" not in page
     assert f"-{applied['removed_fraction_model']:.1%}" in page

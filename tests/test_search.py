@@ -14,7 +14,7 @@ from sieve_cli.factors import FactorSet
 from sieve_cli.fit import record_fit
 from sieve_cli.lowrank import fraction_for_rank
 from sieve_cli.matrices import Matrix, find_matrices, weight_of
-from sieve_cli.options import GAConfig
+from sieve_cli.options import GAConfig, LocalConfig
 from sieve_cli.plan import Plan
 from sieve_cli.search import Scorer, SearchOptions, rank_at, run_search
 from sieve_cli.workspace import Workspace
@@ -126,48 +126,126 @@ def test_rerun_is_a_noop_and_changed_options_are_stale(ws):
     assert plan["tolerance"] == 0.1 and history(ws)[0]["p"] == 1.0  # history restarted, not appended
 
 
-ADAPTIVE = dict(strategy="adaptive", tolerance=0.05, ga=GAConfig(population=10, generations=10, patience=4, seed=3))
+GA = GAConfig(population=10, generations=10, patience=4, seed=3)
+ADAPTIVE = dict(strategy="genetic", tolerance=0.05, ga=GA)
+UNEVEN = ("q", "k", "gate", "up")  # the kinds the synthetic metric barely needs
 
 
-def test_adaptive_beats_uniform_and_stays_acceptable(ws, tmp_path):
-    plan = run_search(ws, SearchOptions(**ADAPTIVE), scorer=synthetic_scorer(ws))
-    assert is_acceptable(plan["metric"]["plan"], 0.95)
-    assert plan["params"]["removed_fraction_prunable"] > plan["search"]["uniform_removed"] + 0.03
-    kinds, blocks = Plan.parse(plan).kinds(), Plan.parse(plan).kept_by_block()
-    assert kinds == ["q", "k", "v", "o", "gate", "up", "down"] and sorted(blocks) == [0, 1]
-    # the insensitive matrices are pruned harder than the rest
-    qk = [blocks[b][k] for b in blocks for k in ("q", "k", "gate", "up")]
+@pytest.mark.parametrize("strategy", ["seeds", "local", "genetic", "adaptive"])
+def test_per_matrix_strategies_give_acceptable_uneven_plans(ws, strategy):
+    uniform = run_search(ws, SearchOptions(strategy="uniform", tolerance=0.05), scorer=synthetic_scorer(ws))
+    plan = run_search(ws, SearchOptions(strategy=strategy, tolerance=0.05, ga=GA), force=True,
+                      scorer=synthetic_scorer(ws))
+    algorithm = SearchOptions(strategy=strategy).algorithm
+    assert is_acceptable(plan["metric"]["plan"], 0.95) and plan["search"]["algorithm"] == algorithm
+    removed = plan["params"]["removed_fraction_prunable"]
+    assert removed >= uniform["params"]["removed_fraction_prunable"]
+    # what the seeds reached is recorded, and the later steps/generations only add to it
+    seeded = plan["search"]["seeded"]
+    assert 0 <= seeded["best_removed"] <= removed + 1e-12 and is_acceptable(seeded["best_metric"], 0.95)
+    lines = history(ws)
+    per_matrix = [h for h in lines if h.get("genome") is not None]
+    assert per_matrix and all(h["strategy"] == algorithm and len(h["genome"]) == 14 for h in per_matrix)
+    assert {h["strategy"] for h in lines if h.get("p") not in (None, 1.0)} == {"uniform"}  # the uniform seed's search
+    assert not ws.search_checkpoint.exists()
+    if algorithm == "seeds":
+        assert {h["generation"] for h in per_matrix} == {0}
+        return
+    # beyond the seeds, the uneven metric pays: well past uniform, the insensitive kinds pruned harder
+    assert removed > uniform["params"]["removed_fraction_prunable"] + 0.03
+    blocks = Plan.parse(plan).kept_by_block()
+    qk = [blocks[b][k] for b in blocks for k in UNEVEN]
     rest = [blocks[b][k] for b in blocks for k in ("v", "o", "down")]
     assert sum(qk) / len(qk) < sum(rest) / len(rest)
-    lines = history(ws)
-    ga_lines = [h for h in lines if h.get("genome") is not None]
-    assert all(h["strategy"] == "adaptive" and len(h["genome"]) == 14 for h in ga_lines)
-    generations = {h["generation"] for h in ga_lines}
-    assert 0 in generations and generations <= set(range(plan["search"]["generations"] + 1))
-    assert {h["strategy"] for h in lines if h.get("p") not in (None, 1.0)} == {"uniform"}  # the seed's search
-    assert not ws.search_checkpoint.exists()
 
 
-def test_adaptive_resumes_with_the_same_result(ws, tmp_path, tiny_dir):
+def test_local_beats_its_seeds_and_records_each_step(ws):
+    calls = []
+    options = SearchOptions(strategy="local", tolerance=0.05, local=LocalConfig(moves=3, budget=12))
+    plan = run_search(ws, options, scorer=synthetic_scorer(ws, calls))
+    search = plan["search"]
+    progress = search["progress"]
+    assert progress[0]["step"] == 0 and progress[0]["best_removed"] == search["seeded"]["best_removed"]
+    assert plan["params"]["removed_fraction_prunable"] > search["seeded"]["best_removed"]
+    # each step's report adds up: the removal after step k is the seeds' plus what the steps added
+    for k, report in enumerate(progress[1:], start=1):
+        assert report["best_removed"] == pytest.approx(progress[0]["best_removed"] + sum(
+            r["added"] for r in progress[1:k + 1]))
+    assert progress[-1]["best_removed"] == pytest.approx(plan["params"]["removed_fraction_prunable"])
+    lines = [h for h in history(ws) if h.get("genome") is not None]
+    stepped = [h for h in lines if h["generation"] > 0]
+    assert len(stepped) <= 12 and {h["move"] for h in lines if h["generation"] == 0} == {"seed"}
+    assert all(h["move"] != "seed" for h in stepped) and len(calls) == len(history(ws))
+    # the best plan's move is the one history logged for its genome
+    best = progress[-1]
+    assert best["move"] in {h["move"] for h in stepped}
+
+
+def test_local_scores_each_step_as_one_batch(ws):
+    batches = []
+    pooled = synthetic_scorer(ws)
+    pooled.score_many = lambda batch: (batches.append(len(batch)), [pooled.score(r) for r in batch])[1]
+    options = SearchOptions(strategy="local", tolerance=0.05, local=LocalConfig(moves=4, budget=12))
+    serial = run_search(ws, options, scorer=synthetic_scorer(ws))
+    serial_history = history(ws)
+    again = run_search(ws, options, force=True, scorer=pooled)
+    assert again["matrices"] == serial["matrices"] and history(ws) == serial_history
+    steps = again["search"]["progress"]
+    # the seeds went as one batch, and each step's moves as one batch of at most --local-moves
+    # (the uniform answer among the seeds was already scored by the uniform search: memoised)
+    assert batches[0] == steps[0]["new_evaluations"] - 1 > 1
+    assert batches[1:] == [r["new_evaluations"] for r in steps[1:]] and all(1 < b <= 4 for b in batches[1:])
+
+
+@pytest.mark.parametrize("strategy, key", [("genetic", "ga"), ("local", "local")])
+def test_killed_search_resumes_with_the_same_result(ws, tmp_path, strategy, key):
     import shutil
 
+    options = SearchOptions(strategy=strategy, tolerance=0.05, ga=GA, local=LocalConfig(moves=3, budget=12))
     fresh = Workspace(tmp_path / "fresh")
     shutil.copytree(ws.root, fresh.root)
     full_calls = []
-    full = run_search(fresh, SearchOptions(**ADAPTIVE), scorer=synthetic_scorer(fresh, full_calls))
+    full = run_search(fresh, options, scorer=synthetic_scorer(fresh, full_calls))
 
     calls = []
     with pytest.raises(KeyboardInterrupt):
-        run_search(ws, SearchOptions(**ADAPTIVE), scorer=synthetic_scorer(ws, calls, fail_after=len(full_calls) * 2 // 3))
+        run_search(ws, options, scorer=synthetic_scorer(ws, calls, fail_after=len(full_calls) * 2 // 3))
     checkpoint = json.loads(ws.search_checkpoint.read_text())
-    assert checkpoint["ga"]["generation"] >= 0 and checkpoint["dense"] == 1.0
+    assert checkpoint[key]["generation" if key == "ga" else "step"] >= 0 and checkpoint["dense"] == 1.0
     resumed_calls = []
-    resumed = run_search(ws, SearchOptions(**ADAPTIVE), scorer=synthetic_scorer(ws, resumed_calls))
+    resumed = run_search(ws, options, scorer=synthetic_scorer(ws, resumed_calls))
     assert resumed["matrices"] == full["matrices"] and resumed["metric"] == full["metric"]
-    # nothing was scored twice: the evaluations made before the kill are reused from history
-    assert len(calls) + len(resumed_calls) == len(full_calls)
-    strip = lambda hs: [{k: v for k, v in h.items()} for h in hs]  # noqa: E731
-    assert strip(history(ws)) == strip(history(fresh))
+    # the evaluations logged before the kill are reused from history; only the finished part of the
+    # batch it interrupted is scored again (a batch is logged when it completes), and logged once
+    again = len(calls) + len(resumed_calls) - len(full_calls)
+    assert 0 <= again < (GA.population if strategy == "genetic" else options.local.moves)
+    assert history(ws) == history(fresh)
+    strip = lambda plan: {k: v for k, v in plan["search"].items() if k not in ("seconds", "evaluated_now")}  # noqa: E731
+    assert strip(resumed) == strip(full)
+
+
+def test_another_strategy_is_not_stale_and_keeps_the_first_plan(ws):
+    adaptive = run_search(ws, SearchOptions(strategy="adaptive", tolerance=0.05), scorer=synthetic_scorer(ws))
+    adaptive_history = ws.history_jsonl.read_text()
+    uniform = run_search(ws, SearchOptions(strategy="uniform", tolerance=0.05), scorer=synthetic_scorer(ws))
+    assert not uniform.get("up_to_date") and uniform["strategy"] == "uniform"
+    kept = ws.root / "search" / "adaptive"
+    assert json.loads((kept / "plan.json").read_text()) == json.loads(json.dumps(adaptive))
+    assert (kept / "history.jsonl").read_text() == adaptive_history
+    # asking for adaptive again brings its plan back: nothing is scored
+    calls = []
+    back = run_search(ws, SearchOptions(strategy="adaptive", tolerance=0.05), scorer=synthetic_scorer(ws, calls))
+    assert calls == [] and back["up_to_date"] and back["matrices"] == adaptive["matrices"]
+    assert ws.history_jsonl.read_text() == adaptive_history
+    assert json.loads((ws.root / "search" / "uniform" / "plan.json").read_text())["strategy"] == "uniform"
+    # a later stage sees a complete, consistent search stage
+    assert ws.require("search")["inputs"]["options"]["strategy"] == "adaptive"
+    # the local search's knobs do not make a genetic plan stale, nor the GA's a local one
+    assert run_search(ws, SearchOptions(strategy="adaptive", tolerance=0.05, ga=GAConfig(population=4)),
+                      scorer=synthetic_scorer(ws))["up_to_date"]
+    # another tolerance is another question on the same strategy: still refused without --force
+    with pytest.raises(StaleStageError, match="--force"):
+        run_search(ws, SearchOptions(strategy="uniform", tolerance=0.2), scorer=synthetic_scorer(ws))
 
 
 def test_learned_fit_snaps_to_trained_ranks():
@@ -204,7 +282,7 @@ def test_cli_search_renders_plan(ws, monkeypatch):
 
 @pytest.mark.slow
 def test_both_strategies_on_real_smollm2(smollm2_gguf, data_root, tmp_path):
-    """A short real run: tiny capture, closed-form fit, a coarse uniform and a one-generation GA."""
+    """A short real run: tiny capture, closed-form fit, a coarse uniform and a one-step local search."""
     from sieve_cli.capture import CaptureOptions, run_capture
     from sieve_cli.discover import load_workspace_model
     from sieve_cli.evaluate import evaluate, prepare
@@ -221,7 +299,7 @@ def test_both_strategies_on_real_smollm2(smollm2_gguf, data_root, tmp_path):
     common = dict(tolerance=0.1, limit=16, grid_step=0.25, allow_chance=True)  # 16 examples: not enough to clear the guard
     uniform = run_search(ws, SearchOptions(strategy="uniform", **common))
     assert len(uniform["matrices"]) == 210 and len(history(ws)) <= 4
-    adaptive = run_search(ws, SearchOptions(strategy="adaptive", ga=GAConfig(population=3, generations=1, patience=1), **common),
+    adaptive = run_search(ws, SearchOptions(strategy="adaptive", local=LocalConfig(moves=2, budget=2), **common),
                           force=True)
     assert adaptive["params"]["removed_fraction_prunable"] >= uniform["params"]["removed_fraction_prunable"]
     assert is_acceptable(adaptive["metric"]["plan"], adaptive["metric"]["dense"] * 0.9)
@@ -236,7 +314,7 @@ def test_both_strategies_on_real_smollm2(smollm2_gguf, data_root, tmp_path):
 def test_batched_scorer_gives_the_serial_plan_and_history(ws, tmp_path):
     """A scorer with a pool (`score_many`) gets each generation's new candidates in one batch,
     and the plan and history equal the one-at-a-time search's."""
-    options = SearchOptions(strategy="adaptive", ga=GAConfig(population=6, generations=2, patience=2, seed=3))
+    options = SearchOptions(strategy="genetic", ga=GAConfig(population=6, generations=2, patience=2, seed=3))
     serial = run_search(ws, options, scorer=synthetic_scorer(ws))
     serial_history = history(ws)
 

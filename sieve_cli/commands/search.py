@@ -30,12 +30,12 @@ def search(
 ) -> None:
     """Decide how much of each matrix to keep; writes WS/search/plan.json for `sieve apply`.
 
-    Cost: every evaluation scores the search part (--limit examples) with the candidate's ranks swapped into the model; measured on SmolLM2-135M with 1 CPU thread, 100 4-shot sst2 examples take about 10 s of CPU (bench/eval_speed.py). uniform takes about 8 evaluations, then 1 to 7 on the confirm part; adaptive about 8 + population x (generations + 1), fewer when it stops early or meets a candidate twice. An interrupted adaptive search resumes from its last generation when rerun with the same flags.
+    Cost: every evaluation scores the search part (all of it unless --limit: 200 sst2 examples) with the candidate's ranks swapped into the model: measured 13-21 s of CPU each on SmolLM2-135M with 1 torch thread (wall 46-92 s while the 2-core machine ran at load ~9; bench/search_quality.py). uniform: dense + 7 evaluations, then 1 to 7 on the confirm part. seeds: + up to 8 (one batch). local: the seeds + at most --local-budget (16), --local-moves (4) per batch. genetic: the seeds + about population x generations. adaptive = local: on sst2 at 5% it took 32 evaluations, 605 s of CPU (36 min wall at load ~9) and removed 7.8% of the prunable parameters where uniform and the seeds alone removed none. An interrupted search resumes from its last step or generation when rerun with the same flags; another --strategy keeps the previous plan in WS/search/<strategy>/.
 
     Examples:\n
       sieve search -w ws --strategy uniform --tolerance 0.05\n
       sieve search -w ws --strategy adaptive --tolerance 0.01\n
-      sieve search -w ws -s adaptive --population 32 --generations 30   (slower, better)\n
+      sieve search -w ws -s local --local-budget 32   (slower, more removal)\n
       sieve search -w ws -s uniform --tolerance 0.02 --absolute --method svd
     """
     # the stage loads torch: imported when the command runs, so `sieve --help` stays fast

@@ -217,10 +217,11 @@ def read_trials(ws: Workspace, plan: dict) -> list[Trials]:
         if not line.strip():
             continue
         entry = json.loads(line)
-        if entry.get("strategy") not in ("uniform", "adaptive", None):
+        if entry.get("strategy") in ("confirm", "backoff"):
             continue  # confirm-part checks and back-off steps are not search-split trials
         method = entry.get("method") or plan.get("method", "output")
         trials = by_method.setdefault(method, Trials(method, [], []))
         point = (float(entry["removed_fraction"]), float(entry["metric"]))
-        (trials.adaptive if entry.get("strategy") == "adaptive" else trials.uniform).append(point)
+        # every per-matrix strategy (seeds, local, genetic) plots as the adaptive front
+        (trials.uniform if entry.get("strategy") in ("uniform", None) else trials.adaptive).append(point)
     return sorted(by_method.values(), key=lambda t: (t.method != plan.get("method"), t.method))
