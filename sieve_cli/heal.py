@@ -174,15 +174,17 @@ def restore_checkpoint(path: Path, peft_model: nn.Module, optimizer) -> tuple[in
 
 
 def train(peft_model: nn.Module, teacher: nn.Module | None, batches: Batches, options: HealOptions,
-          checkpoint: Path, stop_after: int | None = None) -> list[float]:
+          checkpoint: Path | None = None, stop_after: int | None = None) -> list[float]:
     """AdamW on the adapters for `options.steps` steps (from the checkpoint when there is one); the losses.
 
+    `checkpoint` None: nothing is saved (a short heal in memory, e.g. before scoring a candidate).
     `stop_after` ends the run after that many steps of this call, as a kill would: what was done
     since the last checkpoint is lost (tests of resume).
     """
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=0.0)
-    start, losses = restore_checkpoint(checkpoint, peft_model, optimizer) if checkpoint.exists() else (0, [])
+    resuming = checkpoint is not None and checkpoint.exists()
+    start, losses = restore_checkpoint(checkpoint, peft_model, optimizer) if resuming else (0, [])
     if start:
         log.info("heal: resuming after step %d of %d", start, options.steps)
     with progress.bar(f"heal ({options.loss})", total=options.steps, completed=start) as bar:
@@ -196,9 +198,22 @@ def train(peft_model: nn.Module, teacher: nn.Module | None, batches: Batches, op
             losses.append(loss.item())
             bar.advance()
             bar.note(f"loss {losses[-1]:.4f}")
-            if (step + 1) % options.checkpoint_every == 0 and step + 1 < options.steps:
+            if checkpoint is not None and (step + 1) % options.checkpoint_every == 0 and step + 1 < options.steps:
                 save_checkpoint(checkpoint, step + 1, peft_model, optimizer, losses)
     return losses
+
+
+def heal_in_memory(model: nn.Module, teacher: nn.Module | None, sequences: list[list[int]], pad_id: int,
+                   options: HealOptions) -> tuple[nn.Module, list[float]]:
+    """Heal a model that already holds LowRankLinear modules, in place; returns it (adapters merged) and
+    the losses. No files: what a search scorer calls to heal a candidate before scoring it."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    batches = Batches(sequences, pad_id, options.batch_size, options.seed, next(model.parameters()).device)
+    with _quiet_peft():
+        peft_model = attach_adapters(model, options)
+    losses = train(peft_model, teacher, batches, options)
+    return peft_model.merge_and_unload(), losses
 
 
 # ---- the stage ------------------------------------------------------------------------------------

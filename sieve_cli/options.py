@@ -506,6 +506,8 @@ class RunOptions:
     search: SearchOptions = field(default_factory=SearchOptions)
     split: SplitOptions = field(default_factory=SplitOptions)
     eval: EvalOptions = field(default_factory=EvalOptions)
+    heal: HealOptions | None = None  # None: no healing; else `sieve heal` between search and apply
+    healed_out: Path | None = None  # where the healed model goes (default: OUT-healed beside OUT)
     apply_dtype: str = "float32"
     data_root: str | None = None
     device: str = device_opt()
@@ -526,6 +528,12 @@ class RunOptions:
         for name in ("capture", "fit", "search", "eval"):
             object.__setattr__(self, name, replace(getattr(self, name), **layout))
         object.__setattr__(self, "search", replace(self.search, method=self.fit.method))
+        if self.heal is not None:
+            object.__setattr__(self, "heal", replace(self.heal, device=self.device))
+
+    @property
+    def healed_folder(self) -> Path:
+        return self.healed_out if self.healed_out is not None else Path(self.out).with_name(Path(self.out).name + "-healed")
 
 
 def resolved(path: Path | str) -> Path:

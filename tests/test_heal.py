@@ -225,3 +225,30 @@ def test_cli_heal_then_apply_healed(ws, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "healed" / SIEVE_JSON).read_text())["healed"]["steps"] == 3
     assert load_factors(ws, "output").names()  # the fit is untouched
+
+
+def test_run_heal_applies_and_evaluates_the_healed_model_beside_the_pruned_one(tiny_dir, tmp_path):
+    from sieve_cli.options import CaptureOptions, RunOptions, SearchOptions, SplitOptions
+    from sieve_cli.pipeline import run_pipeline
+    from sieve_cli.report.read import collect
+
+    from .test_tasks import write_task
+
+    opts = RunOptions(model=str(tiny_dir), task=str(write_task(tmp_path, "text_modelling")), workspace=tmp_path / "ws",
+                      out=tmp_path / "pruned", capture=CaptureOptions(tokens=2000, seq_len=64),
+                      split=SplitOptions(max_search=6, max_test=6),
+                      search=SearchOptions(grid_step=0.1, tolerance=0.9, confidence=0.5),
+                      heal=HealOptions(steps=3, seq_len=32))
+    result = run_pipeline(opts)
+    assert [r.stage for r in result.stages] == ["discover", "task", "capture", "fit", "search", "heal", "apply",
+                                                "apply healed", "eval dense", "eval pruned", "eval healed"]
+    assert result.healed_out == (tmp_path / "pruned-healed").resolve()
+    assert result.healed_apply["params_after"] == result.apply["params_after"]
+    assert result.healed["n"] == result.pruned["n"] == 6
+    assert [e["id"] for e in result.healed["per_example"]] == [e["id"] for e in result.pruned["per_example"]]
+    again = run_pipeline(opts)
+    assert not any(r.ran for r in again.stages)
+    labels = [s.label for s in collect(Workspace(tmp_path / "ws")).scores]
+    assert labels[:3] == ["dense (test split)", "pruned (test split)", "healed (test split)"]
+    values = {s.label: s.value for s in collect(Workspace(tmp_path / "ws")).scores}
+    assert values["healed (test split)"] == result.healed["value"]
