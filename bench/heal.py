@@ -65,6 +65,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--limit", type=int, default=100, help="search-part examples per search evaluation")
     ap.add_argument("--grid-step", type=float, default=0.05)
     ap.add_argument("--tokens", type=int, default=16_384, help="calibration tokens to capture for the fit")
+    ap.add_argument("--parts", default="plans,searches", help="plans (section 1), searches (section 2), or both")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=Path("/tmp/sieve-bench-heal"))
     return ap.parse_args()
@@ -185,7 +186,7 @@ def render(result: dict) -> None:
     head = " | ".join(f"healed ({loss}) | heal time ({loss})" for loss in losses)
     print(f"| prunable removed | model removed | dense | pruned | {head} |")
     print("|" + "---|" * (4 + 2 * len(losses)))
-    for row in result["plans"]:
+    for row in result.get("plans", []):
         cells = " | ".join(f"{row[loss]['healed']:.3f} | {row[loss]['seconds']:.0f} s" if loss in row else "- | -"
                            for loss in losses)
         print(f"| {row['removed_prunable']:.1%} | {row['removed_model']:.1%} | {result['dense']:.3f} | "
@@ -220,9 +221,11 @@ def main() -> None:
               "lr": args.lr, "losses": args.losses.split(","), "tolerance": args.tolerance, "limit": args.limit,
               "grid_step": args.grid_step,
               "calibration_tokens": sum(map(len, calibration_sequences(ws, tokenizer, HealOptions.seq_len)[0]))}
-    result["plans"] = heal_plans(ws, model, test, targets, total, factors, args)
-    (args.work / "heal.json").write_text(json.dumps(result, indent=2))
-    if args.search_steps > 0:
+    parts = args.parts.split(",")
+    if "plans" in parts:
+        result["plans"] = heal_plans(ws, model, test, targets, total, factors, args)
+        (args.work / "heal.json").write_text(json.dumps(result, indent=2))
+    if "searches" in parts and args.search_steps > 0:
         result["searches"] = searches(ws, model, test, factors, args)
     (args.work / "heal.json").write_text(json.dumps(result, indent=2))
     render(result)
