@@ -97,12 +97,8 @@ def attach_adapters(model: nn.Module, options: HealOptions) -> nn.Module:
     except ImportError:
         raise InputError("sieve heal needs the peft library: pip install 'sieve-cli[heal]'") from None
 
-    targets = lora_targets(model)
-    if not targets:
-        raise InputError("the plan factors no matrix (every rank is dense): there is nothing to heal; "
-                         "run `sieve search` with a tolerance that prunes")
     config = LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=0.0, bias="none",
-                        target_modules=targets)
+                        target_modules=lora_targets(model))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
         return get_peft_model(model, config)
@@ -223,6 +219,9 @@ def read_plan(ws: Workspace) -> tuple[Plan, list[Matrix]]:
     found = read_json(ws.matrices_json, rebuild=f"{ws.command_for(Stage.DISCOVER)} --force")
     matrices = [Matrix.from_dict(m) for m in found["matrices"]]
     plan.checked_against({m.name: m for m in matrices}, str(ws.plan_json))
+    if not any(rank for rank in plan.ranks().values()):
+        raise InputError(f"the plan in {ws.plan_json} factors no matrix (each is dense or rank 0): there is nothing "
+                         f"to heal; run `sieve search` with a tolerance that prunes")
     return plan, matrices
 
 

@@ -252,3 +252,10 @@ def test_run_heal_applies_and_evaluates_the_healed_model_beside_the_pruned_one(t
     assert labels[:3] == ["dense (test split)", "pruned (test split)", "healed (test split)"]
     values = {s.label: s.value for s in collect(Workspace(tmp_path / "ws")).scores}
     assert values["healed (test split)"] == result.healed["value"]
+
+
+def test_a_plan_that_factors_nothing_is_one_line(ws):
+    write_plan(ws, dict.fromkeys(KEPT, 1.0))
+    with pytest.raises(InputError, match="nothing to heal"):
+        run_heal(ws, FAST)
+    assert ws.read_manifest(Stage.HEAL) is None  # refused before the stage began
