@@ -131,7 +131,7 @@ class Healer:
         self.sequences, _ = calibration_sequences(ws, tokenizer, HealOptions.seq_len)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.model, self.factors, self.tokenizer = model, factors, tokenizer
-        self.options = HealOptions(steps=steps, lr=lr)
+        self.options = HealOptions(steps=steps, lr=lr, loss="distill")  # the loss the README's search row used
 
     def evaluate(self, ranks, prepared):
         restore = prune_in_memory(self.model, ranks, self.factors)
