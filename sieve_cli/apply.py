@@ -23,6 +23,7 @@ from .discover import load_workspace_model
 from .errors import InputError
 from .files import open_no_follow, read_json, sha256_file, sha256_json, write_json_atomic
 from .fit import load_factors
+from .heal import load_healed
 from .lowrank import fraction_for_rank, lowrank_params, swap_modules
 from .matrices import Matrix
 from .models import resolve_source, torch_dtype
@@ -183,10 +184,15 @@ def run_apply(ws: Workspace, options: ApplyOptions, force: bool = False) -> dict
     discover = ws.require(Stage.DISCOVER)
     found = read_json(ws.matrices_json, rebuild=ws.command_for(Stage.DISCOVER) + " --force")
     matrices = {m["name"]: Matrix.from_dict(m) for m in found["matrices"]}
+    if options.healed and options.plan:
+        raise InputError("--healed builds the workspace plan's healed model; it cannot take --plan "
+                         "(heal that plan in its own workspace)")
+    stage = Stage.apply(options.healed)
     plan, plan_path = read_plan(ws, options)
     ranks = plan.checked_against(matrices, str(plan_path))
     method = plan.method
-    upstream = ws.upstream_hashes(Stage.DISCOVER, *([] if options.plan else [Stage.SEARCH]), Stage.fit(method))
+    upstream = ws.upstream_hashes(Stage.DISCOVER, *([] if options.plan else [Stage.SEARCH]), Stage.fit(method),
+                                  *([Stage.HEAL] if options.healed else []))
     inputs = {"options": options.recorded(), "upstream": upstream, "plan_sha256": sha256_file(plan_path)}
     layout = storage_layout(ranks, matrices, options.dense_above)
     slow = factored_above_crossover(ranks, matrices, layout)
@@ -195,19 +201,19 @@ def run_apply(ws: Workspace, options: ApplyOptions, force: bool = False) -> dict
 
     out, inputs_sha = resolved(options.out), sha256_json(inputs)
     # `sieve run` (replace_stale) may replace a pruned model that this workspace wrote earlier
-    ours = ws.replace_stale and (ws.read_manifest(STAGE) or {}).get("summary", {}).get("out") == str(out)
+    ours = ws.replace_stale and (ws.read_manifest(stage) or {}).get("summary", {}).get("out") == str(out)
     with holding(out):
         guard_out(ws, out, base_folder(ws), force or ours, inputs_sha)
-        if not ws.begin(STAGE, inputs, force) and made_from(out, inputs_sha):
+        if not ws.begin(stage, inputs, force) and made_from(out, inputs_sha):
             log.info("apply is up to date: %s was built from the same plan and options", out)
-            return {**read_json(ws.apply_result), "up_to_date": True}
+            return {**read_json(ws.apply_result_of(stage)), "up_to_date": True}
         if discover["inputs"]["options"]["dtype"] != options.dtype:
             log.warning("search scored the model in %s; in %s the metric can differ slightly",
                         discover["inputs"]["options"]["dtype"], options.dtype)
         result = build_and_save(ws, ranks, layout, plan, method, options, out, inputs_sha)
     result |= {"factored_above_crossover": slow}
-    write_json_atomic(ws.apply_result, result)
-    ws.finish(STAGE, inputs, [ws.apply_result], summary={k: result[k] for k in ("out", "params_after", "params_ratio", "file_bytes")})
+    write_json_atomic(ws.apply_result_of(stage), result)
+    ws.finish(stage, inputs, [ws.apply_result_of(stage)], summary={k: result[k] for k in ("out", "params_after", "params_ratio", "file_bytes")})
     return result
 
 
@@ -216,12 +222,13 @@ def build_and_save(ws: Workspace, ranks, layout, plan, method, options: ApplyOpt
     model, tokenizer = load_workspace_model(ws, options.dtype, "cpu")
     names = list(ranks)
     params_before, prunable_before = count_params(model), matrix_params(model, names)
-    factors = load_factors(ws, method)
+    factors = load_healed(ws) if options.healed else load_factors(ws, method)
     densify_in_place(model, {n: ranks[n] for n in names if layout[n] == "product"}, factors)
     swap_modules(model, build_replacements(model, {n: ranks[n] for n in names if layout[n] == "factored"}, factors))
     stored_dense = sorted(n for n in names if layout[n] == "product")
     extra = {"apply": {"dense_above": options.dense_above, "stored_as_product": stored_dense, "inputs_sha256": inputs_sha,
-                       "workspace": str(ws.root)}}
+                       "workspace": str(ws.root)},
+             "healed": heal_record(ws) if options.healed else None}
     write_folder(out, lambda folder: save_pruned(model, folder, plan.data, ws.require(Stage.DISCOVER)["inputs"]["model"],
                                                  tokenizer, fit_method=method, extra=extra, quantize=options.quantize))
     params_after, prunable_after = count_params(model), matrix_params(model, names)
@@ -229,6 +236,11 @@ def build_and_save(ws: Workspace, ranks, layout, plan, method, options: ApplyOpt
     nbytes = torch_dtype(options.dtype).itemsize
     return numbers(params_before, params_after, prunable_before, prunable_after, file_bytes, nbytes, layout,
                    plan, options, out, predicted=False)
+
+
+def heal_record(ws: Workspace) -> dict:
+    """What sieve.json says of the healing: heal's summary (loss, steps, ...); the report labels the model by it."""
+    return dict((ws.require(Stage.HEAL).get("summary") or {}))
 
 
 def write_folder(out: Path, write) -> None:
@@ -272,6 +284,7 @@ def numbers(params_before, params_after, prunable_before, prunable_after, file_b
         "method": plan.method,
         "dtype": options.dtype,
         "quantize": options.quantize,
+        "healed": options.healed,
         "dense_above": options.dense_above,
         "params_before": params_before,
         "params_after": params_after,

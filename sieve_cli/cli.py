@@ -12,6 +12,7 @@ from .commands.capture import capture
 from .commands.discover import discover
 from .commands.eval import eval as eval_command
 from .commands.fit import fit
+from .commands.heal import heal
 from .commands.report import report
 from .commands.run import demo, run
 from .commands.search import search
@@ -20,7 +21,7 @@ app = typer.Typer(
     name="sieve",
     help=(
         "Prune a Hugging Face causal LM down to what one task needs (LLM-Sieve).\n\n"
-        "Stages: discover -> capture -> fit -> search -> apply -> eval, each reading and "
+        "Stages: discover -> capture -> fit -> search -> (heal) -> apply -> eval, each reading and "
         "writing a workspace folder (-w)."
     ),
     no_args_is_help=True,
@@ -41,6 +42,7 @@ app.command("discover")(discover)
 app.command("capture")(capture)
 app.command("fit")(fit)
 app.command("search")(search)
+app.command("heal")(heal)
 app.command("apply")(apply)
 app.command("eval")(eval_command)
 app.command("run")(run)

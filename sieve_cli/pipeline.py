@@ -20,6 +20,7 @@ from .discover import run_discover
 from .evaluate import run_eval, run_label
 from .files import sha256_file
 from .fit import run_fit
+from .heal import run_heal
 from .options import ApplyOptions, DiscoverOptions, RunOptions
 from .search import run_search
 from .tasks import bind_task
@@ -44,10 +45,17 @@ class RunResult:
     apply: dict
     dense: dict  # eval results on the test split
     pruned: dict
+    healed: dict | None = None  # with --heal: the healed model's eval results, its folder and apply's numbers
+    healed_out: Path | None = None
+    healed_apply: dict | None = None
 
 
 def run_pipeline(options: RunOptions, on_stage: Callable[[StageReport], None] | None = None) -> RunResult:
-    """discover -> task -> capture -> fit -> search -> apply -> eval (dense and pruned, test split)."""
+    """discover -> task -> capture -> fit -> search -> (heal) -> apply -> eval (dense and pruned, test split).
+
+    With `options.heal`, the plan's model is also healed and applied (`apply --healed`) to
+    `options.healed_folder`, and evaluated beside the plain pruned one.
+    """
     ws = Workspace(options.workspace, replace_stale=True)
     reports: list[StageReport] = []
 
@@ -70,11 +78,21 @@ def run_pipeline(options: RunOptions, on_stage: Callable[[StageReport], None] | 
     stage("capture", Stage.CAPTURE, lambda: run_capture(ws, options.capture))
     stage("fit", ws.fit_stage(options.fit.method), lambda: run_fit(ws, options.fit))
     plan = stage("search", Stage.SEARCH, lambda: run_search(ws, options.search))
+    if options.heal is not None:
+        stage("heal", Stage.HEAL, lambda: run_heal(ws, options.heal))
     apply_options = ApplyOptions(out=options.out, dtype=options.apply_dtype, quantize=options.quantize)
     applied = stage("apply", Stage.APPLY, lambda: run_apply(ws, apply_options))
+    healed_out = Path(options.healed_folder).resolve() if options.heal is not None else None
+    if healed_out is not None:
+        healed = ApplyOptions(out=healed_out, dtype=options.apply_dtype, quantize=options.quantize, healed=True)
+        healed_apply = stage("apply healed", Stage.apply(healed=True), lambda: run_apply(ws, healed))
     test = replace(options.eval, split="test", model=None)
     dense = stage("eval dense", Stage.eval(run_label(test)), lambda: run_eval(ws, test))
     pruned_eval = replace(test, model=str(options.out))
     pruned = stage("eval pruned", Stage.eval(run_label(pruned_eval)), lambda: run_eval(ws, pruned_eval))
-    return RunResult(ws.root, Path(options.out).resolve(), reports, plan, applied, dense, pruned)
-
+    result = RunResult(ws.root, Path(options.out).resolve(), reports, plan, applied, dense, pruned)
+    if healed_out is not None:
+        healed_eval = replace(test, model=str(healed_out))
+        result.healed = stage("eval healed", Stage.eval(run_label(healed_eval)), lambda: run_eval(ws, healed_eval))
+        result.healed_out, result.healed_apply = healed_out, healed_apply
+    return result

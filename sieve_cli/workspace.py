@@ -34,8 +34,14 @@ class Stage:
     TASK = "task"
     CAPTURE = "capture"
     SEARCH = "search"
+    HEAL = "heal"
     APPLY = "apply"
     REPORT = "report"
+
+    @staticmethod
+    def apply(healed: bool = False) -> str:
+        """`apply --healed` is its own stage (`apply/healed`), so the plain and the healed model coexist."""
+        return "apply/healed" if healed else "apply"
 
     @staticmethod
     def fit(method: str) -> str:
@@ -55,6 +61,7 @@ STAGE_COMMANDS = {
     Stage.CAPTURE: "sieve capture -w {ws} --task TASK.yaml",
     "fit": "sieve fit -w {ws}",
     Stage.SEARCH: "sieve search -w {ws}",
+    Stage.HEAL: "sieve heal -w {ws}",
     Stage.APPLY: "sieve apply -w {ws} -o OUT",
     "eval": "sieve eval -w {ws}",
 }
@@ -135,8 +142,25 @@ class Workspace:
         return self.inside(self.stage_dir(Stage.SEARCH) / "checkpoint.json")
 
     @property
+    def heal_factors(self) -> Path:
+        """The index of the healed factors (LoRA merged in); their shards lie beside it, as a fit's."""
+        return self.inside(self.stage_dir(Stage.HEAL) / "factors.json")
+
+    @property
+    def heal_checkpoint(self) -> Path:
+        """Adapters, optimiser state and step of an unfinished heal (removed when it finishes)."""
+        return self.inside(self.stage_dir(Stage.HEAL) / "checkpoint.pt")
+
+    @property
+    def heal_losses(self) -> Path:
+        return self.inside(self.stage_dir(Stage.HEAL) / "losses.json")
+
+    @property
     def apply_result(self) -> Path:
-        return self.inside(self.stage_dir(Stage.APPLY) / "result.json")
+        return self.apply_result_of(Stage.APPLY)
+
+    def apply_result_of(self, stage: str) -> Path:
+        return self.inside(self.stage_dir(stage) / "result.json")
 
     @property
     def eval_dir(self) -> Path:
@@ -181,6 +205,8 @@ class Workspace:
         command = STAGE_COMMANDS.get(base, f"sieve {base} -w {{ws}}").format(ws=self.root)
         if base == Stage.SEARCH:
             command += f" --strategy {self._recorded_strategy()}"
+        if base == Stage.APPLY and detail == "healed":
+            command += " --healed"
         return command + (f" --method {detail}" if base == "fit" and detail else "")
 
     def _recorded_strategy(self) -> str:

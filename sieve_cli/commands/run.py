@@ -13,6 +13,7 @@ from ..errors import InputError
 from ..options import (
     CaptureOptions,
     FitOptions,
+    HealOptions,
     ReportOptions,
     RunOptions,
     SearchOptions,
@@ -60,6 +61,10 @@ def run(
     task: TaskOpt = None,
     workspace: WorkspaceOpt = None,
     data_root: DataRootOpt = None,
+    heal: Annotated[bool, typer.Option(
+        "--heal", help="Also heal the plan's model (`sieve heal`: LoRA on the calibration part, merged into the "
+                       "factors) and write it to OUT-healed; the summary and the report show both.")] = False,
+    heal_steps: Annotated[int, typer.Option("--heal-steps", help="With --heal: optimiser steps.")] = HealOptions.steps,
     *,
     run: RunOptions,
     capture: CaptureOptions,
@@ -67,7 +72,7 @@ def run(
     search: SearchOptions,
     split: SplitOptions,
 ) -> None:
-    """Run discover, capture, fit, search, apply and eval in order.
+    """Run discover, capture, fit, search, (heal,) apply and eval in order.
 
     Each stage is skipped when its outputs are up to date, so rerunning after a crash
     continues where it stopped; a stage whose inputs changed (another task, other
@@ -76,11 +81,13 @@ def run(
     Examples:\n
       sieve run model.gguf --task examples/tasks/sst2.yaml -w ws -o pruned\n
       sieve run ./my-model --task my_task.yaml -w ws -o pruned --strategy adaptive --tolerance 0.01\n
-      sieve run model.gguf --task examples/tasks/sst2.yaml -w ws -o pruned-int8 --quantize int8
+      sieve run model.gguf --task examples/tasks/sst2.yaml -w ws -o pruned-int8 --quantize int8\n
+      sieve run model.gguf --task examples/tasks/sst2.yaml -w ws -o pruned --heal   (also writes pruned-healed)
     """
     options = replace(run, model=model, task=None if task is None else str(task), out=out,
                       workspace=workspace_path(workspace), data_root=None if data_root is None else str(data_root),
-                      capture=capture, fit=fit, search=search, split=split)
+                      capture=capture, fit=fit, search=search, split=split,
+                      heal=HealOptions(steps=heal_steps) if heal else None)
     _run_and_render(options)
 
 
@@ -101,6 +108,9 @@ def render_summary(result: RunResult) -> None:
         table.add_column(col, justify="right" if col != "model" else "left")
     table.add_row("dense", _metric(dense), human(applied["params_before"]), file_size(applied.get("dense_file_bytes")))
     table.add_row("pruned", _metric(pruned), human(applied["params_after"]), file_size(applied.get("file_bytes")))
+    if result.healed is not None:
+        healed = result.healed_apply
+        table.add_row("healed", _metric(result.healed), human(healed["params_after"]), file_size(healed.get("file_bytes")))
     console.print(table)
     removed = result.plan["params"]["removed_fraction_prunable"]
     console.print(
@@ -109,6 +119,8 @@ def render_summary(result: RunResult) -> None:
     )
     console.print(confirm_line(result.plan))
     console.print(f"workspace: {result.workspace}\npruned model: {result.out}  (load with sieve_cli.load_pruned)")
+    if result.healed_out is not None:
+        console.print(f"healed model: {result.healed_out}")
 
 
 def _metric(r: dict) -> str:

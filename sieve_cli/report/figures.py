@@ -25,7 +25,7 @@ def metric_figure(scores: list[Score], metric: str, threshold: float | None = No
     ax = fig.add_subplot()
     ys = np.arange(len(scores))[::-1]
     for y, s in zip(ys, scores):
-        colour = "tab:blue" if s.label.startswith("dense") else "tab:orange"
+        colour = {"dense": "tab:blue", "healed": "tab:green"}.get(s.label.split(" ")[0].rstrip(","), "tab:orange")
         if s.ci_low is not None and s.ci_high is not None:
             ax.errorbar(s.value, y, xerr=[[s.value - s.ci_low], [s.ci_high - s.value]], fmt="o", color=colour,
                         capsize=5, lw=2, ms=7)

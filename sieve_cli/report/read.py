@@ -14,6 +14,8 @@ from ..pruned import SIEVE_JSON
 from ..ranks import fraction_for_rank
 from ..workspace import Stage, Workspace
 
+LABEL_ORDER = {"dense": 0, "pruned": 1, "healed": 2}  # side by side in this order, other models after
+
 
 class ReportInputError(InputError):
     """The workspace lacks what the report needs (a finished search)."""
@@ -143,7 +145,7 @@ def read_scores(ws: Workspace, plan: dict, notes: dict) -> tuple[list[Score], Pa
             pruned_dir = pruned_dir or (folder if label == "pruned" else None)
         scores.append(Score(f"{label} ({result.get('split', '?')} split)", float(result["value"]),
                             _num(result.get("ci_low")), _num(result.get("ci_high")), result.get("n")))
-    scores.sort(key=lambda s: (not s.label.startswith("dense"), s.label))
+    scores.sort(key=lambda s: (LABEL_ORDER.get(s.label.split(" ")[0].rstrip(","), len(LABEL_ORDER)), s.label))
     if not any(s.label.startswith("pruned") for s in scores):
         notes["metric"] = (f"no evaluation of the pruned model yet: run `sieve apply -w {ws.root} -o OUT` and "
                            f"`sieve eval -w {ws.root} --model OUT` (and `sieve eval -w {ws.root}` for dense) "
@@ -175,13 +177,16 @@ def read_eval_results(ws: Workspace) -> list[dict]:
 
 
 def _pruned_label(folder: Path, plan: dict) -> tuple[str, Path]:
-    """'pruned' when the folder holds this plan's model; otherwise say what it is."""
+    """'pruned' (or 'healed', made by `apply --healed`) when the folder holds this plan's model;
+    otherwise say what it is."""
     info_path = folder / SIEVE_JSON
     if not info_path.is_file():
         return f"model {folder.name}", folder
-    saved = Plan.parse(read_json(info_path).get("plan"), source=str(info_path), rebuild="sieve apply --force")
+    info = read_json(info_path)
+    saved = Plan.parse(info.get("plan"), source=str(info_path), rebuild="sieve apply --force")
+    kind = "healed" if info.get("healed") else "pruned"
     same = saved.ranks() == Plan(plan).ranks()
-    return ("pruned" if same else f"pruned, other plan ({folder.name})"), folder
+    return (kind if same else f"{kind}, other plan ({folder.name})"), folder
 
 
 def _num(x) -> float | None:
