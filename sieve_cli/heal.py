@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import progress
-from .accumulate import pad_batch, tokenize_calibration
+from .accumulate import pad_batch
+from .calibration import build_calibration
 from .discover import load_workspace_model
 from .errors import InputError
 from .factors import FactorSet
@@ -230,7 +231,9 @@ def calibration_sequences(ws: Workspace, tokenizer, seq_len: int) -> tuple[list[
     """Token ids of the calibration part's rendered texts (what capture read), cut at `seq_len`;
     and how many examples they came from. The only part of the task heal reads."""
     texts = bind_task(ws, None).texts("calibration")
-    sequences, _ = tokenize_calibration(tokenizer, texts, seq_len, sys.maxsize)
+    calibration, _ = build_calibration(tokenizer, [("", text) for text in texts], seq_len, sys.maxsize,
+                                       share_prefix=False)  # training needs every sequence whole
+    sequences = calibration.sequences
     sequences = [s for s in sequences if len(s) > 1]  # a lone token predicts nothing
     if not sequences:
         raise InputError("the task's calibration part holds no text to heal on; rebind the task with a larger "

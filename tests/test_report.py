@@ -265,8 +265,12 @@ def test_part_rows_put_dense_beside_the_plan_on_each_part():
               Score("dense (search split)", 0.75, n=200), Score("plan (search split)", 0.75, n=200),
               Score("dense (confirm split)", 0.70, n=150), Score("plan (confirm split)", 0.77, n=150),
               Score("model other (test split)", 0.1)]
-    rows = part_rows(scores)
+    rows, header = part_rows(scores)
+    assert header == ("split part", "dense", "plan", "relative change", "examples")
     assert [r[0] for r in rows] == ["search", "confirm", "test"]
     assert rows[2] == ("test", "0.8", "0.76", "-5.0%", 300)
     assert rows[1][3] == "+10.0%" and rows[0][3] == "+0.0%"
-    assert part_rows(scores[2:4]) == [("search", "0.75", "0.75", "+0.0%", 200)]  # no eval yet: no test row
+    assert part_rows(scores[2:4])[0] == [("search", "0.75", "0.75", "+0.0%", 200)]  # no eval yet: no test row
+    rows, header = part_rows([*scores, Score("healed (test split)", 0.84, n=300)])
+    assert header[4:] == ("healed", "relative change", "examples")
+    assert rows[2] == ("test", "0.8", "0.76", "-5.0%", "0.84", "+5.0%", 300) and rows[0][4:6] == ("", "")

@@ -81,7 +81,7 @@ def run_report(ws: Workspace, options: ReportOptions) -> ReportResult:
     body = figure("metric", metric_figure(data.scores, metric["name"], threshold), "dense vs pruned metric")
     body = (note(data.notes["metric"]) if "metric" in data.notes else "") + body
     body += table(score_rows(data.scores), (metric["name"], "value", "95% interval", "examples"))
-    body += table(part_rows(data.scores), ("split part", "dense", "plan", "relative change", "examples"))
+    body += table(*part_rows(data.scores))
     body += f"<p>{html.escape(plan_sentence(plan, threshold))}</p>"
     body += table(summary_rows(data), ("", "before", "after", "change"))
     body += note(data.notes["apply"]) if "apply" in data.notes else ""

@@ -65,25 +65,40 @@ def score_rows(scores: list[Score]) -> list[tuple]:
     return [(s.label, f"{s.value:.4g}", interval(s), s.n or "") for s in scores]
 
 
-def part_rows(scores: list[Score]) -> list[tuple]:
-    """Dense beside the plan on each split part: search (what chose it), confirm (what checked it), test
-    (what is reported). A model evaluated on a part shows there; a missing one is left blank."""
+def part_rows(scores: list[Score]) -> tuple[list[tuple], tuple]:
+    """Dense beside the plan (and the healed plan, when evaluated) on each split part: search (what
+    chose it), confirm (what checked it), test (what is reported). Returns (rows, header); a model
+    not evaluated on a part is left blank there."""
     by_part: dict[str, dict[str, Score]] = {}
     for s in scores:
         who, _, part = s.label.partition(" (")
         who = "plan" if who == "pruned" else who
-        if part.endswith(" split)") and who in ("dense", "plan"):
+        if part.endswith(" split)") and who in ("dense", "plan", "healed"):
             by_part.setdefault(part.removesuffix(" split)"), {})[who] = s
+    healed = any("healed" in models for models in by_part.values())
     rows = []
     for part in ("search", "confirm", "test"):
-        dense, plan = by_part.get(part, {}).get("dense"), by_part.get(part, {}).get("plan")
-        if dense is None and plan is None:
+        models = by_part.get(part, {})
+        if not models:
             continue
-        change = f"{(plan.value - dense.value) / abs(dense.value):+.1%}" if dense and plan and dense.value else ""
-        n = (dense or plan).n or ""
-        rows.append((part, "" if dense is None else f"{dense.value:.4g}", "" if plan is None else f"{plan.value:.4g}",
-                     change, n))
-    return rows
+        dense = models.get("dense")
+        row = [part, *(_value(models.get(who)) for who in ("dense", "plan")), _change(dense, models.get("plan"))]
+        if healed:
+            row += [_value(models.get("healed")), _change(dense, models.get("healed"))]
+        rows.append((*row, next(iter(models.values())).n or ""))
+    header = ("split part", "dense", "plan", "relative change")
+    header += ("healed", "relative change") if healed else ()
+    return rows, (*header, "examples")
+
+
+def _value(score: Score | None) -> str:
+    return "" if score is None else f"{score.value:.4g}"
+
+
+def _change(dense: Score | None, other: Score | None) -> str:
+    if dense is None or other is None or not dense.value:
+        return ""
+    return f"{(other.value - dense.value) / abs(dense.value):+.1%}"
 
 
 def summary_rows(data: Data) -> list[tuple]:
