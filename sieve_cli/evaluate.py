@@ -20,6 +20,7 @@ import logging
 import math
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,6 +274,8 @@ def _multiple_choice_result(prepared: PreparedSplit, scores) -> EvalResult:
         "acc_norm": sum(acc_norm) / n,
         "acc_norm_ci": list(wilson_interval(sum(acc_norm), n)),
         "chance": sum(1 / len(e.choices) for e in prepared.examples) / n,
+        # always giving the most frequent gold index: the constant-answer baseline a model must beat
+        "majority": max(Counter(e.gold for e in prepared.examples).values()) / n,
         "input_tokens": prepared.input_tokens,
     }
     return EvalResult("accuracy", value, low, high, n, extra, acc, [1.0] * n, prepared.ids, soft)

@@ -111,3 +111,18 @@ def test_a_task_at_chance_stops_the_search_with_one_line(ws):  # noqa: F811
         run_search(ws, SearchOptions(), scorer=paired_scorer(ws, chance=0.9))
     plan = run_search(ws, SearchOptions(allow_chance=True), scorer=paired_scorer(ws, chance=0.9), force=True)
     assert plan["params"]["removed_fraction_prunable"] >= 0
+
+
+def test_chance_guard_counts_the_majority_answer_not_only_chance():
+    """trec: 6 choices (chance 0.167) but one class is 28% of the examples; 0.264 on 125 examples is
+    above chance and still no better than always giving that class."""
+    from sieve_cli.evaluate import wilson_interval
+    from sieve_cli.search import check_above_chance
+
+    low = wilson_interval(33, 125)[0]
+    dense = Measurement(33 / 125, extra={"chance": 1 / 6, "majority": 0.28, "ci_low": low})
+    assert 1 / 6 < low < 0.28
+    with pytest.raises(InputError, match="chance/majority level 0.280"):
+        check_above_chance(dense, "accuracy", allow=False)
+    check_above_chance(dense, "accuracy", allow=True)
+    check_above_chance(Measurement(0.9, extra={"chance": 0.5, "majority": 0.55, "ci_low": 0.85}), "accuracy", False)

@@ -59,6 +59,8 @@ def test_multiple_choice_matches_unbatched_reference(model, tmp_path):
     assert result.per_example == acc and result.value == pytest.approx(sum(acc) / 8)
     assert result.extra["acc_norm"] == pytest.approx(sum(acc_norm) / 8)
     assert (result.ci_low, result.ci_high) == pytest.approx(wilson_interval(sum(acc), 8))
+    golds = [e.gold for e in bound.examples("test")]  # the constant-answer baseline the chance guard uses
+    assert result.extra["majority"] == max(golds.count(g) for g in set(golds)) / 8
     # the per-choice log-likelihoods themselves, not only their argmax
     scores = score_sequences(model, prepared.sequences, prepared.pad_id, batch_size=5)
     for seq, spans in zip(prepared.sequences, scores):
