@@ -31,3 +31,7 @@ class MissingStageError(WorkspaceError):
 
 class StaleStageError(WorkspaceError):
     """A stage's existing outputs were made from other inputs; --force replaces them."""
+
+
+class WorkerError(SieveError):
+    """The search's pool of workers cannot go on (a candidate keeps killing its worker)."""

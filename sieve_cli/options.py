@@ -46,6 +46,7 @@ RUN_LAYOUT = ("mode", "memory_budget", "keep_stats")  # options that change how 
 SCORING_MODE_HELP = ("memory (the whole model: on one device, or spread over the GPUs and host memory with "
                      "device_map=auto when one device is too small), blockwise (streaming: one decoder block at a "
                      "time, read from the safetensors files), or auto: as the memory budget allows.")
+SEARCH_POOL = ("workers", "worker_threads", "ray_address")  # where search scores its candidates: not its plan
 
 
 def default_workspace() -> Path:
@@ -376,6 +377,13 @@ class SearchOptions:
     # how the model is laid out in memory, not what comes out: not recorded
     mode: str = mode_opt(SCORING_MODE_HELP)
     memory_budget: str | None = budget_opt()
+    # where candidates are scored (the same plan and history either way): not recorded
+    workers: int = opt(1, "Score each GA generation's new candidates on this many Ray workers at once, each "
+                          "holding the model (needs sieve-cli[distributed]). 1: in this process, without Ray.")
+    worker_threads: int = opt(1, "With --workers: torch threads (and Ray CPUs) per worker.")
+    ray_address: str | None = opt(None, "With --workers: the Ray cluster to use (host:port of its head, ray://"
+                                        "host:10001, or auto); every node must see the workspace at the same path. "
+                                        "Default: start Ray on this machine.")
 
     def __post_init__(self) -> None:
         check_memory(self.mode, self.memory_budget)
@@ -392,7 +400,9 @@ class SearchOptions:
             raise InputError(f"--levels must be kept fractions in (0, 1], got {list(self.levels)}")
         if not 0 < self.grid_step < 1:
             raise InputError(f"--grid-step must be in (0, 1), got {self.grid_step}")
-        check_positive(batch_size=self.batch_size)
+        check_positive(batch_size=self.batch_size, workers=self.workers, worker_threads=self.worker_threads)
+        if self.ray_address is not None and self.workers < 2:
+            raise InputError(f"--ray-address {self.ray_address} is used only with --workers 2 or more")
         check_device(self.device)
         check_dtype(self.dtype)
         object.__setattr__(self, "limit", no_limit(self.limit))
@@ -408,9 +418,10 @@ class SearchOptions:
         """The options that decide the plan, for the manifest.
 
         Each strategy records only the knobs it reads (the GA's do not change a local plan, the
-        levels not a uniform one), so changing another strategy's knob never makes it stale.
+        levels not a uniform one), so changing another strategy's knob never makes it stale; nor does
+        scoring on workers (a search may resume on more or fewer of them).
         """
-        options = {k: v for k, v in asdict(self).items() if k not in RUN_LAYOUT}
+        options = {k: v for k, v in asdict(self).items() if k not in (*RUN_LAYOUT, *SEARCH_POOL)}
         if self.strategy == "adaptive":  # a later default is another question
             options["algorithm"] = self.algorithm
         unused = {"uniform": ("levels", "ga", "local"), "seeds": ("ga", "local"), "local": ("ga",),

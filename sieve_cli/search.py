@@ -16,6 +16,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 
 from . import progress
@@ -39,6 +40,7 @@ from .matrices import Matrix
 from .models import load_tokenizer, safetensors_folder, torch_dtype
 from .options import STRATEGIES, LocalConfig, SearchOptions
 from .plan import Plan, Ranks
+from .pool import WorkerPool
 from .pruned import prune_in_memory
 from .streaming import choose_layout, open_streaming
 from .tasks import bind_task
@@ -106,7 +108,18 @@ def measurement(result) -> Measurement:
                        extra | {"ci_low": result.ci_low, "n": result.n})
 
 
-def build_scorers(ws: Workspace, options: SearchOptions, factors: FactorSet) -> tuple[Scorer, Scorer | None]:
+def build_scorers(ws: Workspace, options: SearchOptions, factors: FactorSet,
+                  cleanup: ExitStack | None = None) -> tuple[Scorer, Scorer | None]:
+    """Scorers of the search and confirm parts: in this process (`local_scorers`), or with
+    `options.workers` > 1 on a pool of Ray workers (each running `local_scorers`) that `cleanup` closes."""
+    if options.workers > 1:
+        if cleanup is None:
+            raise ValueError("a pool of workers needs an ExitStack to close it")
+        return pooled_scorers(ws, options, cleanup)
+    return local_scorers(ws, options, factors)
+
+
+def local_scorers(ws: Workspace, options: SearchOptions, factors: FactorSet) -> tuple[Scorer, Scorer | None]:
     """Scorers of the search and confirm parts, sharing one model; each call swaps factors in and out.
 
     The model is loaded whole on the device, spread over the devices, or streamed block by block
@@ -175,6 +188,38 @@ def streaming_evaluator(ws: Workspace, options: SearchOptions, factors: FactorSe
         return run
 
     return evaluator
+
+
+def worker_jobs(root: str, options: SearchOptions) -> dict[str, Callable[[Ranks], tuple]]:
+    """What each pool worker builds once (the model, the factors, the tokenised parts) and then runs
+    per candidate: part -> ranks -> (measurement, metric name, examples)."""
+    ws = Workspace(root)
+    search, confirm = local_scorers(ws, options, load_factors(ws, options.method))
+    scorers = {"search": search} | ({"confirm": confirm} if confirm is not None else {})
+
+    def job(scorer: Scorer) -> Callable[[Ranks], tuple]:
+        return lambda ranks: (scorer.score(ranks), scorer.metric, scorer.examples)
+
+    return {part: job(scorer) for part, scorer in scorers.items()}
+
+
+def pooled_scorers(ws: Workspace, options: SearchOptions, cleanup: ExitStack) -> tuple[Scorer, Scorer | None]:
+    """The search and confirm scorers on a pool of Ray workers: a batch is scored in parallel, in its order."""
+    pool = cleanup.enter_context(WorkerPool.start(worker_jobs, (str(ws.root), options), options.workers,
+                                                  options.worker_threads, options.ray_address))
+    layout = {"workers": options.workers, "worker_threads": options.worker_threads,
+              "ray_address": options.ray_address}
+
+    def scorer_on(part: str) -> Scorer:
+        def many(batch: list[Ranks]) -> list[Measurement | float]:
+            results = pool.map(part, batch)
+            scorer.metric, scorer.examples = results[-1][1], results[-1][2]
+            return [m for m, _, _ in results]
+
+        scorer = Scorer(score=lambda ranks: many([ranks])[0], score_many=many, layout=layout)
+        return scorer
+
+    return scorer_on("search"), scorer_on("confirm") if "confirm" in pool.jobs else None
 
 
 # ---- the matrices and their ranks at each level -------------------------------------------
@@ -344,10 +389,11 @@ def run_search(ws: Workspace, options: SearchOptions, force: bool = False, score
     targets, model_total = read_targets(ws)
     factors = load_factors(ws, options.method)
     checkpoint = read_json(ws.search_checkpoint) if resume and ws.search_checkpoint.exists() else {}
-    if scorer is None:
-        scorer, confirm_scorer = build_scorers(ws, options, factors)
-    plan = find_plan(ws, options, scorer, targets, factors, model_total, resume, checkpoint, on_generation,
-                     confirm_scorer)
+    with ExitStack() as cleanup:  # a pool of workers lives as long as the search
+        if scorer is None:
+            scorer, confirm_scorer = build_scorers(ws, options, factors, cleanup)
+        plan = find_plan(ws, options, scorer, targets, factors, model_total, resume, checkpoint, on_generation,
+                         confirm_scorer)
     plan.save(ws.plan_json)
     ws.search_checkpoint.unlink(missing_ok=True)
     # the history is a log for the report, not an output later stages need: only the plan is checked

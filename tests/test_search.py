@@ -268,7 +268,7 @@ def test_bad_options_name_the_flag(bad, flag):
 def test_cli_search_renders_plan(ws, monkeypatch):
     from sieve_cli.cli import app
 
-    monkeypatch.setattr(search_module, "build_scorers", lambda ws_, options, factors: (synthetic_scorer(ws_), None))
+    monkeypatch.setattr(search_module, "build_scorers", lambda ws_, options, factors, *cleanup: (synthetic_scorer(ws_), None))
     result = CliRunner().invoke(app, ["search", "-w", str(ws.root), "--strategy", "adaptive", "--population", "6",
                                       "--generations", "2", "--seed", "1"])
     assert result.exit_code == 0, result.output
