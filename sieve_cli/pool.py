@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -83,6 +84,7 @@ class WorkerPool:
     def start(cls, setup: Callable[..., dict[str, Callable]], args: tuple, workers: int, threads: int = 1,
               address: str | None = None) -> "WorkerPool":
         """Connect to Ray (or start it locally), start the actors and wait until each has run `setup`."""
+        started = time.perf_counter()
         ray = import_ray(workers)
         owns_ray = connect(ray, address, workers * threads)
         try:
@@ -99,7 +101,8 @@ class WorkerPool:
         except BaseException:
             pool.close()
             raise
-        log.info("%d search workers ready (%d thread%s each)", workers, threads, "" if threads == 1 else "s")
+        log.info("%d search workers ready (%d thread%s each) in %.0f s", workers, threads, "" if threads == 1 else "s",
+                 time.perf_counter() - started)
         return pool
 
     def map(self, job: str, items: list) -> list:

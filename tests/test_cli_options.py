@@ -37,7 +37,8 @@ SOURCES = {
     "eval": [(EvalOptions, ALL), (SplitOptions, ALL)],
     "report": [(ReportOptions, ALL)],
     "run": [(RunOptions, ("device", "dtype")), (CaptureOptions, ("tokens", "seq_len")), (FitOptions, ("method",)),
-            (SearchOptions, ("strategy", "tolerance", "absolute", "levels", "grid_step", "limit")),
+            (SearchOptions, ("strategy", "tolerance", "absolute", "levels", "grid_step", "limit", "workers",
+                             "worker_threads", "ray_address")),
             (GAConfig, ALL), (SplitOptions, ALL)],
 }
 
