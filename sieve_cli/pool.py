@@ -98,6 +98,11 @@ class WorkerPool:
             raise
         try:
             pool.jobs = pool.unwrapped(lambda: ray.get([a.names.remote() for a in pool.actors]))[0]
+        except ray.exceptions.RayActorError as exc:  # killed while loading (out of memory?)
+            pool.close()
+            raise WorkerError(f"a search worker died while loading the workspace ({first_line(exc)}); its log is in "
+                              f"Ray's session folder (/tmp/ray/session_latest/logs on its node); use fewer "
+                              f"--workers per machine, or --workers 1") from None
         except BaseException:
             pool.close()
             raise
@@ -195,8 +200,13 @@ def connect(ray: Any, address: str | None, cpus: int) -> bool:
     try:
         ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise InputError(unreachable(address, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)) from None
+        raise InputError(unreachable(address, first_line(exc))) from None
     return True
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def check_reachable(address: str) -> None:

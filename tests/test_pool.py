@@ -6,6 +6,7 @@ and loads the model (5-25 s a worker on the shared 2-core machine); one Ray sess
 """
 
 import json
+import os
 import socket
 from dataclasses import replace
 
@@ -16,7 +17,7 @@ from sieve_cli import pool as pool_module
 from sieve_cli.capture import CaptureOptions, run_capture
 from sieve_cli.cli import app
 from sieve_cli.discover import DiscoverOptions, run_discover
-from sieve_cli.errors import InputError, SieveError
+from sieve_cli.errors import InputError, SieveError, WorkerError
 from sieve_cli.fit import FitOptions, run_fit
 from sieve_cli.options import GAConfig, SearchOptions, SplitOptions
 from sieve_cli.pool import WorkerPool
@@ -102,6 +103,16 @@ def test_an_error_in_a_worker_setup_is_one_line(ray_session, tmp_path):
     with pytest.raises(SieveError) as caught:
         WorkerPool.start(worker_jobs, (str(gone.root), OPTIONS), workers=1)
     assert "run `sieve fit" in str(caught.value) and "Traceback" not in str(caught.value)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_while_loading_is_one_line(ray_session):
+    with pytest.raises(WorkerError, match="died while loading the workspace"):
+        WorkerPool.start(exits_while_loading, (), workers=1)
+
+
+def exits_while_loading() -> dict:
+    os._exit(1)  # what the OS's out-of-memory killer does to a worker loading a model too large for it
 
 
 def free_port() -> int:
