@@ -379,7 +379,8 @@ class SearchOptions:
     memory_budget: str | None = budget_opt()
     # where candidates are scored (the same plan and history either way): not recorded
     workers: int = opt(1, "Score each GA generation's new candidates on this many Ray workers at once, each "
-                          "holding the model (needs sieve-cli[distributed]). 1: in this process, without Ray.")
+                          "holding the model (needs Ray: the `distributed` extra of sieve-cli). 1: in this "
+                          "process, without Ray.")
     worker_threads: int = opt(1, "With --workers: torch threads (and Ray CPUs) per worker.")
     ray_address: str | None = opt(None, "With --workers: the Ray cluster to use (host:port of its head, ray://"
                                         "host:10001, or auto); every node must see the workspace at the same path. "

@@ -38,7 +38,8 @@ OPTIONS = SearchOptions(strategy="adaptive", grid_step=0.1, tolerance=0.2, allow
 @pytest.fixture(scope="module")
 def ray_session():
     """One local Ray for the module (starting one takes seconds): 2 CPUs, so 2 one-CPU workers."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=pool_module.LOCAL_OBJECT_STORE)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             object_store_memory=pool_module.LOCAL_OBJECT_STORE)
     yield
     ray.shutdown()
 
@@ -73,7 +74,12 @@ def serial(workspace, ray_session):
 def pooled_search(ws: Workspace, monkeypatch) -> tuple[dict, list[dict], list[int]]:
     batches = []
     original = WorkerPool.map
-    monkeypatch.setattr(WorkerPool, "map", lambda self, job, items: (batches.append(len(items)), original(self, job, items))[1])
+
+    def recorded_map(self, job, items):
+        batches.append(len(items))
+        return original(self, job, items)
+
+    monkeypatch.setattr(WorkerPool, "map", recorded_map)
     plan = run_search(ws, replace(OPTIONS, workers=2), force=True)
     return without_time(plan), history(ws), batches
 
