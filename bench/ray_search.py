@@ -1,7 +1,7 @@
-"""Adaptive search on Ray workers vs in one process, side by side, on SmolLM2-135M and sst2.
+"""The genetic search on Ray workers vs in one process, side by side, on SmolLM2-135M and sst2.
 
 Builds (or reuses) a workspace under --work: discover, capture (--tokens), fit (output). Then
-the same adaptive search twice, one after the other in this process: serially with 1 torch
+the same genetic search twice, one after the other in this process: serially with 1 torch
 thread (no Ray), and with `--workers` Ray workers of 1 thread each (Ray started locally with
 that many CPUs, each worker loading the model, the factors and the tokenised split once). Prints
 whether the two plans and histories are identical, each run's wall time (Ray start and worker
@@ -90,7 +90,7 @@ def main() -> None:
     ws = Workspace(args.work / args.task)
     prepare_workspace(ws, args.task, args.tokens)
     ga = GAConfig(population=args.population, generations=args.generations, patience=args.patience)
-    options = SearchOptions(strategy="adaptive", tolerance=args.tolerance, ga=ga, limit=args.limit,
+    options = SearchOptions(strategy="genetic", tolerance=args.tolerance, ga=ga, limit=args.limit,
                             grid_step=args.grid_step)
     before = uptime()
     serial = timed_search(ws, options)
@@ -107,7 +107,7 @@ def main() -> None:
               "search_ratio": pooled["search_seconds"] / serial["search_seconds"]}
     out = args.out or args.work / "ray_search.json"
     out.write_text(json.dumps(result, indent=2))
-    print(f"\n{args.task} at {args.tolerance:g}, adaptive, population {args.population}, {args.generations} generations, "
+    print(f"\n{args.task} at {args.tolerance:g}, genetic, population {args.population}, {args.generations} generations, "
           f"patience {args.patience}, grid {args.grid_step:g}, {args.limit} search examples per evaluation: "
           f"{result['evaluations']} evaluations, {result['removed_prunable']:.1%} of prunable parameters removed")
     print(f"same plan: {same_plan}; same history: {same_history}")

@@ -378,7 +378,8 @@ class SearchOptions:
     mode: str = mode_opt(SCORING_MODE_HELP)
     memory_budget: str | None = budget_opt()
     # where candidates are scored (the same plan and history either way): not recorded
-    workers: int = opt(1, "Score each GA generation's new candidates on this many Ray workers at once, each "
+    workers: int = opt(1, "Score each batch of new candidates (a GA generation, a local step's moves, the seeds) on "
+                          "this many Ray workers at once, each "
                           "holding the model (needs Ray: the `distributed` extra of sieve-cli). 1: in this "
                           "process, without Ray.")
     worker_threads: int = opt(1, "With --workers: torch threads (and Ray CPUs) per worker.")

@@ -31,7 +31,7 @@ from .tiny import tiny_model
 
 ray = pytest.importorskip("ray")
 
-OPTIONS = SearchOptions(strategy="adaptive", grid_step=0.1, tolerance=0.2, allow_chance=True,
+OPTIONS = SearchOptions(strategy="genetic", grid_step=0.1, tolerance=0.2, allow_chance=True,
                         ga=GAConfig(population=6, generations=2, patience=2, seed=1))
 
 
@@ -71,7 +71,7 @@ def serial(workspace, ray_session):
     return without_time(plan), history(workspace)
 
 
-def pooled_search(ws: Workspace, monkeypatch) -> tuple[dict, list[dict], list[int]]:
+def pooled_search(ws: Workspace, monkeypatch, options: SearchOptions = OPTIONS) -> tuple[dict, list[dict], list[int]]:
     batches = []
     original = WorkerPool.map
 
@@ -80,7 +80,7 @@ def pooled_search(ws: Workspace, monkeypatch) -> tuple[dict, list[dict], list[in
         return original(self, job, items)
 
     monkeypatch.setattr(WorkerPool, "map", recorded_map)
-    plan = run_search(ws, replace(OPTIONS, workers=2), force=True)
+    plan = run_search(ws, replace(options, workers=2), force=True)
     return without_time(plan), history(ws), batches
 
 
@@ -90,6 +90,16 @@ def test_two_workers_give_the_serial_plan_and_history(workspace, serial, monkeyp
     assert plan == serial[0]
     assert pooled_history == serial[1]
     assert plan["search"]["generations"] >= 1 and max(batches) > 1  # generations really went to both workers
+
+
+@pytest.mark.slow
+def test_the_local_search_on_two_workers_gives_the_serial_plan_and_history(workspace, ray_session, monkeypatch):
+    local = replace(OPTIONS, strategy="local")
+    serial_plan = without_time(run_search(workspace, local, force=True))
+    serial_history = history(workspace)
+    plan, pooled_history, batches = pooled_search(workspace, monkeypatch, local)
+    assert plan == serial_plan and pooled_history == serial_history
+    assert max(batches) > 1
 
 
 @pytest.mark.slow
