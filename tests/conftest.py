@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .tiny import save_tiny
+from .tiny import save_block_families, save_tiny
 
 torch.set_num_threads(1)  # the CI machine has 2 cores; 1 thread is faster and steadier when another process is busy
 
@@ -23,6 +23,12 @@ def default_workspace(tmp_path, monkeypatch) -> Path:
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny random LLaMA with a character tokenizer, saved as a local Hugging Face folder."""
     return save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory) -> dict:
+    """Saved tiny llama, gpt2 and gemma3 folders (block-wise capture, streaming, prefix capture)."""
+    return save_block_families(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

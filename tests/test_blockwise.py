@@ -25,25 +25,11 @@ from sieve_cli.store import read_stats
 from sieve_cli.workspace import Workspace
 
 from .test_tasks import write_task
-from .tiny import CONFIGS, save_tiny, tiny_model
+from .tiny import BLOCK_FAMILIES, save_tiny, tiny_model
 
-FAMILIES = ["llama", "gpt2", "gemma3_text"]
-# Gemma 3 with both layer types, and sequences longer than its sliding window (16)
-CONFIGS_USED = dict(CONFIGS, gemma3_text=dict(CONFIGS["gemma3_text"], layer_types=["sliding_attention", "full_attention"]))
+FAMILIES = BLOCK_FAMILIES  # the `folders` fixture (conftest) saves one of each
+# sequences longer than Gemma 3's sliding window (16)
 LENGTHS = [5, 9, 3, 12, 7, 8, 2, 11, 6, 30, 25]
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    from unittest import mock
-
-    result = {}
-    for family in FAMILIES:
-        folder = tmp_path_factory.mktemp(family)
-        with mock.patch.dict(CONFIGS, CONFIGS_USED):
-            save_tiny(folder, family)
-        result[family] = folder
-    return result
 
 
 def make_sequences(seed=0):

@@ -6,7 +6,6 @@ memory and block by block, on tiny models with rotary (llama, gemma 3 with a sli
 and absolute (gpt2) positions.
 """
 
-from unittest import mock
 
 import pytest
 import torch
@@ -19,23 +18,11 @@ from sieve_cli.matrices import find_matrices, sites_of
 from sieve_cli.models import load_model
 from sieve_cli.store import read_stats
 
-from .test_blockwise import CONFIGS_USED
 from .test_capture import recorded_inputs
-from .tiny import CONFIGS, save_tiny, tiny_tokenizer
+from .tiny import BLOCK_FAMILIES, tiny_tokenizer
 
-FAMILIES = ["llama", "gpt2", "gemma3_text"]
+FAMILIES = BLOCK_FAMILIES
 OPTIONS = CaptureOptions(batch_size=3, chunk_tokens=40, samples_per_site=8)
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    result = {}
-    for family in FAMILIES:
-        folder = tmp_path_factory.mktemp(family)
-        with mock.patch.dict(CONFIGS, CONFIGS_USED):
-            save_tiny(folder, family)
-        result[family] = folder
-    return result
 
 
 def make_calibration(seed=0) -> Calibration:

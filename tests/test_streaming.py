@@ -26,25 +26,13 @@ from sieve_cli.streaming import choose_layout, open_streaming, scored_positions
 from sieve_cli.tasks import bind_task
 from sieve_cli.workspace import Workspace
 
-from .test_blockwise import CONFIGS_USED
 from .test_tasks import write_task
-from .tiny import CONFIGS, save_tiny, tiny_tokenizer
+from .tiny import BLOCK_FAMILIES, tiny_tokenizer
 
-FAMILIES = ["llama", "gpt2", "gemma3_text"]  # learned positions; rotary; Gemma 3's sliding + full layers
+FAMILIES = BLOCK_FAMILIES  # learned positions; rotary; Gemma 3's sliding + full layers
 TOK = tiny_tokenizer()
 # float32 on the CPU: the padded and prefix-cached paths differ in summation order only
 ATOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    result = {}
-    for family in FAMILIES:
-        folder = tmp_path_factory.mktemp(family)
-        with mock.patch.dict(CONFIGS, CONFIGS_USED):
-            save_tiny(folder, family)
-        result[family] = folder
-    return result
 
 
 def prepared_part(tmp_path, output_type, **overrides):

@@ -52,3 +52,21 @@ def save_tiny(folder, model_type: str = "llama", seed: int = 0):
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+# Families whose block calls differ: learned positions (gpt2), rotary (llama), Gemma 3's sliding + full layers
+BLOCK_FAMILIES = ["llama", "gpt2", "gemma3_text"]
+BLOCK_CONFIGS = dict(CONFIGS, gemma3_text=dict(CONFIGS["gemma3_text"], layer_types=["sliding_attention", "full_attention"]))
+
+
+def save_block_families(tmp_path_factory) -> dict:
+    """One saved tiny model folder per BLOCK_FAMILIES entry (Gemma 3 with one sliding and one full layer)."""
+    from unittest import mock
+
+    folders = {}
+    for family in BLOCK_FAMILIES:
+        folder = tmp_path_factory.mktemp(family)
+        with mock.patch.dict(CONFIGS, BLOCK_CONFIGS):
+            save_tiny(folder, family)
+        folders[family] = folder
+    return folders
