@@ -603,6 +603,26 @@ def adaptive_start(ws, evals: Evaluations, options: SearchOptions, targets, fact
     return Start(levels, problem, seeds, errors)
 
 
+def after_each_step(ws: Workspace, checkpoint: dict, key: str, levels: list[float], evals: Evaluations, bar,
+                    current: dict, index: str, headline: Callable, on_report) -> Callable[[dict, object], None]:
+    """The callback a local step or a GA generation ends with: checkpoint the run's `state` under `key`,
+    move `current[index]` to the next step, log and show the best so far, and hand the report on."""
+    tick = [time.perf_counter()]
+
+    def checkpointed(state: dict, report) -> None:
+        write_json_atomic(ws.search_checkpoint, {**checkpoint, key: state, "levels": levels})
+        current[index] = getattr(report, index) + 1
+        seconds, tick[0] = time.perf_counter() - tick[0], time.perf_counter()
+        log.info("%s at %s=%.4f; %d evaluations; %.0f s", headline(report), evals.scorer.metric,
+                 report.best_metric, report.evaluations, seconds)
+        bar.advance()
+        bar.note(f"best -{report.best_removed:.1%} {evals.scorer.metric}={report.best_metric:.4f}")
+        if on_report is not None:
+            on_report(report, seconds)
+
+    return checkpointed
+
+
 def search_adaptive(ws, evals: Evaluations, options: SearchOptions, targets, factors, uniform, checkpoint,
                     on_generation) -> Outcome:
     start = adaptive_start(ws, evals, options, targets, factors, uniform)
@@ -628,24 +648,16 @@ def search_local(ws, evals: Evaluations, options: SearchOptions, targets, start:
                                         "genome": kept} for kept, label in zip(kepts, labels)])
         return [Scored(j, evals.signal(kept)) for j, kept in zip(judged, kepts)]
 
-    tick = [time.perf_counter()]
     steps = 1 + math.ceil(config.budget / config.moves)
     with progress.bar(f"{options.algorithm} search (steps)", total=steps,
                       completed=0 if state is None else state["step"] + 1) as b:
 
-        def checkpointed(run_state: dict, report: StepReport) -> None:
-            write_json_atomic(ws.search_checkpoint, {**checkpoint, "local": run_state, "levels": start.levels})
-            current["step"] = report.step + 1
-            seconds, tick[0] = time.perf_counter() - tick[0], time.perf_counter()
-            log.info("%s: best removes %.1f%% of prunable params (+%.1f%%, %s) at %s=%.4f; %d evaluations; %.0f s",
-                     "seeds" if report.step == 0 else f"step {report.step}", 100 * report.best_removed,
-                     100 * report.added, report.move, evals.scorer.metric, report.best_metric, report.evaluations,
-                     seconds)
-            b.advance()
-            b.note(f"best -{report.best_removed:.1%} {evals.scorer.metric}={report.best_metric:.4f}")
-            if on_step is not None:
-                on_step(report, seconds)
+        def headline(report: StepReport) -> str:
+            return (f"{'seeds' if report.step == 0 else f'step {report.step}'}: best removes "
+                    f"{report.best_removed:.1%} of prunable params (+{report.added:.1%}, {report.move})")
 
+        checkpointed = after_each_step(ws, checkpoint, "local", start.levels, evals, b, current, "step", headline,
+                                       on_step)
         dense_metric = evals.dense.value if evals.dense is not None else 0.0
         result = local_search(start.problem, start.errors, Layout([t.block for t in targets], [t.kind for t in targets]),
                               evaluate, config, start.seeds, dense_metric, state=state, on_step=checkpointed)
@@ -667,22 +679,14 @@ def search_genetic(ws, evals: Evaluations, options: SearchOptions, start: Start,
         return evals.metrics(kepts, [{"strategy": "genetic", "generation": current["generation"], "genome": kept}
                                      for kept in kepts])
 
-    tick = [time.perf_counter()]
     with progress.bar("genetic search (generations)", total=options.ga.generations + 1,
                       completed=0 if state is None else state["generation"] + 1) as b:
 
-        def checkpointed(ga_state: dict, report: GenerationReport) -> None:
-            write_json_atomic(ws.search_checkpoint, {**checkpoint, "ga": ga_state, "levels": start.levels})
-            current["generation"] = report.generation + 1
-            seconds, tick[0] = time.perf_counter() - tick[0], time.perf_counter()
-            log.info("generation %d: best removes %.1f%% of prunable params at %s=%.4f; %d evaluations; %.0f s",
-                     report.generation, 100 * report.best_removed, evals.scorer.metric, report.best_metric,
-                     report.evaluations, seconds)
-            b.advance()
-            b.note(f"best -{report.best_removed:.1%} {evals.scorer.metric}={report.best_metric:.4f}")
-            if on_generation is not None:
-                on_generation(report, seconds)
+        def headline(report: GenerationReport) -> str:
+            return f"generation {report.generation}: best removes {report.best_removed:.1%} of prunable params"
 
+        checkpointed = after_each_step(ws, checkpoint, "ga", start.levels, evals, b, current, "generation", headline,
+                                       on_generation)
         result = genetic_search(start.problem, evaluate, options.ga, start.seeds, state=state,
                                 on_generation=checkpointed)
     # what the seeds alone reached: the best acceptable seed the GA scored (a small population holds only the first)
