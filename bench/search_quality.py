@@ -67,6 +67,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--patience", type=int, default=GAConfig.patience)
     ap.add_argument("--local-budget", type=int, default=LocalConfig.budget)
     ap.add_argument("--local-moves", type=int, default=LocalConfig.moves)
+    ap.add_argument("--local-patience", type=int, default=LocalConfig.patience)
     ap.add_argument("--confidence", type=float, default=SearchOptions.confidence)
     ap.add_argument("--limit", type=int, default=SearchOptions.limit, help="search-split examples per evaluation")
     ap.add_argument("--test-limit", type=int, default=None, help="test-split examples (default: all)")
@@ -162,7 +163,8 @@ def run_task(task: str, args, results: list[dict], out: Path) -> dict:
         for strategy in args.strategies.split(","):
             ga = GAConfig(population=args.population, generations=args.generations, patience=args.patience)
             options = SearchOptions(strategy=strategy, tolerance=tolerance, ga=ga, limit=args.limit,
-                                    local=LocalConfig(moves=args.local_moves, budget=args.local_budget),
+                                    local=LocalConfig(moves=args.local_moves, budget=args.local_budget,
+                                                    patience=args.local_patience),
                                     confidence=args.confidence)
             shared.charged, shared.cpu, wall = 0.0, 0.0, time.perf_counter()
             try:

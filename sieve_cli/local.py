@@ -12,7 +12,8 @@ first: a line through the origin fitted to what was already scored predicts each
 paired damage (the drop of the low-noise signal, else of the judged metric) from its summed
 spectral error, and the largest moves predicted to stay within the damage where acceptability
 flipped so far are scored, `moves` of them as one batch. The best acceptable one becomes the
-new start; a step that adds nothing, or a spent budget, ends the search.
+new start; `patience` steps in a row that add nothing, or a spent budget, end the search (a
+step that adds nothing still narrows the damage limit and proposes repairs for the next).
 """
 
 from __future__ import annotations
@@ -203,13 +204,14 @@ class _Run:
         self.best: Genome = []
         self.best_move = "seeds"
         self.spent = 0  # evaluations after the seeds
+        self.idle = 0  # steps in a row without a better plan
         self.accepted_last: list[Genome] = []
         self.failed_last: list[Genome] = []
         self.stopped = ""
         self.reports: list[StepReport] = []
 
     def state(self) -> dict:
-        return {"step": self.step, "best": self.best, "best_move": self.best_move, "spent": self.spent,
+        return {"step": self.step, "best": self.best, "best_move": self.best_move, "spent": self.spent, "idle": self.idle,
                 "seen": {k: [s.metric, s.damage] for k, s in self.seen.items()},
                 "accepted_last": self.accepted_last, "failed_last": self.failed_last, "stopped": self.stopped,
                 "reports": [asdict(r) for r in self.reports]}
@@ -217,6 +219,7 @@ class _Run:
     def restore(self, state: dict) -> None:
         self.step, self.best, self.best_move = state["step"], list(state["best"]), state["best_move"]
         self.spent, self.stopped = state["spent"], state["stopped"]
+        self.idle = state.get("idle", 0)
         self.seen = {k: Scored(m, d) for k, (m, d) in state["seen"].items()}
         self.accepted_last = [list(g) for g in state["accepted_last"]]
         self.failed_last = [list(g) for g in state["failed_last"]]
@@ -307,10 +310,11 @@ class _Run:
             if self.better(move.genome):
                 self.best, self.best_move, improved = list(move.genome), move.name, True
         self.step += 1
-        if not improved:
+        self.idle = 0 if improved else self.idle + 1
+        if self.idle >= self.config.patience:
             self.stopped = "no gain"
         self.close_step(len(new), previous)
-        return improved
+        return not self.stopped
 
 
 def local_search(problem: Problem, errors, layout: Layout,

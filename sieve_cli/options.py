@@ -338,12 +338,15 @@ class LocalConfig:
 
     moves: int = opt(4, "local: moves scored together per step (one batch); the best acceptable one is taken.",
                      flag="--local-moves")
-    budget: int = opt(16, "local: at most this many evaluations after the seeds; it stops earlier when a step "
-                          "adds nothing.", flag="--local-budget")
+    budget: int = opt(16, "local: at most this many evaluations after the seeds; it stops earlier after "
+                          "--local-patience steps in a row that add nothing.", flag="--local-budget")
+    patience: int = opt(2, "local: stop after this many steps in a row without a better plan (a failed step still "
+                           "teaches the next one where the limit lies, and proposes repairs).", flag="--local-patience")
 
     def __post_init__(self) -> None:
-        if self.moves < 1 or self.budget < 0:
-            raise InputError(f"--local-moves must be >= 1 and --local-budget >= 0, got {self.moves} and {self.budget}")
+        if self.moves < 1 or self.budget < 0 or self.patience < 1:
+            raise InputError(f"--local-moves and --local-patience must be >= 1 and --local-budget >= 0, got "
+                             f"{self.moves}, {self.patience} and {self.budget}")
 
 
 @dataclass(frozen=True)

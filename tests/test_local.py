@@ -85,3 +85,29 @@ def test_a_budget_of_zero_scores_the_seeds_only():
                           dense_metric=1.0)
     assert result.genome == [1, 0, 1, 0] and result.steps == 0 and result.stopped == "budget"
     assert result.evaluations == 3
+
+
+@pytest.mark.parametrize("patience", [1, 2])
+def test_a_step_without_gain_ends_the_search_only_after_patience_such_steps(patience):
+    problem, drop, metric = additive_problem()
+    calls = []
+
+    def evaluate(genomes, labels):  # the first step's moves all fail (as a noisy batch might)
+        calls.append(len(genomes))
+        failing = len(calls) == 2
+        return [Scored(0.0 if failing else metric(g), 1.0 if failing else 1.0 - metric(g)) for g in genomes]
+
+    result = local_search(problem, [[3 * d for d in row] for row in drop], Layout([0, 0, 1, 1], ["q", "k", "q", "k"]),
+                          evaluate, LocalConfig(moves=2, budget=30, patience=patience), seeds=[[0, 0, 0, 0]],
+                          dense_metric=1.0)
+    assert result.reports[1].added == 0.0 and result.reports[1].step == 1
+    if patience == 1:
+        assert result.stopped == "no gain" and result.steps == 1 and result.removed == 0.0
+    else:  # the second step finds what the first missed
+        assert result.steps >= 2 and result.reports[2].added > 0 and metric(result.genome) >= 0.95 - 1e-12
+
+
+def test_local_patience_below_one_is_refused():
+    from sieve_cli.errors import InputError
+    with pytest.raises(InputError, match="--local-patience"):
+        LocalConfig(patience=0)
