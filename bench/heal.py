@@ -128,7 +128,7 @@ class Healer:
 
     def __init__(self, ws, model, factors, steps: int, lr: float) -> None:
         self.teacher, tokenizer = load_workspace_model(ws, None, "cpu")
-        self.sequences, _ = calibration_sequences(ws, tokenizer, HealOptions.seq_len)
+        self.sequences, _ = calibration_sequences(ws, tokenizer, HealOptions.seq_len, steps * HealOptions.batch_size)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.model, self.factors, self.tokenizer = model, factors, tokenizer
         self.options = HealOptions(steps=steps, lr=lr, loss="distill")  # the loss the README's search row used
@@ -221,7 +221,8 @@ def main() -> None:
     result = {"dense": dense, "test_examples": len(test.examples), "threads": args.threads, "steps": args.steps,
               "lr": args.lr, "losses": args.losses.split(","), "tolerance": args.tolerance, "limit": args.limit,
               "grid_step": args.grid_step,
-              "calibration_tokens": sum(map(len, calibration_sequences(ws, tokenizer, HealOptions.seq_len)[0]))}
+              "calibration_tokens": sum(map(len, calibration_sequences(ws, tokenizer, HealOptions.seq_len,
+                                                                       args.steps * HealOptions.batch_size)[0]))}
     parts = args.parts.split(",")
     if "plans" in parts:
         result["plans"] = heal_plans(ws, model, test, targets, total, factors, args)

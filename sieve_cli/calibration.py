@@ -14,7 +14,9 @@ tokens and the first member's tokens, so it ends at a token boundary both tokeni
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import islice
 
 # Below this many shared tokens the prefix pass and cache copies buy nothing (scoring's threshold).
 from .scoring import MIN_SHARED_PREFIX
@@ -161,7 +163,7 @@ class _Builder:
         return Calibration(self.sequences, self.prefix_of, self.prefixes, self.examples)
 
 
-def build_calibration(tokenizer, examples: list[tuple[str, str]], seq_len: int, budget: int, share_prefix: bool = True,
+def build_calibration(tokenizer, examples: Iterable[tuple[str, str]], seq_len: int, budget: int, share_prefix: bool = True,
                       block: int = 256) -> tuple[Calibration, bool]:
     """The calibration stream of (shared text, full text) examples, in split order, cut at `budget` tokens run.
 
@@ -171,8 +173,8 @@ def build_calibration(tokenizer, examples: list[tuple[str, str]], seq_len: int, 
     """
     builder = _Builder(seq_len, budget)
     shared_ids: dict[str, list[int]] = {}
-    for start in range(0, len(examples), block):
-        part = examples[start : start + block]
+    stream = iter(examples)
+    while part := list(islice(stream, block)):
         ids = tokenizer([text for _, text in part])["input_ids"]
         new = sorted({s for s, _ in part if s and s not in shared_ids}) if share_prefix else []
         if new:
@@ -187,7 +189,7 @@ def build_calibration(tokenizer, examples: list[tuple[str, str]], seq_len: int, 
 def calibration_sequences(bound, options, tokenizer) -> tuple[Calibration, bool]:
     """The task's calibration split as capture runs it (`options`: CaptureOptions)."""
     delimiter = bound.task.target_delimiter
-    examples = [(e.shared, e.text(delimiter)) for e in bound.examples("calibration")]
+    examples = ((e.shared, e.text(delimiter)) for e in bound.iter_examples("calibration"))  # rendered as read
     calibration, exhausted = build_calibration(tokenizer, examples, options.seq_len, options.tokens, options.share_prefix)
     if exhausted:
         log.warning(

@@ -26,6 +26,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -227,10 +228,12 @@ def read_plan(ws: Workspace) -> tuple[Plan, list[Matrix]]:
     return plan, matrices
 
 
-def calibration_sequences(ws: Workspace, tokenizer, seq_len: int) -> tuple[list[list[int]], int]:
-    """Token ids of the calibration part's rendered texts (what capture read), cut at `seq_len`;
-    and how many examples they came from. The only part of the task heal reads."""
-    texts = bind_task(ws, None).texts("calibration")
+def calibration_sequences(ws: Workspace, tokenizer, seq_len: int, limit: int) -> tuple[list[list[int]], int]:
+    """Token ids of the calibration part's first `limit` rendered texts (what capture read first; a
+    training split named by `calibration_split` holds far more than a heal run's steps x batch can
+    use), cut at `seq_len`; and how many examples they came from. The only part of the task heal reads."""
+    bound = bind_task(ws, None)
+    texts = [e.text(bound.task.target_delimiter) for e in islice(bound.iter_examples("calibration"), limit)]
     calibration, _ = build_calibration(tokenizer, [("", text) for text in texts], seq_len, sys.maxsize,
                                        share_prefix=False)  # training needs every sequence whole
     sequences = calibration.sequences
@@ -275,7 +278,7 @@ def run_heal(ws: Workspace, options: HealOptions, force: bool = False, stop_afte
     params = count_params(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    sequences, examples = calibration_sequences(ws, tokenizer, options.seq_len)
+    sequences, examples = calibration_sequences(ws, tokenizer, options.seq_len, options.steps * options.batch_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     batches = Batches(sequences, pad_id, options.batch_size, options.seed, next(model.parameters()).device)
     with _quiet_peft():

@@ -170,6 +170,10 @@ class SplitOptions:
     neither calibration nor the search sees: the chosen plan must keep the tolerance there too
     (0: no confirmation). Parts are drawn in the order test, confirm, search, calibration from
     one seeded shuffle. Used when a command binds a task (--task); a bound task keeps its split.
+    When the task file names a `calibration_split`, calibration comes from that split (all of it,
+    or --calibration-size of it) and the evaluated split's examples left after test, confirm and
+    search join confirm, up to --max-confirm: confirm is scored a few times per search, so more
+    examples there cost little and make its verdict sharper.
     """
 
     search: float = opt(0.25, "Search part when binding a task: a count, or a fraction below 1.", flag="--search-size")
@@ -180,7 +184,7 @@ class SplitOptions:
                                           "search, confirm or test).", flag="--calibration-size")
     max_search: int | None = opt(200, "Cap on the search part when binding (it is scored many times).")
     max_test: int | None = opt(300, "Cap on the test part when binding.")
-    max_confirm: int | None = opt(150, "Cap on the confirm part when binding.")
+    max_confirm: int | None = opt(400, "Cap on the confirm part when binding.")
     seed: int = opt(0, "Seed of the split's shuffle when binding a task.", flag="--split-seed")
 
     def __post_init__(self) -> None:
@@ -197,7 +201,9 @@ class SplitOptions:
             if value is not None and value < 1:
                 raise InputError(f"split cap {flag} must be >= 1, got {value}")
 
-    def sizes(self, total: int) -> dict[str, int]:
+    def sizes(self, total: int, calibration_elsewhere: bool = False) -> dict[str, int]:
+        """Part sizes for `total` examples; `calibration_elsewhere`: the task calibrates on another
+        split, so none of these examples is calibration and the rest joins confirm."""
         def count(value: float, cap: int | None) -> int:
             n = int(value) if value >= 1 or value == 0 else round(value * total)
             return min(n, cap) if cap is not None else n
@@ -206,8 +212,14 @@ class SplitOptions:
         confirm = count(self.confirm, self.max_confirm)
         search = count(self.search, self.max_search)
         rest = total - test - confirm - search
-        calibration = rest if self.calibration is None else count(self.calibration, None)
-        if min(test, search, calibration) < 1 or test + confirm + search + calibration > total:
+        if calibration_elsewhere:
+            calibration = 0
+            if confirm > 0 and rest > 0:
+                confirm = min(confirm + rest, self.max_confirm if self.max_confirm is not None else total)
+        else:
+            calibration = rest if self.calibration is None else count(self.calibration, None)
+        if (min(test, search) < 1 or (calibration < 1 and not calibration_elsewhere)
+                or test + confirm + search + calibration > total):
             raise TaskError(
                 f"cannot split {total} examples into test {test}, confirm {confirm}, search {search}, calibration "
                 f"{calibration}; use smaller split sizes (fractions such as 0.2) or a larger dataset"

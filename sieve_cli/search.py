@@ -44,7 +44,7 @@ from .pool import WorkerPool
 from .pruned import prune_in_memory
 from .streaming import choose_layout, open_streaming
 from .tasks import bind_task
-from .uniform import binary_search, uniform_grid
+from .uniform import binary_search, first_probe, uniform_grid
 from .workspace import MANIFEST, Stage, Workspace
 
 log = logging.getLogger(__name__)
@@ -272,6 +272,9 @@ class Evaluations:
         self.dense: Measurement | None = None
         self.threshold: float | None = None
         self.scored = 0  # evaluations actually run in this process
+        # scored beside a batch by a worker that was idle, not yet asked for (so not in the history)
+        self.prefetched: dict[tuple, Measurement] = {}
+        self.ahead: list[Ranks] = []  # what the next batch may score beside it (`speculate`)
         if resume and ws.history_jsonl.exists():
             for entry in read_history(ws.history_jsonl, rebuild=f"{ws.command_for(STAGE)} --force"):
                 if entry.get("strategy") == "confirm":
@@ -288,17 +291,33 @@ class Evaluations:
 
     def metrics(self, kepts: list[list[float]], records: list[dict]) -> list[float]:
         """Judged values of a batch of allocations; the ones not memoised are scored together
-        (`Scorer.many`: in parallel where the scorer has a pool) and logged in the batch's order."""
+        (`Scorer.many`: in parallel where the scorer has a pool) and logged in the batch's order.
+        Where a pool would leave workers idle, the allocations `speculate` named are scored beside
+        the batch and kept unlogged until asked for, so the history is the serial search's."""
         ranks = [ranks_for(self.targets, kept, self.factors) for kept in kepts]
         todo: dict[tuple, int] = {}  # new key -> its first position in the batch
         for i, r in enumerate(ranks):
-            if self.key(r) not in self.memo:
+            if self.key(r) not in self.memo and self.key(r) not in self.prefetched:
                 todo.setdefault(self.key(r), i)
-        measured = self.scorer.many([ranks[i] for i in todo.values()])
-        for i, m in zip(todo.values(), measured, strict=True):
-            self.memo[self.key(ranks[i])] = self.log(m, ranks[i], records[i], self.dense)
+        extra = [r for r in self.ahead if self.key(r) not in self.memo and self.key(r) not in self.prefetched
+                 and self.key(r) not in todo] if self.scorer.score_many is not None and todo else []
+        self.ahead = []
+        measured = self.scorer.many([ranks[i] for i in todo.values()] + extra)
+        for r, m in zip(extra, measured[len(todo):]):
+            self.prefetched[self.key(r)] = m
+        fresh = dict(zip(todo, measured[: len(todo)]))
+        for i, r in enumerate(ranks):  # logged in the batch's order, prefetched ones where they are asked for
+            key = self.key(r)
+            if key in self.memo:
+                continue
+            m = fresh[key] if key in fresh else self.prefetched.pop(key)
+            self.memo[key] = self.log(m, r, records[i], self.dense)
             self.scored += 1
         return [self.memo[self.key(r)][1] for r in ranks]
+
+    def speculate(self, kepts: list[list[float]]) -> None:
+        """Allocations the next batch may score beside it on idle workers (a likely next step)."""
+        self.ahead = [ranks_for(self.targets, kept, self.factors) for kept in kepts]
 
     def point(self, kept: list[float]) -> float:
         return self.memo[self.key(ranks_for(self.targets, kept, self.factors))][0]
@@ -477,7 +496,9 @@ def find_plan(ws: Workspace, options: SearchOptions, scorer: Scorer, targets: li
     dense = dense_from_checkpoint(checkpoint)
     if dense is None:  # the dense model is scored once and kept in the checkpoint
         dense_ranks = ranks_for(targets, [1.0] * len(targets), factors)
-        dense = scorer(dense_ranks)
+        probe = first_probe(uniform_grid(options.grid_step))  # a second worker scores the uniform search's first
+        evals.speculate([[probe] * len(targets)] if probe is not None and scorer.score_many is not None else [])
+        dense = prefetch_beside(evals, dense_ranks)
         evals.log(dense, dense_ranks, {"strategy": options.algorithm, "generation": None, "p": 1.0}, None)
         checkpoint = {"dense": dense.value, "metric": scorer.metric, "examples": scorer.examples,
                       "dense_measurement": {"value": dense.value, "scores": dense.scores, "weights": dense.weights,
@@ -510,6 +531,17 @@ def find_plan(ws: Workspace, options: SearchOptions, scorer: Scorer, targets: li
     return build_plan(options, targets, ranks, model_total, scorer.metric, dense.value, evals.point(kept), outcome)
 
 
+def prefetch_beside(evals: Evaluations, ranks: Ranks) -> Measurement:
+    """`ranks` scored (not judged: dense, which the judging needs), with what `speculate` named
+    scored beside it on idle workers and kept for later."""
+    extra = evals.ahead if evals.scorer.score_many is not None else []
+    evals.ahead = []
+    measured = evals.scorer.many([ranks, *extra])
+    for r, m in zip(extra, measured[1:]):
+        evals.prefetched[evals.key(r)] = m
+    return measured[0]
+
+
 BACK_OFF = (0.0, 0.1, 0.2, 0.35, 0.5, 0.75)  # steps toward dense (then dense): kept -> kept + t (1 - kept)
 
 
@@ -520,12 +552,16 @@ def confirm_plan(evals: Evaluations, options: SearchOptions, kept: list[float], 
     same confidence, so the search's winner's curse (the best of many noisy scores) does not
     reach the plan. Dense itself always holds; each step costs one evaluation of the confirm part.
     """
-    dense = scorer(ranks_for(evals.targets, [1.0] * len(kept), evals.factors))
+    # dense and the plan as one batch (in parallel on a pool: the confirm part is the largest scored)
+    dense_ranks = ranks_for(evals.targets, [1.0] * len(kept), evals.factors)
+    plan_ranks = ranks_for(evals.targets, kept, evals.factors)
+    dense, first = scorer.many([dense_ranks, plan_ranks]) if plan_ranks != dense_ranks else [scorer(dense_ranks)] * 2
     threshold = acceptance_threshold(dense.value, options.tolerance, options.absolute)
     for step in (*BACK_OFF, 1.0):
         candidate = [k + step * (1 - k) for k in kept]
         ranks = ranks_for(evals.targets, candidate, evals.factors)
-        scored = dense if step == 1.0 else scorer(ranks)  # dense holds by definition: no need to score it again
+        # dense holds by definition: no need to score it again
+        scored = dense if step == 1.0 else first if step == 0.0 else scorer(ranks)
         point, judged, _ = evals.log(scored, ranks, {"strategy": "confirm", "generation": None, "step": step,
                                                   "genome": candidate}, dense, threshold)
         if is_acceptable(judged, threshold):
@@ -547,7 +583,10 @@ def search_uniform(evals: Evaluations, options: SearchOptions, targets: list[Mat
             b.note(f"p={p:.2f} {evals.scorer.metric}={value:.4f}")
             return value
 
-        result = binary_search(grid, metric_at, evals.threshold)
+        def ahead(_: float, after_failure: float | None) -> None:  # a second worker scores the probe after a failure
+            evals.speculate([] if after_failure is None else [[after_failure] * len(targets)])
+
+        result = binary_search(grid, metric_at, evals.threshold, ahead)
     log.info("uniform: keep p=%.2f of every matrix (%s=%s) after %d evaluations",
              result.p, evals.scorer.metric, result.metric, len(result.trials))
     return result

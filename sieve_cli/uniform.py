@@ -27,11 +27,19 @@ def uniform_grid(step: float) -> list[float]:
     return [round(step * k, 6) for k in range(1, count + 1)]
 
 
-def binary_search(grid: Sequence[float], metric_at: Callable[[float], float], threshold: float) -> UniformResult:
+def first_probe(grid: Sequence[float]) -> float | None:
+    """The p the binary search over `grid` evaluates first."""
+    return sorted(grid)[(len(grid) - 1) // 2] if grid else None
+
+
+def binary_search(grid: Sequence[float], metric_at: Callable[[float], float], threshold: float,
+                  ahead: Callable[[float, float | None], None] | None = None) -> UniformResult:
     """The smallest p in the ascending `grid` whose metric is acceptable.
 
     Assumes acceptability is monotone in p (keeping more never hurts); 1.0 is acceptable
-    by definition, so a grid of n points costs ceil(log2(n + 1)) evaluations.
+    by definition, so a grid of n points costs ceil(log2(n + 1)) evaluations. `ahead(p, q)`,
+    when given, is told before p is evaluated that q comes next if p fails (None: nothing
+    does), so a caller with an idle worker can score q beside p; the search does not depend on it.
     """
     grid = sorted(grid)
     lo, hi = -1, len(grid)  # grid[lo] unacceptable (or none), grid[hi] acceptable (or 1.0)
@@ -39,6 +47,8 @@ def binary_search(grid: Sequence[float], metric_at: Callable[[float], float], th
     best_metric = None
     while hi - lo > 1:
         mid = (lo + hi) // 2
+        if ahead is not None:  # failing moves lo to mid: the next probe is then midway between mid and hi
+            ahead(grid[mid], grid[(mid + hi) // 2] if hi - mid > 1 else None)
         metric = metric_at(grid[mid])
         trials.append((grid[mid], metric))
         if is_acceptable(metric, threshold):

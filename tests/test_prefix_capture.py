@@ -239,3 +239,29 @@ def test_a_refit_replays_the_stream_the_recorded_capture_ran():
     assert _capture_options(Recorded({"tokens": 100})).share_prefix is False
     assert _capture_options(Recorded({"tokens": 100, "share_prefix": True})).share_prefix is True
     assert _capture_options(Recorded({"tokens": 100, "share_prefix": False})).share_prefix is False
+
+
+def test_capture_reads_the_calibration_split_a_task_names(tiny_dir, tmp_path):
+    import json
+
+    from sieve_cli.tasks import bind_task
+    from sieve_cli.workspace import Workspace
+
+    from .test_capture import invoke
+    from .test_tasks import calibration_task
+
+    task = calibration_task(tmp_path)
+    ws = tmp_path / "ws"
+    assert invoke("discover", tiny_dir, "-w", ws).exit_code == 0
+    result = invoke("capture", "-w", ws, "--task", task, "--batch-size", 3, "--chunk-tokens", 200, "--tokens", 400,
+                    "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    bound = bind_task(Workspace(ws), None)
+    calibration = bound.examples("calibration")
+    covered = calibration[: summary["examples_covered"]]
+    # the budget stopped it inside the training split; what it ran came from there, in split order
+    assert 0 < len(covered) < len(calibration) == summary["examples"] == 48
+    assert all(e.text(" ").rsplit("\n\n", 1)[-1].startswith("Q: calib ") for e in covered)
+    counted = sum(len(e.text(" ")) for e in covered)  # one token per character
+    assert summary["tokens"] <= counted and summary["tokens"] > counted - len(covered[-1].text(" "))

@@ -191,10 +191,41 @@ def test_local_scores_each_step_as_one_batch(ws):
     again = run_search(ws, options, force=True, scorer=pooled)
     assert again["matrices"] == serial["matrices"] and history(ws) == serial_history
     steps = again["search"]["progress"]
-    # the seeds went as one batch, and each step's moves as one batch of at most --local-moves
-    # (the uniform answer among the seeds was already scored by the uniform search: memoised)
-    assert batches[0] == steps[0]["new_evaluations"] - 1 > 1
-    assert batches[1:] == [r["new_evaluations"] for r in steps[1:]] and all(1 < b <= 4 for b in batches[1:])
+    # the uniform search goes in pairs (a probe and the one after its failure), then the seeds as
+    # one batch, and each step's moves as one batch of at most --local-moves (the uniform answer
+    # among the seeds was already scored by the uniform search: memoised)
+    seeds_at = next(i for i, b in enumerate(batches) if b > 2)
+    assert batches[:seeds_at] == [2] * seeds_at
+    assert batches[seeds_at] == steps[0]["new_evaluations"] - 1 > 1
+    after = batches[seeds_at + 1:]
+    assert after == [r["new_evaluations"] for r in steps[1:]] and all(1 < b <= 4 for b in after)
+
+
+def test_uniform_search_on_a_pool_scores_the_next_probe_beside_each_and_logs_the_serial_history(ws):
+    options = SearchOptions(strategy="uniform", tolerance=0.05)
+    serial_calls = []
+    serial = run_search(ws, options, scorer=synthetic_scorer(ws, serial_calls))
+    serial_history = history(ws)
+    batches, calls = [], []
+    pooled = synthetic_scorer(ws, calls)
+    pooled.score_many = lambda batch: (batches.append([dict(r) for r in batch]), [pooled.score(r) for r in batch])[1]
+    again = run_search(ws, options, force=True, scorer=pooled)
+    assert again["matrices"] == serial["matrices"] and history(ws) == serial_history
+    # dense went with the first probe; each later probe with the one that follows its failure, so the
+    # search took fewer rounds than evaluations; a speculative score never asked for is not in the history
+    rounds = len(batches) + (len(calls) - sum(len(b) for b in batches))
+    assert batches[0][0] == serial_calls[0] and batches[0][1] == serial_calls[1]
+    assert rounds < len(serial_calls) and len(history(ws)) == len(serial_calls)
+    assert len(calls) >= len(serial_calls)
+
+
+def test_confirm_scores_dense_and_the_plan_together(ws):
+    batches = []
+    confirm = synthetic_scorer(ws)
+    confirm.score_many = lambda batch: (batches.append(len(batch)), [confirm.score(r) for r in batch])[1]
+    plan = run_search(ws, SearchOptions(strategy="uniform", tolerance=0.05), scorer=synthetic_scorer(ws),
+                      confirm_scorer=confirm)
+    assert batches[0] == 2 and plan["search"]["confirm"]["back_off"] == 0.0
 
 
 @pytest.mark.parametrize("strategy, key", [("genetic", "ga"), ("local", "local")])

@@ -257,7 +257,12 @@ def test_example_tasks_bind_on_the_shared_data(name, data_root, tmp_path):
     output_type, rows, choices = EXPECTED[name]
     bound = bind_task(Workspace(tmp_path / "ws"), EXAMPLES / f"{name}.yaml", data_root=data_root)
     assert bound.output_type == output_type and len(bound.records) == rows
-    assert sum(bound.split["counts"].values()) == rows
+    counts = bound.split["counts"]
+    if bound.split["calibration_from"]:  # gsm8k: calibration from train, the rest of test joins confirm
+        assert counts["calibration"] > 1000 and counts["confirm"] == 400 and sum(counts.values()) - counts[
+            "calibration"] < rows
+    else:
+        assert sum(counts.values()) == rows
     examples = bound.examples("test")
     assert all(e.choices == choices for e in examples)
     assert all(e.target and "\r" not in e.target for e in examples)
@@ -372,3 +377,69 @@ def test_bad_fewshot_config_names_the_field(tmp_path, config, message):
         load_task(path)
     with pytest.raises(TaskError, match="balanced needs output_type multiple_choice"):
         load_task(write_task(tmp_path, "text_modelling", fewshot_config={"sampler": "balanced"}))
+
+
+# ---- calibration from another split ------------------------------------------------------------------
+
+
+def calibration_task(tmp_path: Path, fewshot: bool = True, **overrides) -> Path:
+    """30 examples in test.jsonl; 50 training rows in calib.jsonl, two of them copies of test rows;
+    demonstrations from train.jsonl (or, without fewshot_split, from calibration)."""
+    test = [{"sentence": f"test {i}", "label": i % 3} for i in range(30)]
+    calib = [{"sentence": f"calib {i}", "label": i % 3} for i in range(48)] + [test[3], test[7]]
+    train = [{"sentence": f"train {i}", "label": i % 3} for i in range(10)]
+    for name, rows in (("test", test), ("calib", calib), ("train", train)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    extra = {"fewshot_split": "train"} if fewshot else {}
+    overrides = {"calibration_split": "calib", **overrides}
+    return write_task(tmp_path, "multiple_choice", id_field=None, split="test",
+                      data_files={"test": "test.jsonl", "calib": "calib.jsonl", "train": "train.jsonl"},
+                      num_fewshot=2, doc_to_choice=["a", "b", "c"], **extra, **overrides)
+
+
+def sentences(bound, part: str) -> list[str]:
+    return [e.context.split("\n\n")[-1].split("\n")[0].removeprefix("Q: ") for e in bound.examples(part)]
+
+
+def test_calibration_split_calibrates_on_training_rows_and_gives_the_evaluated_split_to_the_other_parts(tmp_path):
+    bound = bind_task(Workspace(tmp_path / "ws"), calibration_task(tmp_path),
+                      split=SplitOptions(search=8, test=10, confirm=5))
+    calibration = sentences(bound, "calibration")
+    # every calibration row comes from calib.jsonl, in a shuffled order, and never a copy of an evaluated row
+    assert sorted(calibration) == sorted(f"calib {i}" for i in range(48))
+    assert calibration != [f"calib {i}" for i in range(48)]
+    evaluated = [s for part in ("search", "confirm", "test") for s in sentences(bound, part)]
+    # all 30 evaluated examples are used: the 7 left after test and search join confirm
+    assert sorted(evaluated) == sorted(f"test {i}" for i in range(30))
+    assert bound.split["counts"] == {"test": 10, "confirm": 12, "search": 8, "calibration": 48}
+    assert bound.split["calibration_from"] == "split:calib" and bound.split["fewshot_from"] == "split:train"
+    # reloaded from the workspace, the same examples come back
+    again = load_bound_task(Workspace(tmp_path / "ws"))
+    assert sentences(again, "calibration") == calibration and sentences(again, "test") == sentences(bound, "test")
+
+
+def test_calibration_size_takes_part_of_the_calibration_split_and_demonstrations_come_from_it(tmp_path):
+    bound = bind_task(Workspace(tmp_path / "ws"), calibration_task(tmp_path, fewshot=False),
+                      split=SplitOptions(search=8, test=10, confirm=5, calibration=20))
+    assert len(bound.ids("calibration")) == 20 and bound.split["fewshot_from"] == "split:calib"
+    for example in bound.examples("test"):
+        shots = [s.split("\n")[0].removeprefix("Q: ") for s in example.context.split("\n\n")[:-1]]
+        assert len(shots) == 2 and all(s.startswith("calib ") for s in shots)
+
+
+def test_a_changed_calibration_file_is_caught(tmp_path):
+    task = calibration_task(tmp_path)
+    bind_task(Workspace(tmp_path / "ws"), task, split=SplitOptions(search=8, test=10, confirm=5))
+    with (tmp_path / "calib.jsonl").open("a") as f:
+        f.write(json.dumps({"sentence": "late", "label": 0}) + "\n")
+    with pytest.raises(TaskError, match="data changed"):
+        load_bound_task(Workspace(tmp_path / "ws"))
+
+
+def test_calibration_split_must_name_a_data_files_split(tmp_path):
+    path = calibration_task(tmp_path, calibration_split="nope")
+    with pytest.raises(TaskError, match="'calibration_split' is 'nope'.*test, calib, train"):
+        load_task(path)
+    flat = write_task(tmp_path, "multiple_choice", calibration_split="calib")
+    with pytest.raises(TaskError, match="calibration_split.*mapping"):
+        load_task(flat)

@@ -7,6 +7,11 @@ few-shot demonstrations, and records ids, demonstrations and a fingerprint of th
 bound task re-checks the fingerprint: data changed since binding is an error, never a
 silently different split.
 
+Calibration comes from `calibration_split` (sieve's own key) when the task names one that holds
+other data than the evaluated split: the model is then calibrated on the task's training inputs,
+as many as capture's token budget wants, and the evaluated split's examples all go to search,
+confirm and test. Records of that split equal to an evaluated record are left out of it.
+
 Few-shot demonstrations never come from search or test: they come from `fewshot_split` when
 that holds other data than the evaluated split, else from calibration. As in
 lm-evaluation-harness, one spare demonstration is drawn and an example never demonstrates
@@ -19,6 +24,7 @@ import json
 import logging
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import asdict
 from functools import cached_property
 
@@ -31,7 +37,7 @@ from ..workspace import Stage, Workspace
 from .data import LOCAL_BUILDERS, data_fingerprint, read_records, reads_same_data
 from .render import Example, Renderer
 from .spec import DEFAULT_TASK, Task, load_task
-from .split import content_ids, make_split, record_ids
+from .split import content_id, content_ids, make_split, record_ids
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +57,10 @@ class BoundTask:
         self.task = task
         self.split = split  # the contents of split.json
         self._records = records
-        self._fewshot_pool = fewshot_pool  # the candidates bind_task already read, if any
+        self._pools: dict[str, dict[str, dict]] = {}  # records of other dataset splits, by split name
+        source = fewshot_split_of(split.get("fewshot_from", CALIBRATION))
+        if fewshot_pool is not None and source is not None:  # the candidates bind_task already read
+            self._pools[source] = fewshot_pool
         self._renderer = Renderer(task)
 
     @property
@@ -68,15 +77,25 @@ class BoundTask:
             self._records = records_by_id(self.task, read_records(self.task))
         return self._records
 
+    def _pool(self, source: str | None) -> dict[str, dict]:
+        """Records by id: the evaluated split's (source None), or dataset split `source`'s."""
+        if source is None:
+            return self.records
+        if source not in self._pools:
+            self._pools[source] = dict(fewshot_pool(self.task, source, self.records, []))
+        return self._pools[source]
+
+    def _records_of(self, part: str) -> dict[str, dict]:
+        if part == CALIBRATION:
+            return self._pool(fewshot_split_of(self.split.get("calibration_from", "")))
+        return self.records
+
     @cached_property
     def _shots(self) -> list[tuple[str, dict]]:
         """The few-shot pool in draw order (num_fewshot + 1, so an example never demonstrates itself)."""
         ids = self.split.get("fewshot", [])
         source = fewshot_split_of(self.split.get("fewshot_from", CALIBRATION))
-        if source is None:
-            pool = self.records
-        else:
-            pool = self._fewshot_pool or dict(fewshot_pool(self.task, source, self.records, []))
+        pool = self._records_of(CALIBRATION) if source is None else self._pool(source)
         missing = [i for i in ids if i not in pool]
         if missing:
             raise _data_changed(self.task, f"few-shot example {missing[0]!r} is gone")
@@ -89,16 +108,20 @@ class BoundTask:
 
     def examples(self, part: str) -> list[Example]:
         """The rendered examples of one part, in split order."""
-        missing = [i for i in self.ids(part) if i not in self.records]
+        return list(self.iter_examples(part))
+
+    def iter_examples(self, part: str) -> Iterator[Example]:
+        """The examples of one part rendered one at a time, so a reader that stops early (capture at
+        its token budget) does not render a whole training split."""
+        records = self._records_of(part)
+        missing = [i for i in self.ids(part) if i not in records]
         if missing:
             raise _data_changed(self.task, f"example {missing[0]!r} is gone")
         k = self.task.num_fewshot
-        out = []
         for id_ in self.ids(part):
-            record = self.records[id_]
+            record = records[id_]
             shots = [rec for sid, rec in self._shots if sid != id_ and rec != record][:k]
-            out.append(self._renderer.example(id_, record, shots))
-        return out
+            yield self._renderer.example(id_, record, shots)
 
     def texts(self, part: str) -> list[str]:
         """Full text per example (context + delimiter + gold target): what capture reads."""
@@ -115,6 +138,25 @@ def records_by_id(task: Task, records: list[dict]) -> dict[str, dict]:
 def fewshot_split_of(recorded: str) -> str | None:
     """The dataset split named by split.json's `fewshot_from`, None for the calibration part."""
     return recorded[len(FROM_SPLIT):] if recorded.startswith(FROM_SPLIT) else None
+
+
+def calibration_source(task: Task) -> str | None:
+    """The dataset split calibration comes from: `calibration_split` when it holds other data than
+    the evaluated split, else None: a part of the evaluated split."""
+    if task.calibration_split is None:
+        return None
+    if reads_same_data(task, task.split, task.calibration_split):
+        log.warning("task %s: calibration_split %r reads the same data as the evaluated split; calibration is a part "
+                    "of it instead", task.name, task.calibration_split)
+        return None
+    return task.calibration_split
+
+
+def calibration_candidates(task: Task, source: str, records: dict[str, dict]) -> list[str]:
+    """Ids of split `source`'s records, less those equal to an evaluated record (so no example
+    the search or the test scores is ever calibrated on)."""
+    evaluated = {content_id(r) for r in records.values()}
+    return [i for i, r in fewshot_pool(task, source, records, []) if content_id(r) not in evaluated]
 
 
 def fewshot_source(task: Task) -> str | None:
@@ -200,8 +242,10 @@ def bind_task(
     _render_first(task, records)  # a broken template fails here, before the workspace records a binding
     if not ws.begin(STAGE, inputs, force):
         return _load_checked(ws, records)
-    parts = make_split(list(records), options)
-    source = fewshot_source(task)
+    calibration_from = calibration_source(task)
+    external = calibration_candidates(task, calibration_from, records) if calibration_from else None
+    parts = make_split(list(records), options, external)
+    source = fewshot_source(task) or calibration_from  # none named: demonstrations from calibration, wherever it is
     pool = fewshot_pool(task, source, records, parts[CALIBRATION]) if task.num_fewshot else []
     content = {
         "schema": SPLIT_SCHEMA,
@@ -212,6 +256,7 @@ def bind_task(
         "fewshot": draw_fewshot(task, pool, options.seed),
         "fewshot_sampler": task.fewshot_sampler,
         "fewshot_from": CALIBRATION if source is None else f"{FROM_SPLIT}{source}",
+        "calibration_from": "" if calibration_from is None else f"{FROM_SPLIT}{calibration_from}",
         "data": fingerprint,
     }
     ws.task_yaml.parent.mkdir(parents=True, exist_ok=True)

@@ -78,9 +78,9 @@ def reads_same_data(task: Task, split_a: str | None, split_b: str | None) -> boo
 
 def data_fingerprint(task: Task, records: list[dict] | None = None) -> dict[str, str]:
     """What the bound examples were read from: sha256 of each local file they come from (the
-    evaluated split and the few-shot split), else of the records themselves."""
+    evaluated split, the few-shot split and the calibration split), else of the records themselves."""
     if task.dataset_path in LOCAL_BUILDERS:
-        splits = dict.fromkeys([task.split, task.fewshot_split or task.split])
+        splits = dict.fromkeys([task.split, task.fewshot_split or task.split, task.calibration_split or task.split])
         paths = dict.fromkeys(p for s in splits for p in data_files_of(task, s))
         return {str(p): sha256_file(p) for p in paths}
     return {"records": sha256_json(records if records is not None else read_records(task))}

@@ -45,7 +45,7 @@ MAX_YAML_NODES = 100_000  # nodes after alias expansion; a real task file has un
 
 _KNOWN_FIELDS = {
     "task", "dataset_path", "dataset_name", "data_files", "dataset_kwargs", "split", "test_split",
-    "fewshot_split", "fewshot_config", "id_field", "output_type", "doc_to_text", "doc_to_target",
+    "fewshot_split", "fewshot_config", "calibration_split", "id_field", "output_type", "doc_to_text", "doc_to_target",
     "doc_to_choice", "target_delimiter", "fewshot_delimiter", "description", "num_fewshot",
     "generation_kwargs", "metadata", "sieve",
 }
@@ -67,6 +67,7 @@ class Task:
     split: str | None = None
     fewshot_split: str | None = None
     fewshot_sampler: str = "default"
+    calibration_split: str | None = None  # sieve's own key: calibrate on this split's examples, not the evaluated split's
     id_field: str | None = None
     target_delimiter: str = " "
     fewshot_delimiter: str = "\n\n"
@@ -80,7 +81,7 @@ class Task:
     def to_yaml_dict(self) -> dict:
         """The lm-eval-style mapping written to WS/task/task.yaml (paths already absolute)."""
         out = {"task": self.name, "dataset_path": self.dataset_path}
-        for key in ("dataset_name", "data_files", "split", "fewshot_split", "id_field"):
+        for key in ("dataset_name", "data_files", "split", "fewshot_split", "calibration_split", "id_field"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         if self.fewshot_sampler != "default":  # absent = default, so existing task identities stay
@@ -230,7 +231,8 @@ def parse_task(raw: dict, path: Path, data_root: str | os.PathLike | None = None
     data_files = _resolve_files(data_files, path.parent, root, where)
     split = raw.get("split", raw.get("test_split"))
     fewshot_split = raw.get("fewshot_split")
-    _check_splits(data_files, split, fewshot_split, where)
+    calibration_split = raw.get("calibration_split")
+    _check_splits(data_files, split, where, fewshot_split=fewshot_split, calibration_split=calibration_split)
     return Task(
         name=str(raw.get("task") or path.stem),
         dataset_path=str(raw["dataset_path"]),
@@ -244,6 +246,7 @@ def parse_task(raw: dict, path: Path, data_root: str | os.PathLike | None = None
         split=split,
         fewshot_split=fewshot_split,
         fewshot_sampler=sampler,
+        calibration_split=calibration_split,
         id_field=raw.get("id_field"),
         target_delimiter=str(raw.get("target_delimiter", " ")),
         fewshot_delimiter=str(raw.get("fewshot_delimiter", "\n\n")),
@@ -282,15 +285,19 @@ def _fewshot_sampler(config: Any, output_type: str, where: str) -> str:
     return sampler
 
 
-def _check_splits(data_files: Any, split: Any, fewshot_split: Any, where: str) -> None:
+def _check_splits(data_files: Any, split: Any, where: str, **other_splits: Any) -> None:
+    if other_splits.get("calibration_split") is not None and data_files is not None and not isinstance(data_files, dict):
+        raise TaskError(f"{where}: field 'calibration_split' names a split, but 'data_files' is one set of files; "
+                        f"make 'data_files' a mapping of split names to files")
     if not isinstance(data_files, dict):
         return
     if split is None:
         raise TaskError(f"{where}: field 'split' is missing; name which of {', '.join(data_files)} holds the examples")
     if split not in data_files:
         raise TaskError(f"{where}: field 'split' is {split!r} but 'data_files' has only {', '.join(data_files)}")
-    if fewshot_split is not None and fewshot_split not in data_files:
-        raise TaskError(f"{where}: field 'fewshot_split' is {fewshot_split!r} but 'data_files' has only {', '.join(data_files)}")
+    for key, name in other_splits.items():
+        if name is not None and name not in data_files:
+            raise TaskError(f"{where}: field {key!r} is {name!r} but 'data_files' has only {', '.join(data_files)}")
 
 
 def _resolve_files(files: Any, base: Path, root: Path | None, where: str) -> Any:

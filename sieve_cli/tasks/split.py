@@ -18,15 +18,29 @@ from .spec import Task
 ID_HEX_CHARS = 16  # 64 bits: collisions among a few million records are negligible, and harmless (see content_ids)
 
 
-def make_split(ids: list[str], options: SplitOptions) -> dict[str, list[str]]:
-    """Disjoint parts of `ids` by one seeded shuffle; the same ids and options give the same parts."""
-    sizes = options.sizes(len(ids))
+def make_split(ids: list[str], options: SplitOptions, calibration_ids: list[str] | None = None) -> dict[str, list[str]]:
+    """Disjoint parts of `ids` by one seeded shuffle; the same ids and options give the same parts.
+
+    `calibration_ids`: the task calibrates on another split (`calibration_split`): calibration is a
+    seeded shuffle of those (all, or --calibration-size of them) and `ids` hold the other parts.
+    """
+    elsewhere = calibration_ids is not None
+    sizes = options.sizes(len(ids), calibration_elsewhere=elsewhere)
     order = list(ids)
     random.Random(options.seed).shuffle(order)
     parts, start = {}, 0
     for name in ("test", "confirm", "search", "calibration"):  # the draw order: test first, so it never moves
         parts[name] = order[start : start + sizes[name]]
         start += sizes[name]
+    if elsewhere:
+        pool = list(calibration_ids)
+        random.Random(f"calibration-{options.seed}").shuffle(pool)
+        size = options.calibration
+        n = len(pool) if size is None else int(size) if size >= 1 else round(size * len(pool))
+        if n < 1 or n > len(pool):
+            raise TaskError(f"cannot draw {n} calibration examples from the {len(pool)} of the calibration split; "
+                            f"use a --calibration-size between 1 and {len(pool)}")
+        parts["calibration"] = pool[:n]
     return parts
 
 
