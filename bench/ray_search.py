@@ -1,7 +1,7 @@
-"""The genetic search on Ray workers vs in one process, side by side, on SmolLM2-135M and sst2.
+"""A search on Ray workers vs in one process, side by side, on SmolLM2-135M and sst2.
 
 Builds (or reuses) a workspace under --work: discover, capture (--tokens), fit (output). Then
-the same genetic search twice, one after the other in this process: serially with 1 torch
+the same search (--strategy, default adaptive) twice, one after the other in this process: serially with 1 torch
 thread (no Ray), and with `--workers` Ray workers of 1 thread each (Ray started locally with
 that many CPUs, each worker loading the model, the factors and the tokenised split once). Prints
 whether the two plans and histories are identical, each run's wall time (Ray start and worker
@@ -9,8 +9,8 @@ loading included) and the search's own seconds (plan.json `search.seconds`: afte
 are up), their ratios, and the machine's load (`uptime`) before, between and after: the
 machine is shared, so a busy neighbour slows the parallel run most.
 
-    python bench/ray_search.py                          # sst2 at 5%, population 8, 3 generations
-    python bench/ray_search.py --limit 40 --generations 2
+    python bench/ray_search.py                          # sst2 at 5%, adaptive (the local search)
+    python bench/ray_search.py --strategy genetic --population 8 --generations 3
 
 Exact numbers go to --out (JSON) as well as the printout.
 """
@@ -46,12 +46,14 @@ def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="sst2", help="name of examples/tasks/<name>.yaml")
     ap.add_argument("--tolerance", type=float, default=0.05)
-    ap.add_argument("--tokens", type=int, default=20_000, help="calibration tokens to capture")
+    ap.add_argument("--strategy", default="adaptive", help="uniform, seeds, local, genetic or adaptive")
+    ap.add_argument("--tokens", type=int, default=50_000, help="calibration tokens to capture")
     ap.add_argument("--population", type=int, default=8)
     ap.add_argument("--generations", type=int, default=3)
     ap.add_argument("--patience", type=int, default=3)
-    ap.add_argument("--grid-step", type=float, default=0.05, help="the uniform seed search's grid")
-    ap.add_argument("--limit", type=int, default=100, help="search-part examples per evaluation")
+    ap.add_argument("--grid-step", type=float, default=SearchOptions.grid_step, help="the uniform search's grid")
+    ap.add_argument("--limit", type=int, default=SearchOptions.limit, help="search-part examples per evaluation "
+                                                                           "(default: all)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("/tmp/sieve-bench-ray"))
     ap.add_argument("--out", type=Path, default=None, help="JSON results (default: WORK/ray_search.json)")
@@ -90,7 +92,7 @@ def main() -> None:
     ws = Workspace(args.work / args.task)
     prepare_workspace(ws, args.task, args.tokens)
     ga = GAConfig(population=args.population, generations=args.generations, patience=args.patience)
-    options = SearchOptions(strategy="genetic", tolerance=args.tolerance, ga=ga, limit=args.limit,
+    options = SearchOptions(strategy=args.strategy, tolerance=args.tolerance, ga=ga, limit=args.limit,
                             grid_step=args.grid_step)
     before = uptime()
     serial = timed_search(ws, options)
@@ -107,8 +109,10 @@ def main() -> None:
               "search_ratio": pooled["search_seconds"] / serial["search_seconds"]}
     out = args.out or args.work / "ray_search.json"
     out.write_text(json.dumps(result, indent=2))
-    print(f"\n{args.task} at {args.tolerance:g}, genetic, population {args.population}, {args.generations} generations, "
-          f"patience {args.patience}, grid {args.grid_step:g}, {args.limit} search examples per evaluation: "
+    knobs = (f"population {args.population}, {args.generations} generations, patience {args.patience}, "
+             if options.algorithm == "genetic" else "")
+    print(f"\n{args.task} at {args.tolerance:g}, {args.strategy} ({options.algorithm}), {knobs}"
+          f"grid {args.grid_step:g}, {args.limit or 'all'} search examples per evaluation: "
           f"{result['evaluations']} evaluations, {result['removed_prunable']:.1%} of prunable parameters removed")
     print(f"same plan: {same_plan}; same history: {same_history}")
     print(f"serial, 1 thread:            wall {serial['wall']:7.1f} s, search {serial['search_seconds']:7.1f} s")

@@ -436,6 +436,13 @@ def test_a_changed_calibration_file_is_caught(tmp_path):
         load_bound_task(Workspace(tmp_path / "ws"))
 
 
+def test_a_calibration_split_that_only_repeats_evaluated_examples_is_refused(tmp_path):
+    task = calibration_task(tmp_path)
+    (tmp_path / "calib.jsonl").write_text((tmp_path / "test.jsonl").read_text())
+    with pytest.raises(TaskError, match="holds no record that is not also an evaluated example"):
+        bind_task(Workspace(tmp_path / "ws"), task, split=SplitOptions(search=8, test=10, confirm=5))
+
+
 def test_calibration_split_must_name_a_data_files_split(tmp_path):
     path = calibration_task(tmp_path, calibration_split="nope")
     with pytest.raises(TaskError, match="'calibration_split' is 'nope'.*test, calib, train"):

@@ -156,7 +156,11 @@ def calibration_candidates(task: Task, source: str, records: dict[str, dict]) ->
     """Ids of split `source`'s records, less those equal to an evaluated record (so no example
     the search or the test scores is ever calibrated on)."""
     evaluated = {content_id(r) for r in records.values()}
-    return [i for i, r in fewshot_pool(task, source, records, []) if content_id(r) not in evaluated]
+    ids = [i for i, r in fewshot_pool(task, source, records, []) if content_id(r) not in evaluated]
+    if not ids:
+        raise TaskError(f"task {task.name}: calibration_split {source!r} holds no record that is not also an evaluated "
+                        f"example; point it at training data, or drop it to calibrate on a part of {task.split!r}")
+    return ids
 
 
 def fewshot_source(task: Task) -> str | None:
