@@ -139,8 +139,8 @@ def test_split_is_deterministic_disjoint_and_sized():
     a = make_split(ids, SplitOptions(seed=3))
     assert a == make_split(ids, SplitOptions(seed=3))
     assert a != make_split(ids, SplitOptions(seed=4))
-    # test 30% (cap 300), confirm 15% (cap 150), search 25% capped 250 -> 200, calibration the rest
-    assert [len(a[p]) for p in ("calibration", "search", "confirm", "test")] == [350, 200, 150, 300]
+    # test 25% (cap 300), confirm 30% (cap 400), search 25% capped 250 -> 200, calibration the rest
+    assert [len(a[p]) for p in ("calibration", "search", "confirm", "test")] == [250, 200, 300, 250]
     sets = [set(v) for v in a.values()]
     assert sum(map(len, sets)) == len(set().union(*sets)) == 1000
     small = make_split(ids[:50], SplitOptions(search=0.2, test=10, calibration=5))
@@ -162,7 +162,7 @@ def test_bind_writes_copy_split_and_manifest(tmp_path):
     bound, task_path = bind(tmp_path, num_fewshot=2)
     ws = Workspace(tmp_path / "ws")
     split = json.loads(ws.split_json.read_text())
-    assert split["counts"] == {"calibration": 8, "search": 4, "confirm": 4, "test": 8}
+    assert split["counts"] == {"calibration": 5, "search": 4, "confirm": 7, "test": 8}
     parts = [set(split["ids"][p]) for p in ("calibration", "search", "confirm", "test")]
     assert sum(map(len, parts)) == len(set().union(*parts)) == 24  # disjoint
     # few-shot demonstrations only ever come from calibration

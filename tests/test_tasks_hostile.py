@@ -183,7 +183,7 @@ def test_no_prompt_holds_its_own_text_or_another_scored_example(tmp_path, files,
     write_unique_records(tmp_path)
     task = write_task(tmp_path, "multiple_choice", data_files=files, split="test", fewshot_split=fewshot_split,
                       num_fewshot=12, id_field=None)
-    bound = bind_task(Workspace(tmp_path / "ws"), task, split=SplitOptions(search=8, test=12))
+    bound = bind_task(Workspace(tmp_path / "ws"), task, split=SplitOptions(search=8, test=12, confirm=0.15))
     scored = {e.id: e for part in ("search", "test") for e in bound.examples(part)}
     for example in bound.examples("test"):
         own = example.context.rsplit("\n\n", 1)[0]  # the demonstrations, without the question itself

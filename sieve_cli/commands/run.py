@@ -140,7 +140,7 @@ class DemoTask:
 DEMO_TASKS = {
     # narrow: 0-shot, so 200 search examples cost seconds to score; the dense model is far above
     # chance, so a real-job 5% tolerance leaves room to prune. The default split: search 200,
-    # confirm 150, test 300 of the 1000 reviews.
+    # confirm 300, test 250, calibration 250 of the 1000 reviews.
     "reviews": DemoTask("reviews", 0.05, SplitOptions(),
                         "sentiment of generated product reviews, 0-shot multiple choice"),
     # broad: next-token prediction needs all of a general model; at 5% uniform pruning keeps every
@@ -148,7 +148,7 @@ DEMO_TASKS = {
     "python_stdlib": DemoTask("python_stdlib", 0.25, SplitOptions(max_search=20, max_test=20),
                               "next-token prediction on the Python standard library's source, a broad task"),
 }
-# reviews: its 350 calibration examples hold about 6.9k tokens; grid 0.05: 5-6 uniform evaluations, not 7-8
+# reviews: its 250 calibration examples hold about 4.9k tokens (all read); grid 0.05: 5-6 uniform evaluations, not 7-8
 DEMO = dict(tokens=6_144, grid_step=0.05)
 
 
