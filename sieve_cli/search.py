@@ -552,18 +552,33 @@ def confirm_plan(evals: Evaluations, options: SearchOptions, kept: list[float], 
     same confidence, so the search's winner's curse (the best of many noisy scores) does not
     reach the plan. Dense itself always holds; each step costs one evaluation of the confirm part.
     """
-    # dense and the plan as one batch (in parallel on a pool: the confirm part is the largest scored)
-    dense_ranks = ranks_for(evals.targets, [1.0] * len(kept), evals.factors)
-    plan_ranks = ranks_for(evals.targets, kept, evals.factors)
-    dense, first = scorer.many([dense_ranks, plan_ranks]) if plan_ranks != dense_ranks else [scorer(dense_ranks)] * 2
+    steps = (*BACK_OFF, 1.0)
+    candidates = [[k + step * (1 - k) for k in kept] for step in steps]
+    ranks = [ranks_for(evals.targets, c, evals.factors) for c in candidates]
+    known: dict[tuple, Measurement] = {}  # by ranks: steps too close to differ in any rank are scored once
+    workers = int((scorer.layout or {}).get("workers", 1)) if scorer.score_many is not None else 1
+
+    def score_from(i: int) -> None:
+        """Step i and, on a pool, the next back-offs beside it (one per idle worker); dense first of all.
+        The confirm part is the largest part scored, so a pool pays most here."""
+        todo: dict[tuple, Ranks] = {}
+        take = workers if known else max(2, workers)
+        for r in ([] if known else [ranks[-1]]) + ranks[i:-1]:
+            if evals.key(r) not in known:
+                todo.setdefault(evals.key(r), r)
+            if len(todo) >= take:
+                break
+        known.update(zip(todo, scorer.many(list(todo.values()))))
+
+    score_from(0)
+    dense = known[evals.key(ranks[-1])]
     threshold = acceptance_threshold(dense.value, options.tolerance, options.absolute)
-    for step in (*BACK_OFF, 1.0):
-        candidate = [k + step * (1 - k) for k in kept]
-        ranks = ranks_for(evals.targets, candidate, evals.factors)
-        # dense holds by definition: no need to score it again
-        scored = dense if step == 1.0 else first if step == 0.0 else scorer(ranks)
-        point, judged, _ = evals.log(scored, ranks, {"strategy": "confirm", "generation": None, "step": step,
-                                                  "genome": candidate}, dense, threshold)
+    for i, step in enumerate(steps):
+        if evals.key(ranks[i]) not in known:
+            score_from(i)
+        candidate = candidates[i]
+        point, judged, _ = evals.log(known[evals.key(ranks[i])], ranks[i], {
+            "strategy": "confirm", "generation": None, "step": step, "genome": candidate}, dense, threshold)
         if is_acceptable(judged, threshold):
             break
     log.info("confirm part: %s (%s %.4f, lower bound %.4f, dense %.4f)",

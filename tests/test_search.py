@@ -219,6 +219,30 @@ def test_uniform_search_on_a_pool_scores_the_next_probe_beside_each_and_logs_the
     assert len(calls) >= len(serial_calls)
 
 
+def harsher(scorer, factor):
+    """The synthetic metric with `factor` times its damage: a confirm part where the plan breaks."""
+    score = scorer.score
+    scorer.score = lambda ranks: 1.0 - factor * (1.0 - score(ranks))
+    return scorer
+
+
+def test_confirm_backs_off_on_a_pool_with_the_serial_history_in_fewer_rounds(ws):
+    options = SearchOptions(strategy="uniform", tolerance=0.05)
+    serial_calls = []
+    serial = run_search(ws, options, scorer=synthetic_scorer(ws), confirm_scorer=harsher(synthetic_scorer(ws, serial_calls), 3))
+    serial_history = history(ws)
+    assert serial["search"]["confirm"]["back_off"] > 0.1  # it had to back off more than one step
+    batches, calls = [], []
+    pooled = harsher(synthetic_scorer(ws, calls), 3)
+    pooled.score_many = lambda batch: (batches.append(len(batch)), [pooled.score(r) for r in batch])[1]
+    pooled.layout = {"workers": 2}
+    again = run_search(ws, options, force=True, scorer=synthetic_scorer(ws), confirm_scorer=pooled)
+    assert again["matrices"] == serial["matrices"] and history(ws) == serial_history
+    assert again["search"]["confirm"] == serial["search"]["confirm"]
+    rounds = len(batches) + len(calls) - sum(batches)
+    assert all(b == 2 for b in batches) and rounds < len(serial_calls)
+
+
 def test_confirm_scores_dense_and_the_plan_together(ws):
     batches = []
     confirm = synthetic_scorer(ws)
