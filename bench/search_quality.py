@@ -46,7 +46,7 @@ from sieve_cli.errors import InputError  # noqa: E402
 from sieve_cli.evaluate import evaluate, prepare  # noqa: E402
 from sieve_cli.fit import FitOptions, load_factors, run_fit  # noqa: E402
 from sieve_cli.models import smollm2_gguf  # noqa: E402
-from sieve_cli.options import GAConfig, LocalConfig  # noqa: E402
+from sieve_cli.options import GAConfig, LocalConfig, SplitOptions  # noqa: E402
 from sieve_cli.pruned import prune_in_memory  # noqa: E402
 from sieve_cli.search import Scorer, SearchOptions, build_scorers, rank_at, read_targets, run_search  # noqa: E402
 from sieve_cli.tasks import bind_task  # noqa: E402
@@ -71,14 +71,20 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--confidence", type=float, default=SearchOptions.confidence)
     ap.add_argument("--limit", type=int, default=SearchOptions.limit, help="search-split examples per evaluation")
     ap.add_argument("--test-limit", type=int, default=None, help="test-split examples (default: all)")
+    ap.add_argument("--test-size", type=float, default=None, help="split: test part (default: the task default)")
+    ap.add_argument("--confirm-size", type=float, default=None, help="split: confirm part")
+    ap.add_argument("--max-confirm", type=int, default=None, help="split: cap on the confirm part")
     ap.add_argument("--work", type=Path, default=Path("/tmp/sieve-bench-search"))
     ap.add_argument("--out", type=Path, default=None, help="JSON results (default: WORK/search_quality.json)")
     return ap.parse_args()
 
 
-def prepare_workspace(ws: Workspace, task: str, tokens: int) -> None:
+def prepare_workspace(ws: Workspace, task: str, tokens: int, split: SplitOptions | None = None) -> None:
     run_discover(ws, DiscoverOptions(model=str(smollm2_gguf())))
-    run_capture(ws, CaptureOptions(task=str(REPO / "examples" / "tasks" / f"{task}.yaml"), tokens=tokens))
+    path = str(REPO / "examples" / "tasks" / f"{task}.yaml")
+    if split is not None:  # bound first with these sizes; capture then keeps them
+        bind_task(ws, path, split=split)
+    run_capture(ws, CaptureOptions(task=path, tokens=tokens))
     run_fit(ws, FitOptions(method="output"))
 
 
@@ -147,7 +153,9 @@ class SharedScores:
 def run_task(task: str, args, results: list[dict], out: Path) -> dict:
     ws = Workspace(args.work / task)
     started = time.perf_counter()
-    prepare_workspace(ws, task, args.tokens)
+    sizes = {k: v for k, v in (("test", args.test_size), ("confirm", args.confirm_size),
+                               ("max_confirm", args.max_confirm)) if v is not None}
+    prepare_workspace(ws, task, args.tokens, SplitOptions(**sizes) if sizes else None)
     log.info("%s: workspace ready in %.0f s", task, time.perf_counter() - started)
     test = TestScorer(ws, args.test_limit)
     output_factors = load_factors(ws, "output")
