@@ -52,15 +52,14 @@ class BoundTask:
     """A task bound to a workspace: its records, split, few-shot examples and rendered examples."""
 
     def __init__(
-        self, task: Task, split: dict, records: dict[str, dict] | None = None, fewshot_pool: dict[str, dict] | None = None
+        self, task: Task, split: dict, records: dict[str, dict] | None = None,
+        pools: dict[str, dict[str, dict]] | None = None,
     ) -> None:
         self.task = task
         self.split = split  # the contents of split.json
         self._records = records
-        self._pools: dict[str, dict[str, dict]] = {}  # records of other dataset splits, by split name
-        source = fewshot_split_of(split.get("fewshot_from", CALIBRATION))
-        if fewshot_pool is not None and source is not None:  # the candidates bind_task already read
-            self._pools[source] = fewshot_pool
+        # records of other dataset splits by split name (few-shot, calibration): what bind_task already read
+        self._pools: dict[str, dict[str, dict]] = dict(pools or {})
         self._renderer = Renderer(task)
 
     @property
@@ -152,11 +151,11 @@ def calibration_source(task: Task) -> str | None:
     return task.calibration_split
 
 
-def calibration_candidates(task: Task, source: str, records: dict[str, dict]) -> list[str]:
-    """Ids of split `source`'s records, less those equal to an evaluated record (so no example
-    the search or the test scores is ever calibrated on)."""
+def calibration_candidates(task: Task, source: str, pool: dict[str, dict], records: dict[str, dict]) -> list[str]:
+    """Ids of split `source`'s records (`pool`), less those equal to an evaluated record (so no
+    example the search or the test scores is ever calibrated on)."""
     evaluated = {content_id(r) for r in records.values()}
-    ids = [i for i, r in fewshot_pool(task, source, records, []) if content_id(r) not in evaluated]
+    ids = [i for i, r in pool.items() if content_id(r) not in evaluated]
     if not ids:
         raise TaskError(f"task {task.name}: calibration_split {source!r} holds no record that is not also an evaluated "
                         f"example; point it at training data, or drop it to calibrate on a part of {task.split!r}")
@@ -246,11 +245,22 @@ def bind_task(
     _render_first(task, records)  # a broken template fails here, before the workspace records a binding
     if not ws.begin(STAGE, inputs, force):
         return _load_checked(ws, records)
+    pools: dict[str, dict[str, dict]] = {}  # other dataset splits, each read once
+
+    def pool_of(name: str) -> dict[str, dict]:
+        if name not in pools:
+            pools[name] = dict(fewshot_pool(task, name, records, []))
+        return pools[name]
+
     calibration_from = calibration_source(task)
-    external = calibration_candidates(task, calibration_from, records) if calibration_from else None
+    external = (calibration_candidates(task, calibration_from, pool_of(calibration_from), records)
+                if calibration_from else None)
     parts = make_split(list(records), options, external)
     source = fewshot_source(task) or calibration_from  # none named: demonstrations from calibration, wherever it is
-    pool = fewshot_pool(task, source, records, parts[CALIBRATION]) if task.num_fewshot else []
+    if not task.num_fewshot:
+        pool = []
+    else:
+        pool = fewshot_pool(task, None, records, parts[CALIBRATION]) if source is None else list(pool_of(source).items())
     content = {
         "schema": SPLIT_SCHEMA,
         "task": task.name,
@@ -269,7 +279,7 @@ def bind_task(
     summary = {"task": task.name, "output_type": task.output_type, "source": task.source, "data_root": task.data_root, **content["counts"]}
     ws.finish(STAGE, inputs, [ws.task_yaml, ws.split_json], summary)
     log.info("bound task %s: %s", task.name, ", ".join(f"{p} {n}" for p, n in content["counts"].items()))
-    return BoundTask(task, content, records, dict(pool) if source is not None else None)
+    return BoundTask(task, content, records, pools)
 
 
 def _render_first(task: Task, records: dict[str, dict]) -> None:
