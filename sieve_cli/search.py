@@ -299,13 +299,8 @@ class Evaluations:
         for i, r in enumerate(ranks):
             if self.key(r) not in self.memo and self.key(r) not in self.prefetched:
                 todo.setdefault(self.key(r), i)
-        extra = [r for r in self.ahead if self.key(r) not in self.memo and self.key(r) not in self.prefetched
-                 and self.key(r) not in todo] if self.scorer.score_many is not None and todo else []
-        self.ahead = []
-        measured = self.scorer.many([ranks[i] for i in todo.values()] + extra)
-        for r, m in zip(extra, measured[len(todo):]):
-            self.prefetched[self.key(r)] = m
-        fresh = dict(zip(todo, measured[: len(todo)]))
+        fresh = dict(zip(todo, self.score_ahead([ranks[i] for i in todo.values()]))) if todo else {}
+        self.ahead = []  # nothing new to score beside: what was named ahead is no longer the next step
         for i, r in enumerate(ranks):  # logged in the batch's order, prefetched ones where they are asked for
             key = self.key(r)
             if key in self.memo:
@@ -314,6 +309,18 @@ class Evaluations:
             self.memo[key] = self.log(m, r, records[i], self.dense)
             self.scored += 1
         return [self.memo[self.key(r)][1] for r in ranks]
+
+    def score_ahead(self, batch: list[Ranks]) -> list[Measurement]:
+        """`batch` scored as one, with what `speculate` named beside it where a pool has workers
+        to spare; those wait, unlogged, in `prefetched`. Returns the batch's measurements."""
+        taken = {self.key(r) for r in batch}
+        extra = [r for r in self.ahead if self.key(r) not in self.memo and self.key(r) not in self.prefetched
+                 and self.key(r) not in taken] if self.scorer.score_many is not None else []
+        self.ahead = []
+        measured = self.scorer.many(batch + extra)
+        for r, m in zip(extra, measured[len(batch):]):
+            self.prefetched[self.key(r)] = m
+        return measured[: len(batch)]
 
     def speculate(self, kepts: list[list[float]]) -> None:
         """Allocations the next batch may score beside it on idle workers (a likely next step)."""
@@ -498,7 +505,7 @@ def find_plan(ws: Workspace, options: SearchOptions, scorer: Scorer, targets: li
         dense_ranks = ranks_for(targets, [1.0] * len(targets), factors)
         probe = first_probe(uniform_grid(options.grid_step))  # a second worker scores the uniform search's first
         evals.speculate([[probe] * len(targets)] if probe is not None and scorer.score_many is not None else [])
-        dense = prefetch_beside(evals, dense_ranks)
+        dense = evals.score_ahead([dense_ranks])[0]
         evals.log(dense, dense_ranks, {"strategy": options.algorithm, "generation": None, "p": 1.0}, None)
         checkpoint = {"dense": dense.value, "metric": scorer.metric, "examples": scorer.examples,
                       "dense_measurement": {"value": dense.value, "scores": dense.scores, "weights": dense.weights,
@@ -529,17 +536,6 @@ def find_plan(ws: Workspace, options: SearchOptions, scorer: Scorer, targets: li
     if confirmed is not None:
         outcome.extra["confirm"] = confirmed
     return build_plan(options, targets, ranks, model_total, scorer.metric, dense.value, evals.point(kept), outcome)
-
-
-def prefetch_beside(evals: Evaluations, ranks: Ranks) -> Measurement:
-    """`ranks` scored (not judged: dense, which the judging needs), with what `speculate` named
-    scored beside it on idle workers and kept for later."""
-    extra = evals.ahead if evals.scorer.score_many is not None else []
-    evals.ahead = []
-    measured = evals.scorer.many([ranks, *extra])
-    for r, m in zip(extra, measured[1:]):
-        evals.prefetched[evals.key(r)] = m
-    return measured[0]
 
 
 BACK_OFF = (0.0, 0.1, 0.2, 0.35, 0.5, 0.75)  # steps toward dense (then dense): kept -> kept + t (1 - kept)
