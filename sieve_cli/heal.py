@@ -26,7 +26,6 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 import torch
@@ -232,8 +231,7 @@ def calibration_sequences(ws: Workspace, tokenizer, seq_len: int, limit: int) ->
     """Token ids of the calibration part's first `limit` rendered texts (what capture read first; a
     training split named by `calibration_split` holds far more than a heal run's steps x batch can
     use), cut at `seq_len`; and how many examples they came from. The only part of the task heal reads."""
-    bound = bind_task(ws, None)
-    texts = [e.text(bound.task.target_delimiter) for e in islice(bound.iter_examples("calibration"), limit)]
+    texts = bind_task(ws, None).texts("calibration", limit)
     calibration, _ = build_calibration(tokenizer, [("", text) for text in texts], seq_len, sys.maxsize,
                                        share_prefix=False)  # training needs every sequence whole
     sequences = calibration.sequences

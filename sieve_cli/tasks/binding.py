@@ -27,6 +27,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import asdict
 from functools import cached_property
+from itertools import islice
 
 import yaml
 
@@ -122,9 +123,10 @@ class BoundTask:
             shots = [rec for sid, rec in self._shots if sid != id_ and rec != record][:k]
             yield self._renderer.example(id_, record, shots)
 
-    def texts(self, part: str) -> list[str]:
-        """Full text per example (context + delimiter + gold target): what capture reads."""
-        return [e.text(self.task.target_delimiter) for e in self.examples(part)]
+    def texts(self, part: str, limit: int | None = None) -> list[str]:
+        """Full text per example (context + delimiter + gold target): what capture reads; the first
+        `limit` only (rendered as far as that) when given."""
+        return [e.text(self.task.target_delimiter) for e in islice(self.iter_examples(part), limit)]
 
 
 def records_by_id(task: Task, records: list[dict]) -> dict[str, dict]:
