@@ -207,20 +207,16 @@ class SplitOptions:
     def sizes(self, total: int, calibration_elsewhere: bool = False) -> dict[str, int]:
         """Part sizes for `total` examples; `calibration_elsewhere`: the task calibrates on another
         split, so none of these examples is calibration and the rest joins confirm."""
-        def count(value: float, cap: int | None) -> int:
-            n = int(value) if value >= 1 or value == 0 else round(value * total)
-            return min(n, cap) if cap is not None else n
-
-        test = count(self.test, self.max_test)
-        confirm = count(self.confirm, self.max_confirm)
-        search = count(self.search, self.max_search)
+        test = part_count(self.test, total, self.max_test)
+        confirm = part_count(self.confirm, total, self.max_confirm)
+        search = part_count(self.search, total, self.max_search)
         rest = total - test - confirm - search
         if calibration_elsewhere:
             calibration = 0
             if confirm > 0 and rest > 0:
                 confirm = min(confirm + rest, self.max_confirm if self.max_confirm is not None else total)
         else:
-            calibration = rest if self.calibration is None else count(self.calibration, None)
+            calibration = rest if self.calibration is None else part_count(self.calibration, total)
         if (min(test, search) < 1 or (calibration < 1 and not calibration_elsewhere)
                 or test + confirm + search + calibration > total):
             raise TaskError(
@@ -228,6 +224,12 @@ class SplitOptions:
                 f"{calibration}; use smaller split sizes (fractions such as 0.2) or a larger dataset"
             )
         return {"calibration": calibration, "search": search, "confirm": confirm, "test": test}
+
+
+def part_count(value: float, total: int, cap: int | None = None) -> int:
+    """A split size as a count of `total` examples: a count (>= 1, or 0), or a fraction below 1; at most `cap`."""
+    n = int(value) if value >= 1 or value == 0 else round(value * total)
+    return min(n, cap) if cap is not None else n
 
 
 @dataclass(frozen=True)

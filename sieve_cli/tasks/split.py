@@ -12,7 +12,7 @@ import random
 
 from ..errors import TaskError
 from ..files import sha256_bytes
-from ..options import SplitOptions
+from ..options import SplitOptions, part_count
 from .spec import Task
 
 ID_HEX_CHARS = 16  # 64 bits: collisions among a few million records are negligible, and harmless (see content_ids)
@@ -35,8 +35,7 @@ def make_split(ids: list[str], options: SplitOptions, calibration_ids: list[str]
     if elsewhere:
         pool = list(calibration_ids)
         random.Random(f"calibration-{options.seed}").shuffle(pool)
-        size = options.calibration
-        n = len(pool) if size is None else int(size) if size >= 1 else round(size * len(pool))
+        n = len(pool) if options.calibration is None else part_count(options.calibration, len(pool))
         if n < 1 or n > len(pool):
             raise TaskError(f"cannot draw {n} calibration examples from the {len(pool)} of the calibration split; "
                             f"use a --calibration-size between 1 and {len(pool)}")
