@@ -35,7 +35,6 @@ from .genetic import (
     levels_with,
 )
 from .local import Layout, Scored, StepReport, local_search
-from .lowrank import lowrank_params, rank_for_fraction
 from .matrices import Matrix
 from .models import load_tokenizer, safetensors_folder, torch_dtype
 from .options import STRATEGIES, LocalConfig, SearchOptions
@@ -229,13 +228,14 @@ def read_targets(ws: Workspace) -> tuple[list[Matrix], int]:
     return [Matrix.from_dict(m) for m in found["matrices"]], int(found["total_params"])
 
 
-def rank_at(target: Matrix, kept: float, factors: FactorSet) -> int | None:
-    """The rank that keeps at most `kept` of the matrix, limited to what the fit provides.
+def rank_at(target, kept: float, factors: FactorSet) -> int | None:
+    """The level (a matrix's rank, a width unit's width) that keeps at most `kept` of the target,
+    limited to what the fit provides.
 
     A `learned` fit has only its trained ranks: take the largest of them within `kept`
     (the smallest if none is), so the plan's parameter counts stay honest.
     """
-    rank = rank_for_fraction(kept, target.out_features, target.in_features)
+    rank = target.level_for(kept)
     if rank is None:
         return None
     available = factors.ranks(target.name)
@@ -245,12 +245,17 @@ def rank_at(target: Matrix, kept: float, factors: FactorSet) -> int | None:
     return max(below) if below else min(available)
 
 
-def ranks_for(targets: list[Matrix], kept: list[float], factors: FactorSet) -> Ranks:
+def ranks_for(targets: list, kept: list[float], factors: FactorSet) -> Ranks:
     return {t.name: rank_at(t, p, factors) for t, p in zip(targets, kept, strict=True)}
 
 
-def params_after(targets: list[Matrix], ranks: Ranks) -> int:
-    return sum(lowrank_params(ranks[t.name], t.out_features, t.in_features) for t in targets)
+def params_after(targets: list, ranks: Ranks) -> int:
+    return sum(t.size_at(ranks[t.name]) for t in targets)
+
+
+def search_targets(factors: FactorSet, matrices: list[Matrix]) -> list:
+    """What the search gives a level to: the prunable matrices (a rank each), or a width fit's units."""
+    return factors.width_units() if factors.method == "width" else matrices
 
 
 # ---- evaluation bookkeeping: memo, history, checkpoint -------------------------------------
@@ -412,8 +417,9 @@ def run_search(ws: Workspace, options: SearchOptions, force: bool = False, score
     if not resume:
         for stale in (ws.plan_json, ws.history_jsonl, ws.search_checkpoint):
             stale.unlink(missing_ok=True)
-    targets, model_total = read_targets(ws)
+    matrices, model_total = read_targets(ws)
     factors = load_factors(ws, options.method)
+    targets = search_targets(factors, matrices)
     checkpoint = read_json(ws.search_checkpoint) if resume and ws.search_checkpoint.exists() else {}
     with ExitStack() as cleanup:  # a pool of workers lives as long as the search
         if scorer is None:
@@ -643,7 +649,9 @@ class Start:
 
 def adaptive_start(ws, evals: Evaluations, options: SearchOptions, targets, factors, uniform) -> Start:
     levels = levels_with(options.levels, uniform.p)
-    kept = [[lowrank_params(rank_at(t, p, factors), t.out_features, t.in_features) for p in levels] for t in targets]
+    if factors.method == "width":  # a width unit may go altogether (a block whose two units go is gone)
+        levels = sorted({*levels, 0.0}, reverse=True)
+    kept = [[t.size_at(rank_at(t, p, factors)) for p in levels] for t in targets]
     problem = Problem(kept=kept, total=evals.total, threshold=evals.threshold)
     seeds = [[levels.index(uniform.p)] * len(targets)]
     errors = spectrum_errors(ws, options, targets, levels, factors)

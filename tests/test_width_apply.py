@@ -1,0 +1,148 @@
+"""Width plans on tiny models: narrowed modules in memory, the standard folder plain transformers loads,
+the custom folder for per-layer widths, removed blocks, and the width fit stage."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sieve_cli.apply import ApplyOptions, run_apply
+from sieve_cli.discover import DiscoverOptions, run_discover
+from sieve_cli.factors import FactorSet
+from sieve_cli.fit import record_fit
+from sieve_cli.matrices import find_matrices, weight_of
+from sieve_cli.modeling import MODELING_FILE
+from sieve_cli.models import load_model
+from sieve_cli.narrowing import width_units
+from sieve_cli.plan import Plan
+from sieve_cli.pruned import SIEVE_JSON, load_pruned, prune_in_memory
+from sieve_cli.width import width_basis
+from sieve_cli.workspace import Workspace
+
+from .tiny import save_tiny
+
+IDS = torch.randint(3, 100, (2, 13), generator=torch.Generator().manual_seed(4))
+
+
+def out_grams(model, units) -> dict:
+    """The Gram of each unit's out matrix's input over a few random sequences (what capture records)."""
+    grams, hooks = {}, []
+    for u in units:
+        def hook(_, args, name=u.name):
+            x = args[0].detach().double().reshape(-1, args[0].shape[-1])
+            grams[name] = grams.get(name, 0) + x.T @ x
+        hooks.append(model.get_submodule(u.out).register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(torch.randint(3, 100, (8, 24), generator=torch.Generator().manual_seed(1)))
+    for h in hooks:
+        h.remove()
+    return grams
+
+
+def width_workspace(tmp_path, family):
+    folder = save_tiny(tmp_path / family, family)
+    ws = Workspace(tmp_path / "ws")
+    run_discover(ws, DiscoverOptions(model=str(folder)))
+    model, _ = load_model(str(folder))
+    units = width_units(find_matrices(model), model.config.model_type, model.config)
+    grams = out_grams(model, units)
+    factors = FactorSet("width")
+    for u in units:
+        factors.widths[u.name] = (u, width_basis(weight_of(model.get_submodule(u.out)), grams[u.name], u.unit_size))
+        factors.blocks[u.name] = u.block
+    record_fit(ws, "width", factors, {u.name: [1.0] * (u.units + 1) for u in units}, {"options": {"method": "width"}})
+    return ws, model, units, factors
+
+
+def write_width_plan(ws, units, widths) -> Path:
+    total = json.loads(ws.matrices_json.read_text())["total_params"]
+    plan = Plan.build(strategy="uniform", method="width", tolerance=0.05, absolute=False, matrices=units,
+                      ranks=widths, model_total=total, metric="accuracy", dense=1.0, plan_metric=1.0)
+    path = ws.root.parent / "plan.json"
+    plan.save(path)
+    return path
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+FAMILIES = ["llama", "gpt2", "gemma3_text"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_width_reproduces_dense_and_uniform_width_is_a_standard_folder(tmp_path, family):
+    ws, model, units, factors = width_workspace(tmp_path, family)
+    dense = logits(model)
+    whole = {u.name: u.units for u in units}  # every unit kept: the refit is W itself
+    restore = prune_in_memory(model, whole, factors)
+    assert torch.allclose(logits(model), dense, atol=1e-4)
+    restore()
+    half = {u.name: u.units // 2 for u in units}
+    restore = prune_in_memory(model, half, factors)
+    pruned = logits(model)
+    restore()
+    assert not torch.allclose(pruned, dense, atol=1e-3)
+    out = tmp_path / "out"
+    result = run_apply(ws, ApplyOptions(out=out, plan=write_width_plan(ws, units, half)))
+    assert result["standard"] is not None and not (out / MODELING_FILE).exists()
+    config = json.loads((out / "config.json").read_text())
+    assert "auto_map" not in config and config["model_type"] == model.config.model_type
+    mlp_units = next(u.units for u in units if u.kind == "mlp")
+    assert config.get("intermediate_size", config.get("n_inner")) == mlp_units // 2
+    if family != "gpt2":
+        assert config["num_key_value_heads"] == 1 and config["num_attention_heads"] == 2
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()  # no trust_remote_code
+    assert torch.allclose(logits(plain), pruned, atol=1e-4)
+    assert torch.allclose(logits(load_pruned(out)), pruned, atol=1e-4)
+    assert result["params_after"] == sum(p.numel() for p in plain.parameters())
+
+
+def test_per_layer_widths_use_the_custom_folder_and_reload(tmp_path):
+    ws, model, units, factors = width_workspace(tmp_path, "llama")
+    widths = {u.name: (u.units // 2 if u.block == 0 else u.units // 4) if u.kind == "mlp" else None for u in units}
+    widths["model.layers.1.self_attn"] = 0  # attention of block 1 skipped, its MLP kept narrower
+    restore = prune_in_memory(model, widths, factors)
+    pruned = logits(model)
+    restore()
+    out = tmp_path / "out"
+    result = run_apply(ws, ApplyOptions(out=out, plan=write_width_plan(ws, units, widths)))
+    assert result["standard"] is None and (out / MODELING_FILE).exists()
+    recorded = json.loads((out / SIEVE_JSON).read_text())["factored"]
+    assert recorded["model.layers.1.self_attn"] == {"type": "skip"}
+    assert recorded["model.layers.0.mlp.down_proj"]["in_features"] == 32
+    assert torch.allclose(logits(load_pruned(out)), pruned, atol=1e-4)
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert torch.allclose(logits(remote), pruned, atol=1e-4)
+
+
+def test_a_block_with_both_units_removed_is_gone_from_the_standard_folder(tmp_path):
+    ws, model, units, factors = width_workspace(tmp_path, "gemma3_text")
+    widths = {u.name: 0 if u.block == 0 else u.units // 2 for u in units}
+    restore = prune_in_memory(model, widths, factors)
+    pruned = logits(model)
+    restore()
+    out = tmp_path / "out"
+    result = run_apply(ws, ApplyOptions(out=out, plan=write_width_plan(ws, units, widths)))
+    assert result["standard"]["removed_blocks"] == [0]
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == model.config.num_hidden_layers - 1
+    assert len(config["layer_types"]) == config["num_hidden_layers"]
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert torch.allclose(logits(plain), pruned, atol=1e-4)
+
+
+def test_width_units_cover_every_matrix_once_and_count_its_parameters():
+    from .tiny import tiny_model
+
+    for family in ("llama", "qwen3", "phi3", "gpt2", "opt", "gpt_neox"):
+        model = tiny_model(family)
+        matrices = find_matrices(model)
+        units = width_units(matrices, model.config.model_type, model.config)
+        covered = [n for u in units for n in (*(r for r, _ in u.rows), u.out)]
+        assert len(covered) == len(set(covered))
+        by_name = {m.name: m for m in matrices}
+        assert sum(u.params for u in units) == sum(by_name[n].params for n in covered), family
