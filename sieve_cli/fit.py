@@ -15,6 +15,7 @@ import math
 import shutil
 import time
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -115,9 +116,6 @@ def run_fit(ws: Workspace, options: FitOptions, force: bool = False, model: nn.M
         log.info("%s is up to date in %s; nothing to do (--force refits)", stage, ws.root)
         return {**ws.read_manifest(stage)["summary"], "up_to_date": True}
     if model is None and not ws.read_manifest(Stage.CAPTURE)["summary"].get("stats_kept", True):
-        if options.method == "width":
-            raise InputError("the width fit reads the capture store, which this block-wise capture did not keep; "
-                             "rerun `sieve capture --keep-stats --force` (a block-wise width fit is not built yet)")
         return _refit_blockwise(ws, options, inputs, force)
     load_seconds, mode = 0.0, "memory" if model is not None else _choose_fit_mode(ws, options)
     if mode == "memory":
@@ -214,7 +212,10 @@ def _refit_blockwise(ws: Workspace, options: FitOptions, inputs: dict, force: bo
     tokenizer = load_tokenizer(workspace_model_source(ws))
     sequences, _ = calibration_sequences(bind_task(ws, None), capture_options, tokenizer)
     started = time.perf_counter()
-    result = capture_and_fit_workspace(ws, capture_options, sequences, [options], tokenizer, fit_site,
+    site_fit = fit_site
+    if options.method == "width":  # each block's out matrices fitted as their units, as in memory
+        site_fit = partial(fit_site, units={u.out: u for u in model_width_units(ws, workspace_matrices(ws))})
+    result = capture_and_fit_workspace(ws, capture_options, sequences, [options], tokenizer, site_fit,
                                        fingerprint=str(inputs), fresh=force, work=ws.fit_dir(options.method) / "blockwise")
     log.info("recomputed the statistics block by block in %.1f s", time.perf_counter() - started)
     summary = _write_fit(ws, ws.fit_stage(options.method), inputs, options, result.factors[options.method],
