@@ -253,6 +253,16 @@ def params_after(targets: list, ranks: Ranks) -> int:
     return sum(t.size_at(ranks[t.name]) for t in targets)
 
 
+def uniform_kept(targets: list, p: float) -> list[float]:
+    """The uniform plan at kept fraction p: p for every matrix, or (a width fit) for every MLP.
+
+    A width fit's attention modules stay whole here: they are cut by whole KV groups (a third of
+    SmolLM2's attention each), far too coarse for one fraction shared with the MLPs; the
+    adaptive search gives them their own levels.
+    """
+    return [1.0 if getattr(t, "level_key", "rank") == "width" and t.kind == "attention" else p for t in targets]
+
+
 def search_targets(factors: FactorSet, matrices: list[Matrix]) -> list:
     """What the search gives a level to: the prunable matrices (a rank each), or a width fit's units."""
     return factors.width_units() if factors.method == "width" else matrices
@@ -510,7 +520,7 @@ def find_plan(ws: Workspace, options: SearchOptions, scorer: Scorer, targets: li
     if dense is None:  # the dense model is scored once and kept in the checkpoint
         dense_ranks = ranks_for(targets, [1.0] * len(targets), factors)
         probe = first_probe(uniform_grid(options.grid_step))  # a second worker scores the uniform search's first
-        evals.speculate([[probe] * len(targets)] if probe is not None and scorer.score_many is not None else [])
+        evals.speculate([uniform_kept(targets, probe)] if probe is not None and scorer.score_many is not None else [])
         dense = evals.score_ahead([dense_ranks])[0]
         evals.log(dense, dense_ranks, {"strategy": options.algorithm, "generation": None, "p": 1.0}, None)
         checkpoint = {"dense": dense.value, "metric": scorer.metric, "examples": scorer.examples,
@@ -528,7 +538,7 @@ def find_plan(ws: Workspace, options: SearchOptions, scorer: Scorer, targets: li
 
     uniform = search_uniform(evals, options, targets)
     if options.algorithm == "uniform":
-        outcome = Outcome([uniform.p] * len(targets), dense.value if uniform.metric is None else uniform.metric,
+        outcome = Outcome(uniform_kept(targets, uniform.p), dense.value if uniform.metric is None else uniform.metric,
                           {"uniform_p": uniform.p})
     else:
         outcome = search_adaptive(ws, evals, options, targets, factors, uniform, checkpoint, on_generation)
@@ -592,16 +602,20 @@ def confirm_plan(evals: Evaluations, options: SearchOptions, kept: list[float], 
 
 def search_uniform(evals: Evaluations, options: SearchOptions, targets: list[Matrix]):
     grid = uniform_grid(options.grid_step)
-    record = lambda p: {"strategy": "uniform", "generation": None, "p": p}  # noqa: E731
+
+    def record(p: float) -> dict:  # a width plan's uniform keeps attention whole: its genome says so
+        kept = uniform_kept(targets, p)
+        return {"strategy": "uniform", "generation": None, "p": p} | ({"genome": kept} if len(set(kept)) > 1 else {})
+
     with progress.bar("uniform search", total=len(grid).bit_length()) as b:
         def metric_at(p: float) -> float:
-            value = evals.metric([p] * len(targets), record(p))
+            value = evals.metric(uniform_kept(targets, p), record(p))
             b.advance()
             b.note(f"p={p:.2f} {evals.scorer.metric}={value:.4f}")
             return value
 
         def ahead(_: float, after_failure: float | None) -> None:  # a second worker scores the probe after a failure
-            evals.speculate([] if after_failure is None else [[after_failure] * len(targets)])
+            evals.speculate([] if after_failure is None else [uniform_kept(targets, after_failure)])
 
         result = binary_search(grid, metric_at, evals.threshold, ahead)
     log.info("uniform: keep p=%.2f of every matrix (%s=%s) after %d evaluations",
@@ -653,7 +667,7 @@ def adaptive_start(ws, evals: Evaluations, options: SearchOptions, targets, fact
         levels = sorted({*levels, 0.0}, reverse=True)
     kept = [[t.size_at(rank_at(t, p, factors)) for p in levels] for t in targets]
     problem = Problem(kept=kept, total=evals.total, threshold=evals.threshold)
-    seeds = [[levels.index(uniform.p)] * len(targets)]
+    seeds = [[levels.index(p) for p in uniform_kept(targets, uniform.p)]]
     errors = spectrum_errors(ws, options, targets, levels, factors)
     if errors is not None:
         removal = problem.removed(seeds[0])

@@ -52,7 +52,8 @@ def width_workspace(tmp_path, family):
     for u in units:
         factors.widths[u.name] = (u, width_basis(weight_of(model.get_submodule(u.out)), grams[u.name], u.unit_size))
         factors.blocks[u.name] = u.block
-    record_fit(ws, "width", factors, {u.name: [1.0] * (u.units + 1) for u in units}, {"options": {"method": "width"}})
+    spectrum = {u.name: factors.basis(u.name).relative().tolist() for u in units}
+    record_fit(ws, "width", factors, spectrum, {"options": {"method": "width"}})
     return ws, model, units, factors
 
 
@@ -146,3 +147,58 @@ def test_width_units_cover_every_matrix_once_and_count_its_parameters():
         assert len(covered) == len(set(covered))
         by_name = {m.name: m for m in matrices}
         assert sum(u.params for u in units) == sum(by_name[n].params for n in covered), family
+
+
+def width_scorer(units, calls=None, fail_after=None):
+    """A metric that MLP 0 barely affects and attention affects a lot: an uneven plan pays."""
+    cost = {u.name: (0.02 if (u.kind, u.block) == ("mlp", 0) else 0.5 if u.kind == "mlp" else 1.0) for u in units}
+
+    def score(widths):
+        if fail_after is not None and len(calls) >= fail_after:
+            raise KeyboardInterrupt
+        if calls is not None:
+            calls.append(dict(widths))
+        return 1.0 - sum(cost[u.name] * (1 - u.kept_at(widths.get(u.name))) for u in units) / len(units)
+
+    from sieve_cli.search import Scorer
+    return Scorer(score=score, metric="synthetic", examples=10)
+
+
+def test_width_search_keeps_attention_whole_in_uniform_and_adaptive_goes_further(tmp_path):
+    from sieve_cli.search import SearchOptions, run_search
+
+    ws, _, units, _ = width_workspace(tmp_path, "llama")
+    ws.begin("task", {"task": "synthetic"})
+    ws.finish("task", {"task": "synthetic"}, [])
+    uniform = run_search(ws, SearchOptions(method="width", strategy="uniform", tolerance=0.05),
+                         scorer=width_scorer(units))
+    entries = uniform["matrices"]
+    assert set(entries) == {u.name for u in units} and all("width" in e and "rank" not in e for e in entries.values())
+    assert all(e["width"] is None for e in entries.values() if e["kind"] == "attention")
+    assert any(e["width"] is not None and e["width"] < e["units"] for e in entries.values() if e["kind"] == "mlp")
+    adaptive = run_search(ws, SearchOptions(method="width", strategy="adaptive", tolerance=0.05),
+                          scorer=width_scorer(units))
+    assert adaptive["params"]["removed_fraction_model"] > uniform["params"]["removed_fraction_model"]
+    kept = {n: e["kept"] for n, e in adaptive["matrices"].items()}
+    assert kept["model.layers.0.mlp"] < kept["model.layers.1.mlp"]  # the cheap MLP loses more
+    assert Plan.parse(adaptive).ranks() == {n: e["width"] for n, e in adaptive["matrices"].items()}
+
+
+def test_killed_width_search_resumes_to_the_same_plan(tmp_path):
+    import shutil
+
+    from sieve_cli.search import SearchOptions, run_search
+
+    ws, _, units, _ = width_workspace(tmp_path, "llama")
+    ws.begin("task", {"task": "synthetic"})
+    ws.finish("task", {"task": "synthetic"}, [])
+    fresh = Workspace(tmp_path / "fresh")
+    shutil.copytree(ws.root, fresh.root)
+    options = SearchOptions(method="width", strategy="adaptive", tolerance=0.05)
+    full_calls = []
+    full = run_search(fresh, options, scorer=width_scorer(units, full_calls))
+    calls = []
+    with pytest.raises(KeyboardInterrupt):
+        run_search(ws, options, scorer=width_scorer(units, calls, fail_after=len(full_calls) * 2 // 3))
+    resumed = run_search(ws, options, scorer=width_scorer(units))
+    assert resumed["matrices"] == full["matrices"] and resumed["params"] == full["params"]
