@@ -256,13 +256,12 @@ def build_and_save(ws: Workspace, ranks, layout, plan, method, options: ApplyOpt
              "healed": heal_record(ws) if options.healed else None}
     narrowed = {name: shape_of(module) for name, module in swapped.items() if not isinstance(module, LowRankLinear)}
     shape = standard_shape(model, list(targets.values()), ranks) if method == "width" else None
-    if shape is not None and options.quantize is None:
+    if shape is not None:
         extra["standard"] = shape.describe()
         writer = lambda folder: save_standard(model, folder, shape, plan.data,  # noqa: E731
-                                              ws.require(Stage.DISCOVER)["inputs"]["model"], tokenizer, extra)
+                                              ws.require(Stage.DISCOVER)["inputs"]["model"], tokenizer, extra,
+                                              quantize=options.quantize)
     else:
-        if narrowed and options.quantize is not None:
-            raise InputError("--quantize does not take a width plan yet; apply it without --quantize")
         writer = lambda folder: save_pruned(model, folder, plan.data,  # noqa: E731
                                             ws.require(Stage.DISCOVER)["inputs"]["model"], tokenizer,
                                             fit_method=method, extra=extra, quantize=options.quantize, narrowed=narrowed)

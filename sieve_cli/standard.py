@@ -108,7 +108,7 @@ def renumbered(state: dict, blocks: str, removed: tuple[int, ...]) -> dict:
 
 
 def save_standard(model: nn.Module, out: str | Path, shape: StandardShape, plan: Mapping, base_identity: Mapping,
-                  tokenizer=None, extra: Mapping | None = None) -> dict:
+                  tokenizer=None, extra: Mapping | None = None, quantize: str | None = None) -> dict:
     """Write the standard folder of a narrowed model; returns the sieve.json written."""
     from safetensors.torch import save_file
 
@@ -135,9 +135,13 @@ def save_standard(model: nn.Module, out: str | Path, shape: StandardShape, plan:
         "model_type": model.config.model_type, "architecture": type(model).__name__,
         "dtype": str(dtype).removeprefix("torch."), "fit_method": "width", "factored": {}, "tied": tied,
         "params": sum(t.numel() for t in state.values()), "plan": dict(plan),
-        "files": sorted({name for name in written if (out / name).is_file()} | {SIEVE_JSON}), "quantize": None,
+        "files": sorted({name for name in written if (out / name).is_file()} | {SIEVE_JSON}), "quantize": quantize,
         **dict(extra or {}),
     }
+    if quantize is not None:
+        from .quantize import quantize_folder
+
+        quantize_folder(out, quantize, info, WEIGHTS)
     (out / SIEVE_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n")
     return info
 

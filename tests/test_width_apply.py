@@ -202,3 +202,30 @@ def test_killed_width_search_resumes_to_the_same_plan(tmp_path):
         run_search(ws, options, scorer=width_scorer(units, calls, fail_after=len(full_calls) * 2 // 3))
     resumed = run_search(ws, options, scorer=width_scorer(units))
     assert resumed["matrices"] == full["matrices"] and resumed["params"] == full["params"]
+
+
+@pytest.mark.parametrize("standard", [True, False])
+def test_width_folders_quantize_to_int8_and_reload_close(tmp_path, standard):
+    pytest.importorskip("torchao")
+    ws, model, units, factors = width_workspace(tmp_path, "llama")
+    widths = {u.name: u.units // 2 if (standard or u.block == 0) else u.units // 4 for u in units}
+    restore = prune_in_memory(model, widths, factors)
+    pruned = logits(model)
+    restore()
+    plan = write_width_plan(ws, units, widths)
+    floats = run_apply(ws, ApplyOptions(out=tmp_path / "float", plan=plan))
+    result = run_apply(ws, ApplyOptions(out=tmp_path / "int8", plan=plan, quantize="int8"), force=True)
+    assert (result["standard"] is not None) == standard
+    assert result["file_bytes"] < floats["file_bytes"]
+    reloaded = load_pruned(tmp_path / "int8")
+    assert json.loads((tmp_path / "int8" / "config.json").read_text())["quantization_config"]
+    assert (logits(reloaded) - pruned).abs().max() < 0.05 * pruned.abs().max()
+
+
+def test_lm_eval_runs_a_standard_folder_without_remote_code(tmp_path):
+    from sieve_cli.lm_eval_task import lm_eval_model_args
+
+    ws, _, units, _ = width_workspace(tmp_path, "llama")
+    run_apply(ws, ApplyOptions(out=tmp_path / "out", plan=write_width_plan(ws, units, {u.name: 1 for u in units})))
+    args = lm_eval_model_args(ws, str(tmp_path / "out"), None)
+    assert "trust_remote_code" not in args and args["pretrained"] == str((tmp_path / "out").resolve())
