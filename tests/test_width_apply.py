@@ -229,3 +229,24 @@ def test_lm_eval_runs_a_standard_folder_without_remote_code(tmp_path):
     run_apply(ws, ApplyOptions(out=tmp_path / "out", plan=write_width_plan(ws, units, {u.name: 1 for u in units})))
     args = lm_eval_model_args(ws, str(tmp_path / "out"), None)
     assert "trust_remote_code" not in args and args["pretrained"] == str((tmp_path / "out").resolve())
+
+
+def test_cli_run_with_the_width_method_ends_in_a_folder_that_reloads(tiny_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from sieve_cli.cli import app
+
+    from .test_tasks import write_task
+
+    task = write_task(tmp_path, "text_modelling")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", str(tiny_dir), "--task", str(task), "-w", str(tmp_path / "ws"), "-o",
+                                      str(out), "--tokens", "2000", "--max-search", "6", "--max-test", "6",
+                                      "--method", "width", "--strategy", "uniform"])
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / SIEVE_JSON).read_text())
+    assert info["fit_method"] == "width" and info["plan"]["method"] == "width"
+    assert json.loads((tmp_path / "ws" / "fit" / "width" / "manifest.json").read_text())["complete"]
+    load_pruned(out)
+    bad = CliRunner().invoke(app, ["search", "-w", str(tmp_path / "ws"), "--method", "widths"])
+    assert bad.exit_code != 0 and "--method must be one of" in bad.output and "Traceback" not in bad.output
