@@ -672,7 +672,34 @@ def adaptive_start(ws, evals: Evaluations, options: SearchOptions, targets, fact
     if errors is not None:
         removal = problem.removed(seeds[0])
         seeds += greedy_seeds(errors, kept, evals.total, [min(0.95, removal + d) for d in SEED_REMOVALS])
+    if factors.method == "width":
+        seeds += depth_seeds(evals, targets, levels, seeds[0])
     return Start(levels, problem, seeds, errors)
+
+
+DEPTH_SEEDS = (1, 2, 3, 4, 6, 8)  # blocks dropped together in the depth seeds
+
+
+def depth_seeds(evals: Evaluations, targets: list, levels: list[float], base: list[int]) -> list[list[int]]:
+    """Seeds that drop whole blocks (every width unit of the block at 0), from a scan that scores each
+    block dropped alone from `base` (one batch, one evaluation per block).
+
+    Which blocks a task can lose is task-specific and the fit's spectra cannot tell (to them a removed
+    unit is all its output lost), so it is measured: the seeds drop the k blocks whose drop alone was
+    acceptable with the best judged metric, k in DEPTH_SEEDS.
+    """
+    zero = levels.index(0.0)
+
+    def dropped(blocks: set[int]) -> list[int]:
+        return [zero if t.block in blocks else g for t, g in zip(targets, base)]
+
+    blocks = sorted({t.block for t in targets})
+    singles = [[levels[g] for g in dropped({b})] for b in blocks]
+    judged = evals.metrics(singles, [{"strategy": "depth", "generation": None, "move": f"drop block {b}",
+                                      "genome": kept} for b, kept in zip(blocks, singles)])
+    held = [b for j, b in sorted(zip(judged, blocks), key=lambda x: (-x[0], x[1])) if is_acceptable(j, evals.threshold)]
+    log.info("depth scan: %d of %d blocks can go alone (best first: %s)", len(held), len(blocks), held[:8])
+    return [dropped(set(held[:k])) for k in DEPTH_SEEDS if k <= len(held)]
 
 
 def after_each_step(ws: Workspace, checkpoint: dict, key: str, levels: list[float], evals: Evaluations, bar,

@@ -250,3 +250,23 @@ def test_cli_run_with_the_width_method_ends_in_a_folder_that_reloads(tiny_dir, t
     load_pruned(out)
     bad = CliRunner().invoke(app, ["search", "-w", str(tmp_path / "ws"), "--method", "widths"])
     assert bad.exit_code != 0 and "--method must be one of" in bad.output and "Traceback" not in bad.output
+
+
+def test_depth_scan_finds_the_block_a_task_can_lose(tmp_path):
+    from sieve_cli.search import Scorer, SearchOptions, run_search
+
+    ws, _, units, _ = width_workspace(tmp_path, "llama")
+    ws.begin("task", {"task": "synthetic"})
+    ws.finish("task", {"task": "synthetic"}, [])
+
+    def score(widths):  # block 1 does nothing for this task; block 0 is all it needs
+        return 1.0 - sum((1 - u.kept_at(widths.get(u.name))) for u in units if u.block == 0)
+
+    plan = run_search(ws, SearchOptions(method="width", strategy="adaptive", tolerance=0.05),
+                      scorer=Scorer(score=score, metric="synthetic", examples=10))
+    assert {n: e["width"] for n, e in plan["matrices"].items() if e["block"] == 1} == {
+        "model.layers.1.mlp": 0, "model.layers.1.self_attn": 0}
+    depth = [json.loads(line) for line in ws.history_jsonl.read_text().splitlines()
+             if json.loads(line)["strategy"] == "depth"]
+    assert [e["move"] for e in depth] == ["drop block 0", "drop block 1"]
+    assert [e["acceptable"] for e in depth] == [False, True]
