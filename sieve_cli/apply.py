@@ -23,7 +23,7 @@ from .discover import load_workspace_model
 from .errors import InputError
 from .files import open_no_follow, read_json, sha256_file, sha256_json, write_json_atomic
 from .fit import load_factors
-from .heal import load_healed
+from .heal import load_healed, load_healed_modules
 from .lowrank import LowRankLinear, swap_modules
 from .matrices import Matrix
 from .models import resolve_source, torch_dtype
@@ -246,10 +246,13 @@ def build_and_save(ws: Workspace, ranks, layout, plan, method, options: ApplyOpt
     model, tokenizer = load_workspace_model(ws, options.dtype, "cpu")
     names = target_matrices(targets, ranks)
     params_before, prunable_before = count_params(model), matrix_params(model, names)
-    factors = load_healed(ws) if options.healed else load_factors(ws, method)
+    healed_width = options.healed and method == "width"  # healed: the narrowed modules' trained weights
+    factors = load_healed(ws) if options.healed and not healed_width else load_factors(ws, method)
     densify_in_place(model, {n: ranks[n] for n in ranks if layout[n] == "product"}, factors)
     swapped = build_replacements(model, {n: ranks[n] for n in ranks if layout[n] in ("factored", "narrowed")}, factors)
     swap_modules(model, swapped)
+    if healed_width:
+        load_healed_modules(ws, model)
     stored_dense = sorted(n for n in ranks if layout[n] == "product")
     extra = {"apply": {"dense_above": options.dense_above, "stored_as_product": stored_dense, "inputs_sha256": inputs_sha,
                        "workspace": str(ws.root)},

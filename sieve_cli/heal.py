@@ -40,11 +40,12 @@ from .errors import InputError
 from .factors import FactorSet
 from .files import read_json, write_json_atomic
 from .fit import load_factors
-from .lowrank import LowRankLinear
-from .matrices import Matrix
+from .lowrank import LowRankLinear, swap_modules
+from .matrices import Matrix, weight_of
+from .narrowing import SkippedAttention
 from .options import HealOptions
 from .plan import Plan, Ranks
-from .pruned import count_params, prune_in_memory
+from .pruned import build_replacements, count_params
 from .tasks import bind_task
 from .workspace import Stage, Workspace
 
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 
 STAGE = Stage.HEAL
 HEALED_METHOD = "healed"  # the `method` of the healed factor set (messages name it)
+NARROWED_FILE = "narrowed.safetensors"
 
 
 # ---- pure: batches and losses -------------------------------------------------------------------
@@ -82,13 +84,15 @@ def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch
 
 
 # ---- the adapters ------------------------------------------------------------------------------
-def lora_targets(model: nn.Module) -> list[str]:
-    """The thin maps A and B of every factored matrix (rank 0 has nothing to adapt)."""
-    return [f"{name}.{part}" for name, module in model.named_modules()
-            if isinstance(module, LowRankLinear) and module.rank > 0 for part in ("A", "B")]
+def lora_targets(model: nn.Module, narrowed: list[str] = ()) -> list[str]:
+    """The thin maps A and B of every factored matrix (rank 0 has nothing to adapt), and the `narrowed`
+    modules of a width plan (those with at least one input and one output)."""
+    pairs = [f"{name}.{part}" for name, module in model.named_modules()
+             if isinstance(module, LowRankLinear) and module.rank > 0 for part in ("A", "B")]
+    return pairs + [n for n in narrowed if min(weight_of(model.get_submodule(n)).shape) > 0]
 
 
-def attach_adapters(model: nn.Module, options: HealOptions) -> nn.Module:
+def attach_adapters(model: nn.Module, options: HealOptions, narrowed: list[str] = ()) -> nn.Module:
     """The peft model with a LoRA adapter on every factored map; only the adapters train.
 
     Adapter initialisation draws from torch's global generator: seeded here, in a forked
@@ -100,7 +104,7 @@ def attach_adapters(model: nn.Module, options: HealOptions) -> nn.Module:
         raise InputError("sieve heal needs the peft library: pip install 'sieve-cli[heal]'") from None
 
     config = LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=0.0, bias="none",
-                        target_modules=lora_targets(model))
+                        target_modules=lora_targets(model, narrowed))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
         return get_peft_model(model, config)
@@ -126,6 +130,23 @@ def load_healed(ws: Workspace) -> FactorSet:
     """The healed factors of this workspace (after checking that heal finished on the current plan)."""
     ws.require_fresh(STAGE)
     return FactorSet.load(ws.heal_factors)
+
+
+def narrowed_file(ws: Workspace) -> Path:
+    """A width plan's healed modules: the state of every narrowed module, LoRA merged in."""
+    return ws.inside(ws.stage_dir(STAGE) / NARROWED_FILE)
+
+
+def load_healed_modules(ws: Workspace, model: nn.Module) -> None:
+    """Put the healed weights of a width plan's narrowed modules into `model` (which holds them narrowed)."""
+    from safetensors.torch import load_file
+
+    ws.require_fresh(STAGE)
+    state = load_file(str(narrowed_file(ws)))
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise InputError(f"{narrowed_file(ws)} holds modules this plan's model does not have "
+                         f"({result.unexpected_keys[:2]}); rerun `sieve heal --force`")
 
 
 # ---- training ----------------------------------------------------------------------------------
@@ -220,6 +241,12 @@ def read_plan(ws: Workspace) -> tuple[Plan, list[Matrix]]:
     plan = Plan.load(ws.plan_json, rebuild=f"{ws.command_for(Stage.SEARCH)} --force")
     found = read_json(ws.matrices_json, rebuild=f"{ws.command_for(Stage.DISCOVER)} --force")
     matrices = [Matrix.from_dict(m) for m in found["matrices"]]
+    if plan.method == "width":
+        plan.checked_against({u.name: u for u in load_factors(ws, "width").width_units()}, str(ws.plan_json))
+        if all(width is None for width in plan.ranks().values()):
+            raise InputError(f"the plan in {ws.plan_json} narrows no module: there is nothing to heal; run "
+                             f"`sieve search` with a tolerance that prunes")
+        return plan, matrices
     plan.checked_against({m.name: m for m in matrices}, str(ws.plan_json))
     if not any(rank for rank in plan.ranks().values()):
         raise InputError(f"the plan in {ws.plan_json} factors no matrix (each is dense or rank 0): there is nothing "
@@ -272,7 +299,9 @@ def run_heal(ws: Workspace, options: HealOptions, force: bool = False, stop_afte
     model, tokenizer = load_workspace_model(ws, options.dtype, options.device)
     teacher = load_workspace_model(ws, options.dtype, options.device)[0] if options.loss == "distill" else None
     ranks = plan.ranks()
-    prune_in_memory(model, ranks, load_factors(ws, plan.method))
+    swapped = build_replacements(model, ranks, load_factors(ws, plan.method))
+    swap_modules(model, swapped)
+    narrowed = [n for n, m in swapped.items() if not isinstance(m, (LowRankLinear, SkippedAttention))]
     params = count_params(model)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -280,16 +309,24 @@ def run_heal(ws: Workspace, options: HealOptions, force: bool = False, stop_afte
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     batches = Batches(sequences, pad_id, options.batch_size, options.seed, next(model.parameters()).device)
     with _quiet_peft():
-        peft_model = attach_adapters(model, options)
+        peft_model = attach_adapters(model, options, narrowed)
     adapters = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     losses = train(peft_model, teacher, batches, options, ws.heal_checkpoint, stop_after)
     if len(losses) < options.steps:  # stopped as a kill would stop it (tests): the last checkpoint is kept
         return {"stopped_at": len(losses), "complete": False}
-    model, healed = merged_factors(peft_model, ranks, {m.name: m.block for m in matrices})
+    if plan.method == "width":  # the narrowed modules' merged weights
+        from safetensors.torch import save_file
+
+        model = peft_model.merge_and_unload()
+        state = {f"{n}.{k}": v.detach().contiguous() for n in narrowed
+                 for k, v in model.get_submodule(n).state_dict().items()}
+        save_file(state, str(narrowed_file(ws)))
+        files = [narrowed_file(ws)]
+    else:
+        model, healed = merged_factors(peft_model, ranks, {m.name: m.block for m in matrices})
+        files = healed.save(ws.heal_factors, dtype=next(model.parameters()).dtype)
     if count_params(model) != params:
         raise AssertionError("merging the adapters changed the parameter count")  # shapes never change
-    dtype = next(model.parameters()).dtype
-    files = healed.save(ws.heal_factors, dtype=dtype)
     write_json_atomic(ws.heal_losses, losses)
     ws.heal_checkpoint.unlink(missing_ok=True)
     summary = summarise(options, losses, sequences, examples, adapters, params, time.perf_counter() - started)

@@ -2,6 +2,7 @@
 the custom folder for per-layer widths, removed blocks, and the width fit stage."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -270,3 +271,27 @@ def test_depth_scan_finds_the_block_a_task_can_lose(tmp_path):
              if json.loads(line)["strategy"] == "depth"]
     assert [e["move"] for e in depth] == ["drop block 0", "drop block 1"]
     assert [e["acceptable"] for e in depth] == [False, True]
+
+
+def test_heal_trains_the_narrowed_modules_and_apply_healed_keeps_the_standard_folder(tmp_path):
+    from sieve_cli.heal import run_heal
+    from sieve_cli.tasks import DEFAULT_TASK, bind_task
+
+    from .test_heal import FAST, calibration_rows, mean_ce
+
+    ws, model, units, factors = width_workspace(tmp_path, "llama")
+    bind_task(ws, DEFAULT_TASK)
+    widths = {u.name: u.units // 2 for u in units}
+    path = write_width_plan(ws, units, widths)
+    ws.begin("search", {"plan": "width"}, force=True)
+    ws.plan_json.write_text(path.read_text())
+    ws.finish("search", {"plan": "width"}, [ws.plan_json])
+    summary = run_heal(ws, replace(FAST, steps=30))
+    assert summary["last_loss"] < summary["first_loss"] and summary["adapter_params"] > 0
+    plain = run_apply(ws, ApplyOptions(out=tmp_path / "pruned"))
+    healed = run_apply(ws, ApplyOptions(out=tmp_path / "healed", healed=True))
+    assert healed["standard"] is not None and healed["params_after"] == plain["params_after"]
+    rows = calibration_rows(ws, FAST.seq_len)
+    before = mean_ce(AutoModelForCausalLM.from_pretrained(tmp_path / "pruned"), rows)
+    after = mean_ce(AutoModelForCausalLM.from_pretrained(tmp_path / "healed"), rows)
+    assert after < 0.97 * before, (before, after)
