@@ -118,9 +118,19 @@ def render_summary(result: RunResult) -> None:
         f"(search split: dense {result.plan['metric']['dense']:.4f}, plan {result.plan['metric']['plan']:.4f})"
     )
     console.print(confirm_line(result.plan))
-    console.print(f"workspace: {result.workspace}\npruned model: {result.out}  (load with sieve_cli.load_pruned)")
+    console.print(f"workspace: {result.workspace}\npruned model: {result.out}", highlight=False, soft_wrap=True)
     if result.healed_out is not None:
-        console.print(f"healed model: {result.healed_out}")
+        console.print(f"healed model: {result.healed_out}", highlight=False, soft_wrap=True)
+    console.print(load_line(result.out), highlight=False, soft_wrap=True)
+
+
+def load_line(folder: Path) -> str:
+    """How to load the written model without sieve: its modeling_sieve.py needs only torch and transformers."""
+    from ..modeling import MODELING_FILE
+
+    return (f"load it with transformers alone: AutoModelForCausalLM.from_pretrained(\"{folder}\", "
+            f"trust_remote_code=True)  (the code it runs is {Path(folder) / MODELING_FILE}; "
+            f"or sieve_cli.load_pruned, which runs none)")
 
 
 def _metric(r: dict) -> str:
