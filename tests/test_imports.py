@@ -111,3 +111,19 @@ def test_the_demos_pipeline_imports_no_optional_extra():
                          cwd=PACKAGE.parent).stdout.split()
     assert "torch" in out and "sieve_cli" in out  # the check ran in a real import of the pipeline
     assert not set(EXTRAS) & set(out), sorted(set(EXTRAS) & set(out))
+
+
+def test_the_evaluators_names_stay_importable_from_evaluate():
+    """evaluate.py's jobs live in their own modules; what callers imported from it still comes from there."""
+    import sieve_cli.evaluate as evaluate
+    from sieve_cli import generation, intervals, metrics, prepared, scoring
+
+    moved = {prepared: ("PreparedSplit", "prepare", "split_tokens", "longest_input"),
+             metrics: ("EvalResult", "result_of"), intervals: ("wilson_interval", "ratio_interval", "Z95"),
+             generation: ("generate_greedy", "cut_at_stop", "normalise_answer"),
+             scoring: ("score_sequences", "shared_prefix_length", "MIN_SHARED_PREFIX", "Sequence", "Span")}
+    for module, names in moved.items():
+        for name in names:
+            assert getattr(evaluate, name) is getattr(module, name), name
+    for name in ("evaluate", "stream_evaluate", "run_eval", "record_eval", "run_label", "load_eval_model"):
+        assert callable(getattr(evaluate, name)), name
