@@ -95,7 +95,8 @@ def _run_and_render(options: RunOptions) -> RunResult:
     # the stages load torch: imported when the command runs, so `sieve --help` stays fast
     from ..pipeline import run_pipeline
 
-    console.print(f"[bold]sieve run[/]: {options.model}\n  task {options.task}\n  workspace {Path(options.workspace).resolve()}")
+    console.print(f"[bold]sieve run[/]\n  model {options.model}\n  task {options.task}\n  workspace "
+                  f"{Path(options.workspace).resolve()}", highlight=False, soft_wrap=True)
     result = run_pipeline(options, on_stage=_stage_line)
     render_summary(result)
     return result
