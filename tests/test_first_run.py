@@ -64,9 +64,19 @@ def test_debug_shows_the_known_lines(seen):
 
 
 def test_closing_line_names_the_plain_transformers_load(tmp_path):
-    line = load_line(tmp_path / "pruned")
-    assert f'AutoModelForCausalLM.from_pretrained("{tmp_path / "pruned"}", trust_remote_code=True)' in line
-    assert str(tmp_path / "pruned" / "modeling_sieve.py") in line
+    """A factored folder loads through its modeling_sieve.py; a standard one (a uniform width plan) needs no code."""
+    import json
+
+    factored, standard = tmp_path / "pruned", tmp_path / "narrow"
+    for folder, config in ((factored, {"model_type": "sieve_llama", "auto_map": {"AutoConfig": "modeling_sieve.X"}}),
+                           (standard, {"model_type": "llama", "architectures": ["LlamaForCausalLM"]})):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+    line = load_line(factored)
+    assert f'AutoModelForCausalLM.from_pretrained("{factored}", trust_remote_code=True)' in line
+    assert str(factored / "modeling_sieve.py") in line
+    line = load_line(standard)
+    assert f'AutoModelForCausalLM.from_pretrained("{standard}")' in line and "trust_remote_code" not in line
 
 
 def test_transformers_bars_stay_off_and_download_bars_follow_ours():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -126,12 +127,26 @@ def render_summary(result: RunResult) -> None:
 
 
 def load_line(folder: Path) -> str:
-    """How to load the written model without sieve: its modeling_sieve.py needs only torch and transformers."""
+    """How to load the written model without sieve: a standard folder (a uniform width plan) with plain
+    from_pretrained; a factored or custom-width one through its modeling_sieve.py (torch and transformers only)."""
     from ..modeling import MODELING_FILE
 
+    folder = Path(folder)
+    if not needs_remote_code(folder):
+        return (f"load it with transformers alone: AutoModelForCausalLM.from_pretrained(\"{folder}\")  "
+                f"(a plain folder of the model's own architecture)")
     return (f"load it with transformers alone: AutoModelForCausalLM.from_pretrained(\"{folder}\", "
-            f"trust_remote_code=True)  (the code it runs is {Path(folder) / MODELING_FILE}; "
+            f"trust_remote_code=True)  (the code it runs is {folder / MODELING_FILE}; "
             f"or sieve_cli.load_pruned, which runs none)")
+
+
+def needs_remote_code(folder: Path) -> bool:
+    """Whether the folder's config.json names sieve's own classes (auto_map) rather than a transformers one."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True  # unreadable: the remote-code line is the one that also names sieve_cli.load_pruned
+    return not isinstance(config, dict) or "auto_map" in config
 
 
 def _metric(r: dict) -> str:
