@@ -47,6 +47,7 @@ from sieve_cli.evaluate import evaluate, prepare  # noqa: E402
 from sieve_cli.fit import FitOptions, load_factors, run_fit  # noqa: E402
 from sieve_cli.models import smollm2_gguf  # noqa: E402
 from sieve_cli.options import GAConfig, LocalConfig, SplitOptions  # noqa: E402
+from sieve_cli.plan import Plan  # noqa: E402
 from sieve_cli.pruned import prune_in_memory  # noqa: E402
 from sieve_cli.search import Scorer, SearchOptions, build_scorers, rank_at, read_targets, run_search  # noqa: E402
 from sieve_cli.tasks import bind_task  # noqa: E402
@@ -61,6 +62,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--tolerances", default="0.01,0.05")
     ap.add_argument("--strategies", default="uniform,adaptive", help="any of uniform,seeds,local,genetic,adaptive")
     ap.add_argument("--methods", default="", help="fit methods compared at the uniform p, e.g. output,learned,svd,pca")
+    ap.add_argument("--fits", default="output", help="fits to search over, a row per strategy each: output (pairs), "
+                                                    "width")
     ap.add_argument("--tokens", type=int, default=50_000, help="calibration tokens to capture")
     ap.add_argument("--population", type=int, default=GAConfig.population)
     ap.add_argument("--generations", type=int, default=GAConfig.generations)
@@ -79,13 +82,15 @@ def parse() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def prepare_workspace(ws: Workspace, task: str, tokens: int, split: SplitOptions | None = None) -> None:
+def prepare_workspace(ws: Workspace, task: str, tokens: int, split: SplitOptions | None = None,
+                      fits: tuple[str, ...] = ("output",)) -> None:
     run_discover(ws, DiscoverOptions(model=str(smollm2_gguf())))
     path = str(REPO / "examples" / "tasks" / f"{task}.yaml")
     if split is not None:  # bound first with these sizes; capture then keeps them
         bind_task(ws, path, split=split)
     run_capture(ws, CaptureOptions(task=path, tokens=tokens))
-    run_fit(ws, FitOptions(method="output"))
+    for method in dict.fromkeys(("output", *fits)):
+        run_fit(ws, FitOptions(method=method))
 
 
 class TestScorer:
@@ -155,57 +160,62 @@ def run_task(task: str, args, results: list[dict], out: Path) -> dict:
     started = time.perf_counter()
     sizes = {k: v for k, v in (("test", args.test_size), ("confirm", args.confirm_size),
                                ("max_confirm", args.max_confirm)) if v is not None}
-    prepare_workspace(ws, task, args.tokens, SplitOptions(**sizes) if sizes else None)
+    fits = tuple(args.fits.split(","))
+    prepare_workspace(ws, task, args.tokens, SplitOptions(**sizes) if sizes else None, fits)
     log.info("%s: workspace ready in %.0f s", task, time.perf_counter() - started)
     test = TestScorer(ws, args.test_limit)
-    output_factors = load_factors(ws, "output")
-    result = {"task": task, "dense_test": test({}, output_factors), "plans": [], "methods": []}
+    result = {"task": task, "dense_test": test({}, load_factors(ws, "output")), "plans": [], "methods": []}
     results.append(result)
     shared = SharedScores(args.work / task / f"measurements-{args.limit}.jsonl")
-    search_scorer, confirm_scorer = build_scorers(ws, SearchOptions(limit=args.limit), output_factors)
-    search_scorer, confirm_scorer = shared.wrap(search_scorer, "search"), confirm_scorer and shared.wrap(
-        confirm_scorer, "confirm")
     plans_dir = args.work / task / "plans"
     plans_dir.mkdir(parents=True, exist_ok=True)
-    for tolerance in map(float, args.tolerances.split(",")):
-        for strategy in args.strategies.split(","):
-            ga = GAConfig(population=args.population, generations=args.generations, patience=args.patience)
-            options = SearchOptions(strategy=strategy, tolerance=tolerance, ga=ga, limit=args.limit,
-                                    local=LocalConfig(moves=args.local_moves, budget=args.local_budget,
-                                                    patience=args.local_patience),
-                                    confidence=args.confidence)
-            shared.charged, shared.cpu, wall = 0.0, 0.0, time.perf_counter()
-            try:
-                plan = run_search(ws, options, force=True, scorer=search_scorer, confirm_scorer=confirm_scorer)
-            except InputError as e:  # the chance guard: the intended answer on a task the model cannot do
-                log.info("%s %s: refused: %s", task, strategy, e)
-                result["plans"].append({"tolerance": tolerance, "strategy": strategy, "refused": str(e)})
+    for method in fits:
+        factors = load_factors(ws, method)
+        scorers = build_scorers(ws, SearchOptions(limit=args.limit, method=method), factors)
+        scorers = shared.wrap(scorers[0], "search"), scorers[1] and shared.wrap(scorers[1], "confirm")
+        for tolerance in map(float, args.tolerances.split(",")):
+            for strategy in args.strategies.split(","):
+                row = search_cell(ws, method, factors, tolerance, strategy, args, shared, scorers, test,
+                                  result["dense_test"], plans_dir)
+                log.info("%s %s", task, row)
+                result["plans"].append(row)
                 save(results, out)
-                continue
-            shutil.copy(ws.plan_json, plans_dir / f"{strategy}-{tolerance:g}.json")
-            shutil.copy(ws.history_jsonl, plans_dir / f"{strategy}-{tolerance:g}.history.jsonl")
-            ranks = {n: m["rank"] for n, m in plan["matrices"].items()}
-            confirm = plan["search"].get("confirm") or {}
-            test_plan = test(ranks, output_factors)
-            test_drop = (result["dense_test"] - test_plan) / abs(result["dense_test"])
-            row = {"tolerance": tolerance, "strategy": strategy, "algorithm": options.algorithm,
-                   "removed_prunable": plan["params"]["removed_fraction_prunable"],
-                   "removed_model": plan["params"]["removed_fraction_model"],
-                   "search_dense": plan["metric"]["dense"], "search_plan": plan["metric"]["plan"],
-                   "confirm_dense": confirm.get("dense"), "confirm_plan": confirm.get("plan"),
-                   "back_off": confirm.get("back_off"), "test_plan": test_plan,
-                   "test_drop_over_tolerance": test_drop / tolerance,
-                   "evaluations": plan["search"]["evaluations"],
-                   "seconds": round(shared.charged, 1), "cpu_seconds": round(shared.cpu, 1),
-                   "wall": round(time.perf_counter() - wall, 1),
-                   "uniform_p": plan["search"]["uniform_p"], "seeded": plan["search"].get("seeded"),
-                   "progress": [{k: r.get(k) for k in ("step", "generation", "best_removed", "added", "move",
-                                                       "evaluations")} for r in plan["search"].get("progress", [])]}
-            log.info("%s", row)
-            result["plans"].append(row)
-            save(results, out)
     result["methods"] = compare_methods(ws, test, result["plans"], args) if args.methods else []
     return result
+
+
+def search_cell(ws: Workspace, method: str, factors, tolerance: float, strategy: str, args, shared: SharedScores,
+                scorers, test: TestScorer, dense_test: float, plans_dir: Path) -> dict:
+    """One strategy at one tolerance over one fit's targets: the search, then its plan on the test part."""
+    ga = GAConfig(population=args.population, generations=args.generations, patience=args.patience)
+    options = SearchOptions(strategy=strategy, method=method, tolerance=tolerance, ga=ga, limit=args.limit,
+                            local=LocalConfig(moves=args.local_moves, budget=args.local_budget,
+                                              patience=args.local_patience),
+                            confidence=args.confidence)
+    shared.charged, shared.cpu, wall = 0.0, 0.0, time.perf_counter()
+    try:
+        plan = run_search(ws, options, force=True, scorer=scorers[0], confirm_scorer=scorers[1])
+    except InputError as e:  # the chance guard: the intended answer on a task the model cannot do
+        return {"tolerance": tolerance, "method": method, "strategy": strategy, "refused": str(e)}
+    name = f"{method}-{strategy}-{tolerance:g}"
+    shutil.copy(ws.plan_json, plans_dir / f"{name}.json")
+    shutil.copy(ws.history_jsonl, plans_dir / f"{name}.history.jsonl")
+    confirm = plan["search"].get("confirm") or {}
+    test_plan = test(Plan.parse(plan).ranks(), factors)
+    test_drop = (dense_test - test_plan) / abs(dense_test)
+    return {"tolerance": tolerance, "method": method, "strategy": strategy, "algorithm": options.algorithm,
+            "removed_prunable": plan["params"]["removed_fraction_prunable"],
+            "removed_model": plan["params"]["removed_fraction_model"],
+            "search_dense": plan["metric"]["dense"], "search_plan": plan["metric"]["plan"],
+            "confirm_dense": confirm.get("dense"), "confirm_plan": confirm.get("plan"),
+            "back_off": confirm.get("back_off"), "test_plan": test_plan,
+            "test_drop_over_tolerance": test_drop / tolerance,
+            "evaluations": plan["search"]["evaluations"],
+            "seconds": round(shared.charged, 1), "cpu_seconds": round(shared.cpu, 1),
+            "wall": round(time.perf_counter() - wall, 1),
+            "uniform_p": plan["search"]["uniform_p"], "seeded": plan["search"].get("seeded"),
+            "progress": [{k: r.get(k) for k in ("step", "generation", "best_removed", "added", "move",
+                                                "evaluations")} for r in plan["search"].get("progress", [])]}
 
 
 def save(results: list[dict], out: Path) -> None:
@@ -234,17 +244,19 @@ def compare_methods(ws: Workspace, test: TestScorer, plans: list[dict], args) ->
 
 
 def render(results: list[dict]) -> None:
-    print("\nplans (removed = share of the prunable matrices' parameters; metric: the task's)")
-    print(f"{'task':6} {'tol':>5} {'strategy':9} {'removed':>8} {'model':>7} {'search d->p':>13} "
+    print("\nplans (removed = share of the prunable matrices' parameters, model = of the whole model; metric: the task's)")
+    print(f"{'task':6} {'tol':>5} {'fit':6} {'strategy':9} {'removed':>8} {'model':>7} {'search d->p':>13} "
           f"{'confirm d->p':>13} {'back-off':>8} {'test d->p':>13} {'drop/tol':>8} {'evals':>6} {'eval s':>7} {'cpu s':>7} {'wall s':>7}")
     for r in results:
         for p in r["plans"]:
             if "refused" in p:
-                print(f"{r['task']:6} {p['tolerance']:>5.2f} {p['strategy']:9} refused: at chance")
+                print(f"{r['task']:6} {p['tolerance']:>5.2f} {p.get('method', 'output'):6} {p['strategy']:9} "
+                      "refused: at chance")
                 continue
             confirm = (f"{p['confirm_dense']:>6.3f}->{p['confirm_plan']:.3f}" if p["confirm_dense"] is not None
                        else f"{'-':>13}")
-            print(f"{r['task']:6} {p['tolerance']:>5.2f} {p['strategy']:9} {p['removed_prunable']:>8.2%} "
+            print(f"{r['task']:6} {p['tolerance']:>5.2f} {p.get('method', 'output'):6} {p['strategy']:9} "
+                  f"{p['removed_prunable']:>8.2%} "
                   f"{p['removed_model']:>7.2%} {p['search_dense']:>6.3f}->{p['search_plan']:.3f} {confirm} "
                   f"{p['back_off'] if p['back_off'] is not None else '-':>8} "
                   f"{r['dense_test']:>6.3f}->{p['test_plan']:.3f} {p['test_drop_over_tolerance']:>8.2f} "

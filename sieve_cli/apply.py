@@ -24,9 +24,10 @@ from .errors import InputError
 from .files import open_no_follow, read_json, sha256_file, sha256_json, write_json_atomic
 from .fit import load_factors
 from .heal import load_healed
-from .lowrank import fraction_for_rank, lowrank_params, swap_modules
+from .lowrank import LowRankLinear, swap_modules
 from .matrices import Matrix
 from .models import resolve_source, torch_dtype
+from .narrowing import shape_of
 from .options import DENSE_ABOVE, ApplyOptions, resolved
 from .plan import Plan, Ranks
 from .pruned import (
@@ -40,6 +41,7 @@ from .pruned import (
     read_sieve_json,
     save_pruned,
 )
+from .standard import save_standard, standard_shape
 from .workspace import Stage, Workspace
 
 log = logging.getLogger(__name__)
@@ -51,8 +53,10 @@ STAGE = Stage.APPLY
 
 
 # ---- pure: layout and predicted counts -------------------------------------------------------
-def kept(matrix: Matrix, rank: int | None) -> float:
-    return fraction_for_rank(rank, matrix.out_features, matrix.in_features)
+# Targets are Matrix records (a rank each) or, for a width plan, WidthUnits (a width each); both
+# answer kept_at, size_at and params.
+def kept(target, rank: int | None) -> float:
+    return target.kept_at(rank)
 
 
 def factored_above_crossover(ranks: Ranks, matrices: Mapping[str, Matrix], layout: dict[str, str]) -> int:
@@ -62,11 +66,13 @@ def factored_above_crossover(ranks: Ranks, matrices: Mapping[str, Matrix], layou
 
 
 def storage_layout(ranks: Ranks, matrices: Mapping[str, Matrix], dense_above: float) -> dict[str, str]:
-    """name -> "factored" | "product" | "dense" (see the module docstring)."""
+    """name -> "factored" | "product" | "dense" | "narrowed" (a width unit; see the module docstring)."""
     layout = {}
     for name, rank in ranks.items():
         if rank is None:
             layout[name] = "dense"
+        elif matrices[name].level_key == "width":
+            layout[name] = "narrowed"
         elif dense_above < 1.0 and kept(matrices[name], rank) > dense_above:
             layout[name] = "product"
         else:
@@ -75,10 +81,26 @@ def storage_layout(ranks: Ranks, matrices: Mapping[str, Matrix], dense_above: fl
 
 
 def predicted_prunable_after(ranks: Ranks, matrices: Mapping[str, Matrix], layout: dict[str, str]) -> int:
-    def after(m: Matrix) -> int:
-        return lowrank_params(ranks[m.name], m.out_features, m.in_features) if layout[m.name] == "factored" else m.params
+    def after(m) -> int:
+        return m.size_at(ranks[m.name]) if layout[m.name] in ("factored", "narrowed") else m.params
 
     return sum(after(matrices[n]) for n in ranks)
+
+
+def plan_targets(ws: Workspace, plan: Plan, matrices: dict[str, Matrix]) -> dict:
+    """What the plan's names refer to: the prunable matrices, or the width fit's units."""
+    if plan.method != "width":
+        return matrices
+    return {u.name: u for u in load_factors(ws, "width").width_units()}
+
+
+def target_matrices(targets: Mapping, names) -> list[str]:
+    """The matrix names behind the planned targets (a width unit's rows and out matrix)."""
+    out = []
+    for name in names:
+        t = targets[name]
+        out += [*(r for r, _ in t.rows), t.out] if t.level_key == "width" else [name]
+    return out
 
 
 # ---- inputs -------------------------------------------------------------------------------
@@ -189,6 +211,7 @@ def run_apply(ws: Workspace, options: ApplyOptions, force: bool = False) -> dict
                          "(heal that plan in its own workspace)")
     stage = Stage.apply(options.healed)
     plan, plan_path = read_plan(ws, options)
+    matrices = plan_targets(ws, plan, matrices)
     ranks = plan.checked_against(matrices, str(plan_path))
     method = plan.method
     upstream = ws.upstream_hashes(Stage.DISCOVER, *([] if options.plan else [Stage.SEARCH]), Stage.fit(method),
@@ -210,32 +233,45 @@ def run_apply(ws: Workspace, options: ApplyOptions, force: bool = False) -> dict
         if discover["inputs"]["options"]["dtype"] != options.dtype:
             log.warning("search scored the model in %s; in %s the metric can differ slightly",
                         discover["inputs"]["options"]["dtype"], options.dtype)
-        result = build_and_save(ws, ranks, layout, plan, method, options, out, inputs_sha)
+        result = build_and_save(ws, ranks, layout, plan, method, options, out, inputs_sha, matrices)
     result |= {"factored_above_crossover": slow}
     write_json_atomic(ws.apply_result_of(stage), result)
     ws.finish(stage, inputs, [ws.apply_result_of(stage)], summary={k: result[k] for k in ("out", "params_after", "params_ratio", "file_bytes")})
     return result
 
 
-def build_and_save(ws: Workspace, ranks, layout, plan, method, options: ApplyOptions, out: Path, inputs_sha: str) -> dict:
+def build_and_save(ws: Workspace, ranks, layout, plan, method, options: ApplyOptions, out: Path, inputs_sha: str,
+                   targets: Mapping) -> dict:
 
     model, tokenizer = load_workspace_model(ws, options.dtype, "cpu")
-    names = list(ranks)
+    names = target_matrices(targets, ranks)
     params_before, prunable_before = count_params(model), matrix_params(model, names)
     factors = load_healed(ws) if options.healed else load_factors(ws, method)
-    densify_in_place(model, {n: ranks[n] for n in names if layout[n] == "product"}, factors)
-    swap_modules(model, build_replacements(model, {n: ranks[n] for n in names if layout[n] == "factored"}, factors))
-    stored_dense = sorted(n for n in names if layout[n] == "product")
+    densify_in_place(model, {n: ranks[n] for n in ranks if layout[n] == "product"}, factors)
+    swapped = build_replacements(model, {n: ranks[n] for n in ranks if layout[n] in ("factored", "narrowed")}, factors)
+    swap_modules(model, swapped)
+    stored_dense = sorted(n for n in ranks if layout[n] == "product")
     extra = {"apply": {"dense_above": options.dense_above, "stored_as_product": stored_dense, "inputs_sha256": inputs_sha,
                        "workspace": str(ws.root)},
              "healed": heal_record(ws) if options.healed else None}
-    write_folder(out, lambda folder: save_pruned(model, folder, plan.data, ws.require(Stage.DISCOVER)["inputs"]["model"],
-                                                 tokenizer, fit_method=method, extra=extra, quantize=options.quantize))
+    narrowed = {name: shape_of(module) for name, module in swapped.items() if not isinstance(module, LowRankLinear)}
+    shape = standard_shape(model, list(targets.values()), ranks) if method == "width" else None
+    if shape is not None:
+        extra["standard"] = shape.describe()
+        writer = lambda folder: save_standard(model, folder, shape, plan.data,  # noqa: E731
+                                              ws.require(Stage.DISCOVER)["inputs"]["model"], tokenizer, extra,
+                                              quantize=options.quantize)
+    else:
+        writer = lambda folder: save_pruned(model, folder, plan.data,  # noqa: E731
+                                            ws.require(Stage.DISCOVER)["inputs"]["model"], tokenizer,
+                                            fit_method=method, extra=extra, quantize=options.quantize, narrowed=narrowed)
+    write_folder(out, writer)
     params_after, prunable_after = count_params(model), matrix_params(model, names)
+    result_standard = extra.get("standard")
     file_bytes = (out / WEIGHTS).stat().st_size
     nbytes = torch_dtype(options.dtype).itemsize
     return numbers(params_before, params_after, prunable_before, prunable_after, file_bytes, nbytes, layout,
-                   plan, options, out, predicted=False)
+                   plan, options, out, predicted=False) | {"standard": result_standard}
 
 
 def heal_record(ws: Workspace) -> dict:
@@ -275,7 +311,8 @@ def predict(matrices_json: dict, ranks: Ranks, matrices: Mapping[str, Matrix], l
 
 def numbers(params_before, params_after, prunable_before, prunable_after, file_bytes, nbytes, layout, plan,
             options: ApplyOptions, out: Path, predicted: bool) -> dict:
-    counts = {kind: sum(1 for v in layout.values() if v == kind) for kind in ("factored", "product", "dense")}
+    kinds = ("narrowed", "dense") if plan.method == "width" else ("factored", "product", "dense")
+    counts = {kind: sum(1 for v in layout.values() if v == kind) for kind in kinds}
     dense_bytes = params_before * nbytes
     return {
         "out": str(out),

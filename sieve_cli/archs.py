@@ -27,9 +27,29 @@ class MatrixSpec:
 
 
 @dataclass(frozen=True)
+class WidthSpec:
+    """A module whose inner width can be cut by whole units (see narrowing.py)."""
+
+    kind: str  # mlp | attention
+    unit: str  # neuron (one intermediate unit) | kv_group (a KV head with its query heads)
+    rows: tuple[str, ...]  # matrix kinds that lose rows per unit
+    out: str  # the matrix kind that loses columns and is refit
+    module: str = ""  # its path in the block ("" where the MLP is the block itself, as OPT's)
+    stacked: tuple[str, ...] = ()  # row kinds holding two stacked halves (phi3's gate_up)
+    skip: bool = False  # at width 0 the module is replaced by one that outputs zero (attention)
+
+
+_MLP_WIDTH = WidthSpec("mlp", "neuron", ("gate", "up"), "down", "mlp")
+_KV_GROUPS = WidthSpec("attention", "kv_group", ("q", "k", "v"), "o", "self_attn", skip=True)
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     blocks: str  # path from the CausalLM model to the ModuleList of decoder blocks
     matrices: tuple[MatrixSpec, ...]
+    # where width pruning is valid: attention only where the module's forward infers the head
+    # count from q's width (view(..., -1, head_dim)) and maps query heads to KV heads by position
+    widths: tuple[WidthSpec, ...] = ()
 
 
 def _m(path: str, kind: str, site: str) -> MatrixSpec:
@@ -47,7 +67,7 @@ _GATED_MLP = (
     _m("mlp.up_proj", "up", "mlp_in"),
     _m("mlp.down_proj", "down", "mlp_out"),
 )
-LLAMA_LIKE = ArchSpec("model.layers", _SEPARATE_QKV + _GATED_MLP)
+LLAMA_LIKE = ArchSpec("model.layers", _SEPARATE_QKV + _GATED_MLP, (_MLP_WIDTH, _KV_GROUPS))
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": LLAMA_LIKE,
@@ -67,6 +87,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             _m("mlp.c_fc", "fc1", "mlp_in"),
             _m("mlp.c_proj", "fc2", "mlp_out"),
         ),
+        (WidthSpec("mlp", "neuron", ("fc1",), "fc2", "mlp"),),  # attention splits c_attn by fixed sizes
     ),
     "phi3": ArchSpec(
         "model.layers",
@@ -76,6 +97,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             _m("mlp.gate_up_proj", "gate_up", "mlp_in"),
             _m("mlp.down_proj", "down", "mlp_out"),
         ),
+        (WidthSpec("mlp", "neuron", ("gate_up",), "down", "mlp", stacked=("gate_up",)),),
     ),
     "gpt_neox": ArchSpec(
         "gpt_neox.layers",
@@ -85,6 +107,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             _m("mlp.dense_h_to_4h", "fc1", "mlp_in"),
             _m("mlp.dense_4h_to_h", "fc2", "mlp_out"),
         ),
+        (WidthSpec("mlp", "neuron", ("fc1",), "fc2", "mlp"),),
     ),
     "opt": ArchSpec(
         "model.decoder.layers",
@@ -96,6 +119,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             _m("fc1", "fc1", "mlp_in"),
             _m("fc2", "fc2", "mlp_out"),
         ),
+        (WidthSpec("mlp", "neuron", ("fc1",), "fc2"),),
     ),
 }
 

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .lowrank import rank_for_fraction
-
 F64 = torch.float64
 
 
@@ -143,12 +141,12 @@ def relative_errors(errors: torch.Tensor) -> torch.Tensor:
     return errors / total
 
 
-def error_at_fraction(relative: list[float | None], p: float, out_features: int, in_features: int) -> float | None:
-    """The relative error of the rank that keeps a fraction p (0.0 when p keeps the matrix dense)."""
-    rank = rank_for_fraction(p, out_features, in_features)
-    if rank is None:
+def error_at_fraction(relative: list[float | None], level: int | None) -> float | None:
+    """The relative error at a target's level for a kept fraction (`Matrix.level_for`: a rank; a
+    WidthUnit's: a width); 0.0 at None (kept whole)."""
+    if level is None:
         return 0.0
-    return relative[rank] if rank < len(relative) else None
+    return relative[level] if level < len(relative) else None
 
 
 def _symmetric(M: torch.Tensor) -> torch.Tensor:

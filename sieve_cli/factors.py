@@ -51,18 +51,32 @@ class FactorSet:
     full: dict[str, Pair] = field(default_factory=dict)  # name -> (B_full H x K, A_full K x D)
     fixed: dict[str, dict[int, Pair]] = field(default_factory=dict)  # name -> rank -> (B, A)
     blocks: dict[str, int] = field(default_factory=dict)  # name -> decoder block (its shard on disk)
+    # method "width": unit name -> (its WidthUnit, its WidthBasis: every width's kept units and refit)
+    widths: dict[str, tuple] = field(default_factory=dict)
 
     def names(self) -> list[str]:
-        return list(dict.fromkeys([*self.full, *self.fixed]))
+        return list(dict.fromkeys([*self.full, *self.fixed, *self.widths]))
+
+    def width_units(self) -> list:
+        """The width units this (width) fit covers, in fit order."""
+        return [unit for unit, _ in self.widths.values()]
+
+    def basis(self, name: str):
+        """The WidthBasis of width unit `name`."""
+        if name not in self.widths:
+            raise InputError(f"the {self.method} fit has no width fit for {name}; rerun `sieve fit --method width`")
+        return self.widths[name][1]
 
     def max_rank(self, name: str) -> int:
+        if name in self.widths:
+            return self.widths[name][0].units
         if name in self.full:
             return self.full[name][0].shape[1]
         return max(self.fixed[name])
 
     def ranks(self, name: str) -> list[int] | None:
         """The ranks available for `name`: None means any rank up to max_rank."""
-        return None if name in self.full else sorted(self.fixed[name])
+        return None if name in self.full or name in self.widths else sorted(self.fixed[name])
 
     def pair(self, name: str, rank: int) -> Pair:
         """(B: H x rank, A: rank x D) for matrix `name`."""
@@ -98,7 +112,8 @@ class FactorSet:
             save_file(tensors, str(index.parent / file), metadata={"method": self.method})
             written.append(index.parent / file)
             hashes[file] = sha256_file(index.parent / file)
-        stored = next((t.dtype for ts in shards.values() for t in ts.values()), dtype or torch.float32)
+        stored = next((t.dtype for ts in shards.values() for t in ts.values() if t.is_floating_point()),
+                      dtype or torch.float32)
         body = {"format": INDEX_FORMAT, "method": self.method, "dtype": str(stored).removeprefix("torch."),
                 "lean": lean, "matrices": entries, "shards": hashes}
         tmp = index.with_suffix(".tmp")
@@ -110,6 +125,12 @@ class FactorSet:
         def stored(t: torch.Tensor) -> torch.Tensor:
             return t.detach().to("cpu", dtype or t.dtype).contiguous()
 
+        if name in self.widths:
+            unit, basis = self.widths[name]
+            exact = lambda t: t.detach().to("cpu", torch.float32).contiguous()  # noqa: E731 - refit needs >= float32
+            tensors[f"{name}.order"] = basis.order.to("cpu", torch.int64).contiguous()
+            tensors[f"{name}.M"], tensors[f"{name}.Linv"] = exact(basis.M), exact(basis.Linv)
+            return {"shape": list(basis.M.shape), "rank_limit": unit.units, "ranks": None, "unit": unit.to_dict()}
         if name in self.full:
             B, A = self.full[name]
             (H, K), D = B.shape, A.shape[1]
@@ -162,6 +183,18 @@ class StoredFactors(FactorSet):
 
     def names(self) -> list[str]:
         return list(self.index)
+
+    def width_units(self) -> list:
+        from .narrowing import WidthUnit
+        return [WidthUnit.from_dict(e["unit"]) for e in self.index.values() if "unit" in e]
+
+    def basis(self, name: str):
+        from .width import WidthBasis
+        entry = self._entry(name)
+        if "unit" not in entry:
+            raise InputError(f"the {self.method} fit has no width fit for {name}; rerun `sieve fit --method width`")
+        order, M, Linv = self._tensors(name, (f"{name}.order", f"{name}.M", f"{name}.Linv"))
+        return WidthBasis(order=order.cpu(), M=M, Linv=Linv, errors=torch.empty(0), unit_size=entry["unit"]["unit_size"])
 
     def max_rank(self, name: str) -> int:
         return self._entry(name)["rank_limit"]
@@ -217,7 +250,10 @@ class StoredFactors(FactorSet):
         """Every matrix in memory as a plain FactorSet (tests, small models)."""
         result = FactorSet(self.method)
         for name, entry in self.index.items():
-            if entry["ranks"] is None:
+            if "unit" in entry:
+                from .narrowing import WidthUnit
+                result.widths[name] = (WidthUnit.from_dict(entry["unit"]), self.basis(name))
+            elif entry["ranks"] is None:
                 result.full[name] = self.pair(name, entry["rank_limit"])
             else:
                 result.fixed[name] = {r: self.pair(name, r) for r in entry["ranks"]}
@@ -254,9 +290,16 @@ class StoredFactors(FactorSet):
             raise InputError(f"factor shard {file} does not match the hash its fit recorded (damaged or replaced); "
                              f"rerun `sieve fit -w WS --method {self.method} --force`")
         self._opened.add(file.name)
+        width = "unit" in self.index[name]
         with safe_open(str(file), framework="pt") as f:
-            return {k: f.get_tensor(k).to(self.device, self.dtype or self.stored_dtype)
-                    for k in f.keys() if _owner(k) == name}
+            return {k: self._placed(f.get_tensor(k), width) for k in f.keys() if _owner(k) == name}
+
+    def _placed(self, t: torch.Tensor, width: bool) -> torch.Tensor:
+        """On the set's device; floats in its dtype, except a width refit's (kept in at least float32)."""
+        if not t.is_floating_point():
+            return t.to(self.device)
+        dtype = self.dtype or self.stored_dtype
+        return t.to(self.device, torch.float32 if width and torch.finfo(dtype).bits < 32 else dtype)
 
 
 def _owner(key: str) -> str:

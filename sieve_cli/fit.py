@@ -15,6 +15,7 @@ import math
 import shutil
 import time
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -45,9 +46,11 @@ from .files import read_json, write_json_atomic
 from .lowrank import rank_for_fraction
 from .matrices import Matrix, find_matrices, sites_of, weight_of
 from .models import load_tokenizer, safetensors_folder, torch_dtype
+from .narrowing import WidthUnit, width_units
 from .options import FIT_METHODS, SUMMARY_LEVELS, CaptureOptions, FitOptions
 from .store import read_site
 from .tasks import bind_task
+from .width import obs_batch, width_basis
 from .workspace import Stage, Workspace
 
 log = logging.getLogger(__name__)
@@ -126,9 +129,23 @@ def run_fit(ws: Workspace, options: FitOptions, force: bool = False, model: nn.M
     started = time.perf_counter()
     training: dict = {}
     ws.verify_folder(Stage.CAPTURE, ws.capture_store)  # a garbled chunk would give a fit of garbage
-    factors, spectrum = fit_matrices(matrices, ws.capture_store, weight, options, training)
+    units = model_width_units(ws, matrices, model) if options.method == "width" else None
+    factors, spectrum = fit_matrices(matrices, ws.capture_store, weight, options, training, units)
     return _write_fit(ws, stage, inputs, options, factors, spectrum, matrices, time.perf_counter() - started,
                       load_seconds, mode, training)
+
+
+def model_width_units(ws: Workspace, matrices: list[Matrix], model: nn.Module | None = None) -> list[WidthUnit]:
+    """The workspace model's width units (its config from the loaded model, else from its folder)."""
+    if model is not None:
+        config = model.config
+    else:
+        config = read_json(safetensors_folder(workspace_model_source(ws)) / "config.json")
+    model_type = getattr(config, "model_type", None) or config["model_type"]
+    units = width_units(matrices, model_type, config)
+    if not units:
+        raise InputError(f"{model_type} has no module whose width sieve can cut; use --method output")
+    return units
 
 
 def record_blockwise_fit(ws: Workspace, options: FitOptions, factors: FactorSet, spectrum: dict, seconds: float) -> dict:
@@ -143,7 +160,8 @@ def record_blockwise_fit(ws: Workspace, options: FitOptions, factors: FactorSet,
 def _write_fit(ws, stage, inputs, options, factors, spectrum, matrices, seconds, load_seconds, mode,
                training: dict | None = None) -> dict:
     written = save_fit(ws, options.method, factors, spectrum, training)
-    summary = {**summarise(matrices, spectrum, options, seconds, load_seconds, training), "mode": mode}
+    targets = factors.width_units() if options.method == "width" else matrices
+    summary = {**summarise(targets, spectrum, options, seconds, load_seconds, training), "mode": mode}
     ws.finish(stage, inputs, written, summary)
     log.info("fit %s: %d matrices in %.1f s (%s)", options.method, summary["matrices"], seconds, mode)
     return summary
@@ -194,7 +212,10 @@ def _refit_blockwise(ws: Workspace, options: FitOptions, inputs: dict, force: bo
     tokenizer = load_tokenizer(workspace_model_source(ws))
     sequences, _ = calibration_sequences(bind_task(ws, None), capture_options, tokenizer)
     started = time.perf_counter()
-    result = capture_and_fit_workspace(ws, capture_options, sequences, [options], tokenizer, fit_site,
+    site_fit = fit_site
+    if options.method == "width":  # each block's out matrices fitted as their units, as in memory
+        site_fit = partial(fit_site, units={u.out: u for u in model_width_units(ws, workspace_matrices(ws))})
+    result = capture_and_fit_workspace(ws, capture_options, sequences, [options], tokenizer, site_fit,
                                        fingerprint=str(inputs), fresh=force, work=ws.fit_dir(options.method) / "blockwise")
     log.info("recomputed the statistics block by block in %.1f s", time.perf_counter() - started)
     summary = _write_fit(ws, ws.fit_stage(options.method), inputs, options, result.factors[options.method],
@@ -233,23 +254,29 @@ def fit_model(model: nn.Module, store: Path, options: FitOptions, training: dict
 
 
 def fit_matrices(matrices: list[Matrix], store: Path, weight: Callable[[Matrix], torch.Tensor],
-                 options: FitOptions, training: dict | None = None) -> tuple[FactorSet, dict]:
+                 options: FitOptions, training: dict | None = None,
+                 units: list[WidthUnit] | None = None) -> tuple[FactorSet, dict]:
     """(factors, spectrum) of `matrices`, whose weights (H x D) `weight` gives, one site at a time.
 
     For `learned`, `training` (when given) receives per matrix and trained rank the Adam steps,
-    why training stopped and the exact optimum's relative error at that rank.
+    why training stopped and the exact optimum's relative error at that rank. For `width`,
+    `units` are the width units to fit (each from the Gram of its out matrix's input site).
     """
     factors, spectrum = FactorSet(options.method), {}
+    by_out = {u.out: u for u in units or ()}
     with progress.bar(f"fit {options.method}", total=len(matrices)) as bar:
         for site, members in sites_of(matrices).items():
+            if options.method == "width" and not any(m.name in by_out for m in members):
+                bar.advance(len(members))  # a site no width unit reads (q/k/v's, gate/up's): nothing to fit
+                continue
             fit_site(site, members, _read_site(store, site), weight, options, factors, spectrum, training,
-                     after=bar.advance)
+                     after=bar.advance, units=by_out)
     return factors, spectrum
 
 
 def fit_site(site: str, members: list[Matrix], stats, weight: Callable[[Matrix], torch.Tensor], options: FitOptions,
              factors: FactorSet, spectrum: dict, training: dict | None = None,
-             after: Callable[[], None] | None = None) -> None:
+             after: Callable[[], None] | None = None, units: dict[str, WidthUnit] | None = None) -> None:
     """Fit the matrices of one input site from its statistics into `factors` and `spectrum`.
 
     The one place both modes fit: the in-memory fit (a site read from the store) and the
@@ -261,6 +288,11 @@ def fit_site(site: str, members: list[Matrix], stats, weight: Callable[[Matrix],
     C = _checked_gram(stats, site, members).to(device, torch.float64)
     eigen = None  # of C, computed at most once per site and shared by its matrices
     for m in members:
+        if options.method == "width":
+            _fit_width(m, (units or {}).get(m.name), weight, C, factors, spectrum)
+            if after is not None:
+                after()
+            continue
         tensor = weight(m)
         W = tensor.detach().to(device, torch.float64)
         dtype = stored_dtype(options, tensor)
@@ -279,6 +311,16 @@ def fit_site(site: str, members: list[Matrix], stats, weight: Callable[[Matrix],
             spectrum[m.name] = basis.relative().tolist()
         if after is not None:
             after()
+
+
+def _fit_width(m: Matrix, unit: WidthUnit | None, weight, C: torch.Tensor, factors: FactorSet, spectrum: dict) -> None:
+    """The width fit of the unit whose out matrix is `m` (none for a row matrix: nothing to do)."""
+    if unit is None:
+        return
+    W = weight(m).detach().to(C.device, torch.float64)
+    basis = width_basis(W, C, unit.unit_size, obs_batch(unit.units))
+    factors.widths[unit.name], factors.blocks[unit.name] = (unit, basis), unit.block
+    spectrum[unit.name] = basis.relative().tolist()
 
 
 def _fit_closed_form(method: str, W: torch.Tensor, C: torch.Tensor, eigen: GramEigen | None) -> Basis:
@@ -348,10 +390,10 @@ def summarise(matrices: list[Matrix], spectrum: dict, options: FitOptions, secon
     optimum: dict[str, dict[str, list[float]]] = {}
     for m in matrices:
         for p in levels:
-            value = error_at_fraction(spectrum[m.name], p, m.out_features, m.in_features)
+            value = error_at_fraction(spectrum[m.name], m.level_for(p))
             if value is not None:
                 by_kind.setdefault(m.kind, {}).setdefault(str(p), []).append(value)
-            rank = rank_for_fraction(p, m.out_features, m.in_features)
+            rank = m.level_for(p)
             trained = (training or {}).get(m.name, {}).get(str(rank))
             if trained is not None:
                 steps.setdefault(m.kind, {}).setdefault(str(p), []).append(trained["steps"])

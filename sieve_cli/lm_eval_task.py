@@ -83,8 +83,11 @@ def lm_eval_model_args(ws: Workspace, model: str | None, dtype: str | None) -> d
         return args | {"dtype": dtype or discovered["dtype"]}
     folder = Path(model).expanduser().resolve()
     if is_pruned_folder(folder):
+        info = read_sieve_json(folder)
+        if info.get("standard"):  # a width plan's standard folder: the family's own code loads it
+            return {"pretrained": str(folder), "dtype": dtype or info["dtype"]}
         require_modeling_file(folder)
-        return {"pretrained": str(folder), "trust_remote_code": "True", "dtype": dtype or read_sieve_json(folder)["dtype"]}
+        return {"pretrained": str(folder), "trust_remote_code": "True", "dtype": dtype or info["dtype"]}
     return {"pretrained": str(folder), "dtype": dtype or "float32"}
 
 

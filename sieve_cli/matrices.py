@@ -13,6 +13,7 @@ from torch import nn
 
 from .archs import arch_for
 from .errors import UnsupportedArchitectureError
+from .ranks import fraction_for_rank, lowrank_params, rank_for_fraction
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,19 @@ class Matrix:
     def params(self) -> int:
         """Weight parameters (biases are not counted: they are never pruned)."""
         return self.out_features * self.in_features
+
+    # the interface every search target has (a WidthUnit has the same three, with widths)
+    level_key = "rank"
+
+    def level_for(self, kept: float) -> int | None:
+        """The rank that keeps at most `kept` of the matrix; None: stays dense."""
+        return rank_for_fraction(kept, self.out_features, self.in_features)
+
+    def size_at(self, rank: int | None) -> int:
+        return lowrank_params(rank, self.out_features, self.in_features)
+
+    def kept_at(self, rank: int | None) -> float:
+        return fraction_for_rank(rank, self.out_features, self.in_features)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "params": self.params}

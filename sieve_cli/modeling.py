@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from .lowrank import LowRankLinear
+from .narrowing import SkippedAttention
 
 MODELING_FILE = "modeling_sieve.py"
 CONFIG_CLASS = "SieveConfig"
@@ -52,6 +53,8 @@ from transformers import {base_model} as _BaseModel
 
 {lowrank_source}
 
+{skip_source}
+
 {place_source}
 
 class {config_class}(_BaseConfig):
@@ -68,17 +71,31 @@ class {model_class}(_BaseModel):
 
 
 def place_low_rank(model: nn.Module, factored: Mapping[str, Mapping]) -> None:
-    """Replace each named module by a LowRankLinear shell of the recorded shape and rank.
+    """Replace each named module by an empty shell of the recorded type and shape.
 
-    The shell takes the dtype and device of the module it replaces: the meta device while
-    from_pretrained builds the model, which then loads the stored A, B and bias into it.
+    Types: a LowRankLinear pair (the default, with a rank), a narrower `linear` or GPT-2 `conv1d`
+    (a width plan), or `skip` (an attention module cut to no heads). The shell takes the dtype
+    and device of the module it replaces: the meta device while from_pretrained builds the model,
+    which then loads the stored weights into it.
     """
     for name, spec in factored.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        kind = spec.get("type", "lowrank")
+        if kind == "skip":
+            setattr(parent, child, SkippedAttention())
+            continue
         weight = getattr(parent, child).weight
-        setattr(parent, child, LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"],
-                                             bias=spec["bias"], dtype=weight.dtype, device=weight.device))
+        if kind == "linear":
+            new = nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"], dtype=weight.dtype,
+                            device=weight.device)
+        elif kind == "conv1d":
+            from transformers.pytorch_utils import Conv1D
+            new = Conv1D(spec["out_features"], spec["in_features"]).to(dtype=weight.dtype, device=weight.device)
+        else:
+            new = LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"],
+                                dtype=weight.dtype, device=weight.device)
+        setattr(parent, child, new)
 
 
 def local_classes(base_model_type: str):
@@ -116,6 +133,7 @@ def render_modeling_file(model: nn.Module, version: str) -> str:
         base_config=base_config, base_model=base_model, config_class=CONFIG_CLASS, model_class=MODEL_CLASS,
         model_type=sieve_model_type(model.config.model_type), factored_key=FACTORED_KEY, version=version,
         lowrank_source=inspect.getsource(LowRankLinear), place_source=inspect.getsource(place_low_rank),
+        skip_source=inspect.getsource(SkippedAttention),
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from .errors import InputError, TaskError
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-FIT_METHODS = ("output", "learned", "svd", "pca")
+FIT_METHODS = ("output", "learned", "svd", "pca", "width")
 FIT_INITS = ("random", "output")
 SUMMARY_LEVELS = (0.9, 0.75, 0.5)  # kept fractions reported in every fit summary
 # how `sieve search` looks for a plan; `adaptive` names the measured best of seeds/local/genetic (ADAPTIVE)
@@ -280,7 +280,8 @@ class CaptureOptions:
 
 @dataclass(frozen=True)
 class FitOptions:
-    method: str = opt("output", "output (exact, default), learned (the paper's Adam), svd or pca.",
+    method: str = opt("output", "output (exact, default), learned (the paper's Adam), svd, pca, or width (a "
+                                "keep order of whole MLP neurons and KV groups, with the least-squares refit).",
                       short="-m")
     device: str = device_opt()  # where the decompositions and the training run (the model is read on the CPU)
     factor_dtype: str = opt("model", "dtype of the stored factors: model (the model's, default), float32, "
@@ -375,7 +376,8 @@ class SearchOptions:
                                    "the seeds' start, then a genetic algorithm (about population x generations). "
                                    f"adaptive: {ADAPTIVE}, the most removal per minute measured "
                                    "(docs/benchmarks.md).", short="-s")
-    method: str = opt("output", "Which fit's bases to truncate: output, learned, svd, pca.", short="-m")
+    method: str = opt("output", "Which fit to search over: output, learned, svd or pca (a rank per matrix), or "
+                                "width (a kept width per MLP and attention module; 0 removes it).", short="-m")
     tolerance: float = opt(0.05, "Accept a plan whose search-split metric is at least (1 - tolerance) x dense; "
                                  "with --absolute, dense - tolerance.")
     absolute: bool = opt(False, "Read --tolerance in metric units, not as a fraction of dense.")

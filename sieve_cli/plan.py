@@ -16,10 +16,9 @@ from typing import Any, Iterable, Mapping
 from .errors import InputError
 from .files import read_json, write_json_atomic
 from .options import FIT_METHODS
-from .ranks import fraction_for_rank, lowrank_params
 
 PLAN_SCHEMA = 1
-KIND_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "fc1", "fc2")
+KIND_ORDER = ("q", "k", "v", "qkv", "o", "attention", "gate", "up", "gate_up", "down", "fc1", "fc2", "mlp")
 
 Ranks = dict[str, "int | None"]
 
@@ -38,12 +37,12 @@ class Plan:
         """The plan for `ranks` over `matrices` (records with name, kind, block, out/in features, params);
         `search` holds how it was found (apply ignores it)."""
         entries = {}
-        for m in matrices:
-            rank = ranks[m.name]
-            entries[m.name] = {"kind": m.kind, "block": m.block,
-                               "kept": fraction_for_rank(rank, m.out_features, m.in_features), "rank": rank,
-                               "params_before": m.params,
-                               "params_after": lowrank_params(rank, m.out_features, m.in_features)}
+        for m in matrices:  # Matrix records (a rank each) or WidthUnits (a width each)
+            level = ranks[m.name]
+            entries[m.name] = {"kind": m.kind, "block": m.block, "kept": m.kept_at(level), m.level_key: level,
+                               "params_before": m.params, "params_after": m.size_at(level)}
+            if m.level_key == "width":
+                entries[m.name]["units"] = m.units
         before = sum(e["params_before"] for e in entries.values())
         after = sum(e["params_after"] for e in entries.values())
         model_after = model_total - (before - after)
@@ -80,10 +79,11 @@ class Plan:
         if data["method"] not in FIT_METHODS:  # it names a folder of the workspace: never a path
             raise InputError(f"{source}: method {data['method']!r} is not a fit method ({', '.join(FIT_METHODS)}); "
                              f"run `{rebuild}`")
+        key = "width" if data["method"] == "width" else "rank"
         for name, entry in data["matrices"].items():
-            rank = entry.get("rank", "missing") if isinstance(entry, dict) else "missing"
+            rank = entry.get(key, "missing") if isinstance(entry, dict) else "missing"
             if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
-                raise InputError(f"{source}: rank of {name} must be a non-negative integer or null, got {rank!r}")
+                raise InputError(f"{source}: {key} of {name} must be a non-negative integer or null, got {rank!r}")
         return cls(data)
 
     def describable(self, source: str = "the plan") -> "Plan":
@@ -117,9 +117,14 @@ class Plan:
     def matrices(self) -> dict[str, dict]:
         return self.data["matrices"]
 
+    @property
+    def level_key(self) -> str:
+        """What each entry's level is: a matrix's rank, or (a width plan) a unit's width."""
+        return "width" if self.method == "width" else "rank"
+
     def ranks(self) -> Ranks:
-        """name -> rank (None: stays dense)."""
-        return {name: entry["rank"] for name, entry in self.matrices.items()}
+        """name -> rank, or width for a width plan (None: stays dense)."""
+        return {name: entry[self.level_key] for name, entry in self.matrices.items()}
 
     def kept(self) -> dict[str, float]:
         return {name: float(entry["kept"]) for name, entry in self.matrices.items()}

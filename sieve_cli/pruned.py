@@ -26,8 +26,16 @@ from .factors import FactorSet
 from .files import read_json
 from .lowrank import LowRankLinear, bias_of, swap_modules
 from .matrices import weight_of
-from .modeling import MODELING_FILE, TYPE_PREFIX, base_config_dict, remote_code_config, render_modeling_file
+from .modeling import (
+    MODELING_FILE,
+    TYPE_PREFIX,
+    base_config_dict,
+    place_low_rank,
+    remote_code_config,
+    render_modeling_file,
+)
 from .models import check_device_available, torch_dtype
+from .narrowing import narrowed_modules
 from .plan import Plan
 from .quantize import load_through_transformers, quantize_folder
 from .version import __version__
@@ -85,7 +93,10 @@ def build_replacements(model: nn.Module, ranks: Mapping[str, int | None], factor
     """A LowRankLinear per matrix whose rank is not None, on the original module's device.
 
     dtype defaults to the original weight's; the original bias is copied into B's bias.
+    A width fit's `ranks` are widths per width unit: its narrower modules (`narrowed_replacements`).
     """
+    if factors.method == "width":
+        return narrowed_replacements(model, ranks, factors)
     replacements = {}
     for name, rank in ranks.items():
         if rank is None:
@@ -95,6 +106,19 @@ def build_replacements(model: nn.Module, ranks: Mapping[str, int | None], factor
         h, d = weight.shape
         B, A = checked_pair(factors, name, int(rank), h, d)
         replacements[name] = lowrank_from_pair(B, A, bias_of(module), dtype or weight.dtype, weight.device)
+    return replacements
+
+
+def narrowed_replacements(model: nn.Module, widths: Mapping[str, int | None], factors: FactorSet) -> dict[str, nn.Module]:
+    """The narrower modules (and skipped attention modules) of every width unit whose width is not None."""
+    units = {u.name: u for u in factors.width_units()}
+    replacements: dict[str, nn.Module] = {}
+    for name, width in widths.items():
+        if width is None:
+            continue
+        if name not in units:
+            raise InputError(f"the width fit has no unit {name}; rerun `sieve fit --method width` on this workspace's model")
+        replacements |= narrowed_modules(model, units[name], int(width), factors.basis(name))
     return replacements
 
 
@@ -146,7 +170,10 @@ def matrix_params(model: nn.Module, names) -> int:
     """Weight parameters (biases not counted) of the named matrices as they are in `model` now."""
     total = 0
     for name in names:
-        module = model.get_submodule(name)
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:  # inside a skipped attention module: gone
+            continue
         if isinstance(module, LowRankLinear):
             total += module.A.weight.numel() + module.B.weight.numel()
         else:
@@ -181,7 +208,8 @@ def write_config(model: nn.Module, out: Path, dtype: torch.dtype, factored: Mapp
 
 
 def save_pruned(model: nn.Module, out_dir: str | Path, plan: Mapping, base_identity: Mapping, tokenizer=None,
-                fit_method: str | None = None, extra: Mapping | None = None, quantize: str | None = None) -> dict:
+                fit_method: str | None = None, extra: Mapping | None = None, quantize: str | None = None,
+                narrowed: Mapping[str, dict] | None = None) -> dict:
     """Write the pruned model folder; returns the sieve.json written.
 
     `quantize` (an options.QUANTIZE_SCHEMES key) stores the linear weights quantised (quantize.py).
@@ -196,7 +224,8 @@ def save_pruned(model: nn.Module, out_dir: str | Path, plan: Mapping, base_ident
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
     save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "sieve": str(FORMAT)})
     dtype = weights_dtype(model)
-    write_config(model, out, dtype, factored_modules(model))
+    replaced = factored_modules(model) | dict(narrowed or {})  # narrowed: {name: narrowing.shape_of(module)}
+    write_config(model, out, dtype, replaced)
     (out / MODELING_FILE).write_text(render_modeling_file(model, __version__))
     written = [WEIGHTS, "config.json", MODELING_FILE]
     if getattr(model, "generation_config", None) is not None:
@@ -212,7 +241,7 @@ def save_pruned(model: nn.Module, out_dir: str | Path, plan: Mapping, base_ident
         "architecture": type(model).__name__,
         "dtype": str(dtype).removeprefix("torch."),
         "fit_method": fit_method if fit_method is not None else plan.get("method"),
-        "factored": factored_modules(model),
+        "factored": replaced,
         "tied": tied,
         "params": count_params(model),
         "plan": dict(plan),
@@ -322,11 +351,13 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: str
     if info.get("quantize"):  # quantised tensors: transformers' torchao loader reads them
         return load_through_transformers(path, info, str(device), dt).eval()
     model = empty_model(base_config(path, info), dt)
-    shells = {
-        name: lowrank_shell(s["in_features"], s["out_features"], s["rank"], s["bias"], dt)
-        for name, s in info["factored"].items()
-    }
-    swap_modules(model, shells)
+    try:
+        with warnings.catch_warnings():  # rank 0 is legal (the matrix's output is its bias alone)
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            place_low_rank(model, info["factored"])
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{path / SIEVE_JSON} names modules or shapes this model does not have ({exc}); "
+                         f"rerun `sieve apply -o {path} --force`") from None
     state = read_weights(path / WEIGHTS, device)
     state = {k: v.to(dt) if v.is_floating_point() else v for k, v in state.items()}
     result = model.load_state_dict(state, strict=False, assign=True)

@@ -73,6 +73,8 @@ def unquantisable_factors(factored: Mapping[str, Mapping]) -> list[str]:
     out_features numbers, so leaving it in float costs nothing measurable."""
     skipped = []
     for name, spec in factored.items():
+        if spec.get("type", "lowrank") != "lowrank":  # a narrowed Linear (width plan) quantises as any other
+            continue
         if spec["rank"] == 0:
             skipped += [f"{name}.A", f"{name}.B"]
         elif spec["rank"] == 1:

@@ -37,7 +37,6 @@ from .genetic import (
     levels_with,
 )
 from .local import Layout, Scored, StepReport, local_search
-from .lowrank import lowrank_params, rank_for_fraction
 from .matrices import Matrix
 from .models import load_tokenizer, safetensors_folder, torch_dtype
 from .options import STRATEGIES, LocalConfig, SearchOptions
@@ -231,13 +230,14 @@ def read_targets(ws: Workspace) -> tuple[list[Matrix], int]:
     return [Matrix.from_dict(m) for m in found["matrices"]], int(found["total_params"])
 
 
-def rank_at(target: Matrix, kept: float, factors: FactorSet) -> int | None:
-    """The rank that keeps at most `kept` of the matrix, limited to what the fit provides.
+def rank_at(target, kept: float, factors: FactorSet) -> int | None:
+    """The level (a matrix's rank, a width unit's width) that keeps at most `kept` of the target,
+    limited to what the fit provides.
 
     A `learned` fit has only its trained ranks: take the largest of them within `kept`
     (the smallest if none is), so the plan's parameter counts stay honest.
     """
-    rank = rank_for_fraction(kept, target.out_features, target.in_features)
+    rank = target.level_for(kept)
     if rank is None:
         return None
     available = factors.ranks(target.name)
@@ -247,12 +247,27 @@ def rank_at(target: Matrix, kept: float, factors: FactorSet) -> int | None:
     return max(below) if below else min(available)
 
 
-def ranks_for(targets: list[Matrix], kept: list[float], factors: FactorSet) -> Ranks:
+def ranks_for(targets: list, kept: list[float], factors: FactorSet) -> Ranks:
     return {t.name: rank_at(t, p, factors) for t, p in zip(targets, kept, strict=True)}
 
 
-def params_after(targets: list[Matrix], ranks: Ranks) -> int:
-    return sum(lowrank_params(ranks[t.name], t.out_features, t.in_features) for t in targets)
+def params_after(targets: list, ranks: Ranks) -> int:
+    return sum(t.size_at(ranks[t.name]) for t in targets)
+
+
+def uniform_kept(targets: list, p: float) -> list[float]:
+    """The uniform plan at kept fraction p: p for every matrix, or (a width fit) for every MLP.
+
+    A width fit's attention modules stay whole here: they are cut by whole KV groups (a third of
+    SmolLM2's attention each), far too coarse for one fraction shared with the MLPs; the
+    adaptive search gives them their own levels.
+    """
+    return [1.0 if getattr(t, "level_key", "rank") == "width" and t.kind == "attention" else p for t in targets]
+
+
+def search_targets(factors: FactorSet, matrices: list[Matrix]) -> list:
+    """What the search gives a level to: the prunable matrices (a rank each), or a width fit's units."""
+    return factors.width_units() if factors.method == "width" else matrices
 
 
 # ---- evaluation bookkeeping: memo, history, checkpoint -------------------------------------
@@ -414,8 +429,9 @@ def run_search(ws: Workspace, options: SearchOptions, force: bool = False, score
     if not resume:
         for stale in (ws.plan_json, ws.history_jsonl, ws.search_checkpoint):
             stale.unlink(missing_ok=True)
-    targets, model_total = read_targets(ws)
+    matrices, model_total = read_targets(ws)
     factors = load_factors(ws, options.method)
+    targets = search_targets(factors, matrices)
     checkpoint = read_json(ws.search_checkpoint) if resume and ws.search_checkpoint.exists() else {}
     with ExitStack() as cleanup:  # a pool of workers lives as long as the search
         if scorer is None:
@@ -506,7 +522,7 @@ def find_plan(ws: Workspace, options: SearchOptions, scorer: Scorer, targets: li
     if dense is None:  # the dense model is scored once and kept in the checkpoint
         dense_ranks = ranks_for(targets, [1.0] * len(targets), factors)
         probe = first_probe(uniform_grid(options.grid_step))  # a second worker scores the uniform search's first
-        evals.speculate([[probe] * len(targets)] if probe is not None and scorer.score_many is not None else [])
+        evals.speculate([uniform_kept(targets, probe)] if probe is not None and scorer.score_many is not None else [])
         dense = evals.score_ahead([dense_ranks])[0]
         evals.log(dense, dense_ranks, {"strategy": options.algorithm, "generation": None, "p": 1.0}, None)
         checkpoint = {"dense": dense.value, "metric": scorer.metric, "examples": scorer.examples,
@@ -524,7 +540,7 @@ def find_plan(ws: Workspace, options: SearchOptions, scorer: Scorer, targets: li
 
     uniform = search_uniform(evals, options, targets)
     if options.algorithm == "uniform":
-        outcome = Outcome([uniform.p] * len(targets), dense.value if uniform.metric is None else uniform.metric,
+        outcome = Outcome(uniform_kept(targets, uniform.p), dense.value if uniform.metric is None else uniform.metric,
                           {"uniform_p": uniform.p})
     else:
         outcome = search_adaptive(ws, evals, options, targets, factors, uniform, checkpoint, on_generation)
@@ -588,16 +604,20 @@ def confirm_plan(evals: Evaluations, options: SearchOptions, kept: list[float], 
 
 def search_uniform(evals: Evaluations, options: SearchOptions, targets: list[Matrix]):
     grid = uniform_grid(options.grid_step)
-    record = lambda p: {"strategy": "uniform", "generation": None, "p": p}  # noqa: E731
+
+    def record(p: float) -> dict:  # a width plan's uniform keeps attention whole: its genome says so
+        kept = uniform_kept(targets, p)
+        return {"strategy": "uniform", "generation": None, "p": p} | ({"genome": kept} if len(set(kept)) > 1 else {})
+
     with progress.bar("uniform search", total=len(grid).bit_length()) as b:
         def metric_at(p: float) -> float:
-            value = evals.metric([p] * len(targets), record(p))
+            value = evals.metric(uniform_kept(targets, p), record(p))
             b.advance()
             b.note(f"p={p:.2f} {evals.scorer.metric}={value:.4f}")
             return value
 
         def ahead(_: float, after_failure: float | None) -> None:  # a second worker scores the probe after a failure
-            evals.speculate([] if after_failure is None else [[after_failure] * len(targets)])
+            evals.speculate([] if after_failure is None else [uniform_kept(targets, after_failure)])
 
         result = binary_search(grid, metric_at, evals.threshold, ahead)
     log.info("uniform: keep p=%.2f of every matrix (%s=%s) after %d evaluations",
@@ -645,14 +665,43 @@ class Start:
 
 def adaptive_start(ws, evals: Evaluations, options: SearchOptions, targets, factors, uniform) -> Start:
     levels = levels_with(options.levels, uniform.p)
-    kept = [[lowrank_params(rank_at(t, p, factors), t.out_features, t.in_features) for p in levels] for t in targets]
+    if factors.method == "width":  # a width unit may go altogether (a block whose two units go is gone)
+        levels = sorted({*levels, 0.0}, reverse=True)
+    kept = [[t.size_at(rank_at(t, p, factors)) for p in levels] for t in targets]
     problem = Problem(kept=kept, total=evals.total, threshold=evals.threshold)
-    seeds = [[levels.index(uniform.p)] * len(targets)]
+    seeds = [[levels.index(p) for p in uniform_kept(targets, uniform.p)]]
     errors = spectrum_errors(ws, options, targets, levels, factors)
     if errors is not None:
         removal = problem.removed(seeds[0])
         seeds += greedy_seeds(errors, kept, evals.total, [min(0.95, removal + d) for d in SEED_REMOVALS])
+    if factors.method == "width":
+        seeds += depth_seeds(evals, targets, levels, seeds[0])
     return Start(levels, problem, seeds, errors)
+
+
+DEPTH_SEEDS = (1, 2, 3, 4, 6, 8)  # blocks dropped together in the depth seeds
+
+
+def depth_seeds(evals: Evaluations, targets: list, levels: list[float], base: list[int]) -> list[list[int]]:
+    """Seeds that drop whole blocks (every width unit of the block at 0), from a scan that scores each
+    block dropped alone from `base` (one batch, one evaluation per block).
+
+    Which blocks a task can lose is task-specific and the fit's spectra cannot tell (to them a removed
+    unit is all its output lost), so it is measured: the seeds drop the k blocks whose drop alone was
+    acceptable with the best judged metric, k in DEPTH_SEEDS.
+    """
+    zero = levels.index(0.0)
+
+    def dropped(blocks: set[int]) -> list[int]:
+        return [zero if t.block in blocks else g for t, g in zip(targets, base)]
+
+    blocks = sorted({t.block for t in targets})
+    singles = [[levels[g] for g in dropped({b})] for b in blocks]
+    judged = evals.metrics(singles, [{"strategy": "depth", "generation": None, "move": f"drop block {b}",
+                                      "genome": kept} for b, kept in zip(blocks, singles)])
+    held = [b for j, b in sorted(zip(judged, blocks), key=lambda x: (-x[0], x[1])) if is_acceptable(j, evals.threshold)]
+    log.info("depth scan: %d of %d blocks can go alone (best first: %s)", len(held), len(blocks), held[:8])
+    return [dropped(set(held[:k])) for k in DEPTH_SEEDS if k <= len(held)]
 
 
 def after_each_step(ws: Workspace, checkpoint: dict, key: str, levels: list[float], evals: Evaluations, bar,

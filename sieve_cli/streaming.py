@@ -88,6 +88,8 @@ def is_pruned(folder: str | Path) -> bool:
 def factored_block(runner: BlockRunner, index: int, ranks: Mapping[str, int | None] | None, factors: FactorSet | None):
     """Block `index` (loaded) with the candidate's low-rank matrices swapped in, restored afterwards."""
     own = {m.name for m in runner.matrices if m.block == index}
+    if factors is not None and factors.method == "width":
+        own |= {u.name for u in factors.width_units() if u.block == index}
     chosen = {name: rank for name, rank in (ranks or {}).items() if name in own and rank is not None}
     if not chosen:
         yield

@@ -274,3 +274,24 @@ def test_choose_mode_prefers_memory_then_blockwise_then_refuses():
     with pytest.raises(MemoryBudgetError, match="at least 0.00 GiB") as refused:
         choose_mode("auto", in_memory, block, 199, "--memory-budget", "bfloat16")
     assert "--dtype bfloat16" not in str(refused.value)
+
+
+def test_width_fit_blockwise_equals_in_memory(folders, tmp_path):
+    """`fit --method width` after a block-wise capture recomputes each block's statistics and gives the
+    in-memory width fit: the same keep order, refit and spectrum per unit."""
+    task = write_task(tmp_path, "text_modelling")
+    fits = {}
+    for mode in ("memory", "blockwise"):
+        ws = Workspace(tmp_path / mode)
+        run_discover(ws, DiscoverOptions(model=str(folders["llama"])))
+        run_capture(ws, CaptureOptions(task=str(task), batch_size=3, chunk_tokens=40, mode=mode))
+        assert run_fit(ws, FitOptions(method="width"))["mode"] == mode
+        fits[mode] = (load_factors(ws, "width"), load_spectrum(ws, "width"))
+    (memory, memory_spectrum), (block, block_spectrum) = fits["memory"], fits["blockwise"]
+    units = memory.width_units()
+    assert [u.name for u in units] == [u.name for u in block.width_units()] and len(units) == 4
+    for u in units:
+        a, b = memory.basis(u.name), block.basis(u.name)
+        assert torch.equal(a.order, b.order)
+        torch.testing.assert_close(b.refit(u.units // 2), a.refit(u.units // 2), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(block_spectrum[u.name], memory_spectrum[u.name], atol=1e-9)

@@ -122,8 +122,8 @@ def test_tail_sums_relative_and_fraction_lookup():
     rel = relative_errors(tail_sums(values)).tolist()
     assert rel == [1.0, 0.6, 0.3, 0.1, 0.0]
     H, D = 8, 8  # rank = floor(p * 64 / 16) = floor(4p)
-    assert error_at_fraction(rel, 0.5, H, D) == rel[rank_for_fraction(0.5, H, D)] == rel[2]
-    assert error_at_fraction(rel, 1.0, H, D) == 0.0
+    assert error_at_fraction(rel, rank_for_fraction(0.5, H, D)) == rel[2]
+    assert error_at_fraction(rel, rank_for_fraction(1.0, H, D)) == 0.0
     assert fraction_for_rank(2, H, D) == 0.5
 
 

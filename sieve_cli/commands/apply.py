@@ -42,7 +42,10 @@ def apply(
     model.safetensors with the factored weights and modeling_sieve.py. Load it with
     sieve_cli.load_pruned(OUT), or without sieve with transformers'
     AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True); score it with
-    `sieve eval --model OUT`.
+    `sieve eval --model OUT`. A width plan (`--method width`) whose kept blocks all share
+    one MLP width and one number of KV groups gives a standard folder of the input family
+    instead (smaller intermediate_size, fewer heads and layers, no modeling file): plain
+    AutoModelForCausalLM.from_pretrained(OUT) loads it.
 
     Examples:\n
       sieve apply -w ws -o pruned-model\n
@@ -81,10 +84,16 @@ def render(result: dict) -> None:
         f"removed {result['removed_fraction_prunable']:.1%} of prunable parameters, {result['removed_fraction_model']:.1%} "
         f"of the model ({'predicted' if predicted else 'counted from the model'}); {result['dtype']}, fit method {result['method']}"
     )
-    line = f"matrices: {counts['factored']} factored, {counts['dense']} dense by the plan"
-    if counts["product"]:
-        line += f", {counts['product']} stored dense as B·A (kept fraction > {result['dense_above']})"
-    console.print(line)
+    if "narrowed" in counts:  # a width plan
+        console.print(f"modules: {counts['narrowed']} narrowed (or removed), {counts['dense']} whole by the plan")
+        if result.get("standard"):
+            console.print(f"a standard folder of the input family: AutoModelForCausalLM.from_pretrained("
+                          f"{result['out']!r}) loads it, no remote code")
+    else:
+        line = f"matrices: {counts['factored']} factored, {counts['dense']} dense by the plan"
+        if counts["product"]:
+            line += f", {counts['product']} stored dense as B·A (kept fraction > {result['dense_above']})"
+        console.print(line)
     slow = result.get("factored_above_crossover", 0)
     if slow:
         console.print(f"[dim]{slow} factored matrices keep more than {DENSE_ABOVE} of their parameters: on a CPU they "

@@ -80,10 +80,10 @@ def render(data: dict) -> None:
     p, m, s = plan.params, plan.metric, data.get("search", {})
     tol = f"{data['tolerance']:g}" + (" (absolute)" if data["absolute"] else f" = {data['tolerance']:.0%} of dense")
     console.print(
-        f"prunable matrices: {human(p['prunable_before'])} -> {human(p['prunable_after'])} parameters, "
-        f"[bold]{p['removed_fraction_prunable']:.1%} removed[/]\n"
         f"whole model: {human(p['model_before'])} -> {human(p['model_after'])} parameters, "
-        f"{p['removed_fraction_model']:.1%} removed\n"
+        f"[bold]{p['removed_fraction_model']:.1%} removed[/]\n"
+        f"prunable {'modules' if plan.method == 'width' else 'matrices'}: {human(p['prunable_before'])} -> "
+        f"{human(p['prunable_after'])} parameters, {p['removed_fraction_prunable']:.1%} of them removed\n"
         f"search split {m['name']}: dense {m['dense']:.4f}, plan {m['plan']:.4f} (tolerance {tol})"
     )
     if s:
