@@ -38,10 +38,10 @@ def timed(fn):
 
 def scored(model, prepared, batch_size: int, reuse_prefix: bool):
     """What `evaluate` does for a scoring task, keeping the per-span log-likelihoods it discards."""
-    from sieve_cli.evaluate import _multiple_choice_result, _text_modelling_result, score_sequences
+    from sieve_cli.evaluate import multiple_choice_result, score_sequences, text_modelling_result
 
     scores = score_sequences(model, prepared.sequences, prepared.pad_id, batch_size, show_progress=False, reuse_prefix=reuse_prefix)
-    result = (_multiple_choice_result if prepared.output_type == "multiple_choice" else _text_modelling_result)(prepared, scores)
+    result = (multiple_choice_result if prepared.output_type == "multiple_choice" else text_modelling_result)(prepared, scores)
     return scores, result
 
 

@@ -2,8 +2,8 @@
 
 For notebooks: the model is already in memory, the calibration data is any iterable of
 token-id batches (or texts) and the metric any `eval_fn(model) -> float`. It runs the
-same stage functions as the CLI (capture_statistics, fit_model, the uniform and genetic
-search, prune_in_memory, save_pruned) inside a workspace folder, so every artifact
+same stage functions as the CLI (capture_statistics, fit_model, `find_plan` with any
+strategy of `sieve search`, prune_in_memory, save_pruned) inside a workspace folder, so every artifact
 (statistics, factors, history) can be inspected afterwards.
 """
 
@@ -174,7 +174,8 @@ class TransformerPruner:
 
     def adaptive_prune(self, calibration_loader: Iterable, eval_fn: Callable[[nn.Module], float],
                        baseline_accuracy: float | None = None) -> dict[str, float]:
-        """Genetic search for a kept fraction per matrix; returns {matrix name: kept fraction}."""
+        """The adaptive search (`options.ADAPTIVE`: the local search from greedy seeds) for a kept fraction per
+        matrix; returns {matrix name: kept fraction}."""
         return self._search("adaptive", calibration_loader, eval_fn, baseline_accuracy)
 
     def _search(self, strategy: str, loader: Iterable, eval_fn: Callable[[nn.Module], float],

@@ -191,8 +191,8 @@ def calibration_sequences(bound, options, tokenizer) -> tuple[Calibration, bool]
     delimiter = bound.task.target_delimiter
     examples = ((e.shared, e.text(delimiter)) for e in bound.iter_examples("calibration"))  # rendered as read
     calibration, exhausted = build_calibration(tokenizer, examples, options.seq_len, options.tokens, options.share_prefix)
-    if exhausted:
-        log.warning(
+    if exhausted:  # the usual case for a small task at the default --tokens (the demo's too): said, not warned
+        log.info(
             "the calibration split of %s holds only %s tokens, fewer than --tokens %s: capturing all of them",
             bound.name, f"{calibration.tokens_run:,}", f"{options.tokens:,}",
         )

@@ -78,11 +78,8 @@ def load_model(source: str | os.PathLike, dtype: str = "float32", device: str = 
     accelerate's device_map="auto" (a model larger than one GPU) instead of moving it to `device`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-
-    # transformers' own bars follow ours: on in the CLI on a terminal, off in notebooks, tests, --json
-    (hf_logging.enable_progress_bar if progress.is_enabled() else hf_logging.disable_progress_bar)()
+    quiet_transformers_bars()
     check_device_available(device)
     src = resolve_source(source)
     if src.kind == "gguf":
@@ -240,9 +237,11 @@ def _dequantised_copy(src: ModelSource) -> Path:
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("dequantising %s once into %s", src.location, folder)
+    # the hashed folder's name folds into a stray line on a terminal: the cache root is what a user moves
+    log.info("dequantising %s once into the model cache %s", Path(src.location).name, cache_root())
+    log.debug("cache folder: %s", folder)
     try:
-        with _quiet_gguf_bar():
+        with _gguf_bar():
             tokenizer = AutoTokenizer.from_pretrained(src.folder, gguf_file=src.gguf_file, trust_remote_code=False)
             model = AutoModelForCausalLM.from_pretrained(src.folder, gguf_file=src.gguf_file, dtype=torch.float32,
                                                          trust_remote_code=False)
@@ -300,22 +299,35 @@ def _complete_safetensors(path: Path) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _quiet_gguf_bar():
-    """transformers draws its GGUF conversion bar with plain tqdm, which its own switch does not reach:
-    when our bars are off (-q, --json, off a terminal), give that module a silent tqdm for the call."""
-    if progress.is_enabled():
-        yield
-        return
-    from functools import partial
+def quiet_transformers_bars() -> None:
+    """transformers' tqdm bars (loading and writing weights: under a second from local files) off, so
+    they never land between sieve's own lines; huggingface_hub's download bars follow ours (a download
+    can take minutes): on in the CLI on a terminal, off in notebooks, tests, --json."""
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # turns huggingface_hub's off too
+    if progress.is_enabled():
+        enable_progress_bars()
+    else:
+        disable_progress_bars()
+
+
+@contextlib.contextmanager
+def _gguf_bar():
+    """transformers draws its GGUF conversion bar with plain tqdm, which its own switch does not reach:
+    for the call, that module's tqdm is our bar (silent when ours are off: -q, --json, off a terminal)."""
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
     original = getattr(gguf_utils, "tqdm", None)
-    if original is None:  # a transformers that draws it another way: nothing to silence here
+    if original is None:  # a transformers that draws it another way: nothing to replace here
         yield
         return
-    gguf_utils.tqdm = partial(original, disable=True)
+
+    def ours(iterable, *args, **kwargs):
+        return progress.track(iterable, "dequantising the .gguf")
+
+    gguf_utils.tqdm = ours
     try:
         yield
     finally:

@@ -375,7 +375,7 @@ class SearchOptions:
                                    "--local-moves moves from the best plan (+ at most --local-budget). genetic: "
                                    "the seeds' start, then a genetic algorithm (about population x generations). "
                                    f"adaptive: {ADAPTIVE}, the most removal per minute measured "
-                                   "(bench/search_quality.py).", short="-s")
+                                   "(docs/benchmarks.md).", short="-s")
     method: str = opt("output", "Which fit to search over: output, learned, svd or pca (a rank per matrix), or "
                                 "width (a kept width per MLP and attention module; 0 removes it).", short="-m")
     tolerance: float = opt(0.05, "Accept a plan whose search-split metric is at least (1 - tolerance) x dense; "
@@ -465,7 +465,7 @@ class ApplyOptions:
     # DENSE_ABOVE trades the size saving of barely-pruned matrices for dense speed.
     dense_above: float = opt(1.0, "Store a planned matrix as the dense product B·A when it keeps more than this "
                                   f"fraction (same function, dense size, dense speed); {DENSE_ABOVE} is the CPU "
-                                  "speed crossover (bench/pruned_speed.py). Default 1: factor every planned matrix.")
+                                  "speed crossover (docs/benchmarks.md). Default 1: factor every planned matrix.")
     healed: bool = opt(False, "Build the model from the factors `sieve heal` trained (LoRA merged in) instead of "
                               "the fitted ones: the same parameter count and file size.")
     quantize: str | None = quantize_opt()
@@ -493,9 +493,8 @@ class HealOptions:
     steps: int = opt(60, "Optimiser steps (each one batch of calibration sequences).")
     lr: float = opt(1e-3, "AdamW learning rate of the LoRA adapters (constant).")
     loss: str = opt("ce", "ce: next-token cross-entropy on the rendered calibration text, gold answers included "
-                          "(the default: on sst2 at 25% removal it took test accuracy from 0.626 to 0.771, dense "
-                          "0.714, where distill fell to 0.576; bench/heal.py); distill: match the dense model's "
-                          "next-token distribution (KL) at every position.")
+                          "(supervised on labelled task data); distill: match the dense model's next-token "
+                          "distribution (KL) at every position. Measured: docs/benchmarks.md.")
     rank: int = opt(8, "LoRA rank of each adapter.", flag="--lora-rank")
     alpha: float = opt(16.0, "LoRA alpha: the adapter's update is scaled by alpha / rank.", flag="--lora-alpha")
     batch_size: int = batch_opt(4, "Calibration sequences per step.")

@@ -2,10 +2,12 @@
 
 Uses the fitted bases by truncation only (no refit): a candidate is a rank per matrix,
 swapped into one in-memory model and scored on the search split. `uniform` binary
-searches one kept fraction for every matrix; `adaptive` runs the genetic algorithm of
-`genetic.py`, seeded with the uniform answer and with greedy allocations from the fit
-spectra. Writes `WS/search/plan.json` (what `apply` executes) and `history.jsonl` (every
-evaluation). The adaptive search checkpoints after each generation and resumes exactly.
+searches one kept fraction for every matrix; `seeds` adds greedy allocations from the fit
+spectra; `local` (what `adaptive` names, `options.ADAPTIVE`) takes steps of moves from the
+best seed (`local.py`); `genetic` runs the genetic algorithm of `genetic.py` from the same
+seeds. Writes `WS/search/plan.json` (what `apply` executes) and `history.jsonl` (every
+evaluation). The local and genetic searches checkpoint after each step or generation and
+resume exactly.
 """
 
 from __future__ import annotations

@@ -457,7 +457,8 @@ def test_output_files_follow_the_umask(tmp_path):
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
 
 
-def test_quiet_silences_the_gguf_conversion_bar(tmp_path, monkeypatch):
+def test_quiet_silences_the_gguf_conversion_bar(tmp_path, monkeypatch, capfd):
+    """transformers' GGUF conversion draws a plain tqdm bar: during the call it is sieve's bar, silent when quiet."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
@@ -465,10 +466,10 @@ def test_quiet_silences_the_gguf_conversion_bar(tmp_path, monkeypatch):
 
     monkeypatch.setenv("SIEVE_CACHE", str(tmp_path / "cache"))
     progress.enable(False)
-    bars = []
+    original, seen = gguf_utils.tqdm, []
 
     def fake_load(*args, **kwargs):
-        bars.append(gguf_utils.tqdm(range(2)).disable)  # the bar transformers' GGUF conversion draws
+        seen.append((gguf_utils.tqdm is original, list(gguf_utils.tqdm(range(3), desc="Converting"))))
         raise ValueError("stop here")
 
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", fake_load)
@@ -477,7 +478,9 @@ def test_quiet_silences_the_gguf_conversion_bar(tmp_path, monkeypatch):
     gguf.write_bytes(b"GGUF pretend")
     with pytest.raises(ModelLoadError):
         models.load_model(gguf)
-    assert bars == [True]
+    assert seen == [(False, [0, 1, 2])]  # replaced for the call, and every item still goes through
+    assert gguf_utils.tqdm is original  # put back afterwards
+    assert "Converting" not in capfd.readouterr().err
 
 
 @pytest.mark.parametrize("args", [["discover", "{model}", "--device", "nonsense"],

@@ -82,6 +82,8 @@ def test_cli_run_prints_the_summary(tiny_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "Dense vs pruned on the test split" in result.output
     assert "pruned model:" in result.output
+    # the closing lines name the load a user without sieve runs
+    assert f'AutoModelForCausalLM.from_pretrained("{tmp_path / "out"}", trust_remote_code=True)' in result.output
 
 
 def test_cli_run_bad_task_is_one_line(tiny_dir, tmp_path):

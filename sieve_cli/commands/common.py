@@ -63,9 +63,46 @@ def setup(debug: bool, quiet: bool) -> None:
     from rich.logging import RichHandler
 
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=debug)], force=True)
-    for noisy in ("transformers", "datasets", "urllib3", "httpx", "huggingface_hub", "filelock", "torchao"):
+    for noisy in ("transformers", "datasets", "urllib3", "httpx", "huggingface_hub", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR if not debug else logging.INFO)
+    silence_known_noise(not debug)
     progress.enable(not quiet and err_console.is_terminal)
+
+
+class KnownNoise(logging.Filter):
+    """Drops a third-party logger's records that contain `text` (and `also`); every other record shows."""
+
+    def __init__(self, text: str, also: str = "", only_if: Callable[[], bool] = lambda: True) -> None:
+        super().__init__()
+        self.text, self.also, self.only_if = text, also, only_if
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (self.text in message and self.also in message and self.only_if())
+
+
+def _cpu_only_torch() -> bool:
+    import torch  # loaded by then: only torchao, which needs torch, logs this
+
+    return torch.version.cuda is None
+
+
+# Third-party lines known to be harmless in sieve's runs, dropped at their logger by their text (--debug shows
+# them). transformers imports torchao whenever it is installed (its quantizers module), even with nothing to
+# quantise, so these appear on every run of an install with the `quantize` or `test` extra.
+KNOWN_NOISE = (
+    # torchao 0.18 registers two enums (KernelPreference, ScaleCalculationMode) the way torch 2.13 deprecates
+    ("torch.utils._pytree", KnownNoise("is an Enum subclass and is now natively supported by torch.compile")),
+    # on a CPU build of torch: its CUDA-only kernels (mxfp8, cutlass sm90a) cannot load, and there is no triton
+    # for its GPU matmuls; sieve's int8 runs on neither
+    ("torchao", KnownNoise("Failed to load ", also=".so", only_if=_cpu_only_torch)),
+    ("torchao.kernel.intmm", KnownNoise("Detected no triton", only_if=_cpu_only_torch)),
+)
+
+
+def silence_known_noise(on: bool = True) -> None:
+    for name, noise in KNOWN_NOISE:
+        (logging.getLogger(name).addFilter if on else logging.getLogger(name).removeFilter)(noise)
 
 
 def workspace_path(given: Path | None) -> Path:

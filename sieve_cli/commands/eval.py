@@ -45,8 +45,9 @@ def eval(  # noqa: A001 - the command is called `eval`; cli.py imports it under 
 
     Writes WS/eval/<model>-<split>/results.json (per-example scores included). Rerunning
     the same evaluation shows the stored result. Binding a task (--task) splits its examples
-    by a seeded shuffle into test (40%, at most 300), search (20%, at most 100) and calibration
-    (the rest); the split is recorded in WS/task and used by every later stage.
+    by a seeded shuffle into test (25%, at most 300), confirm (30%, at most 400), search (25%,
+    at most 200) and calibration (the rest); the split is recorded in WS/task and used by every
+    later stage.
 
     Metrics: accuracy for multiple_choice (log-likelihood of each choice; acc_norm too),
     exact match for generate_until, next-token top-1 accuracy and perplexity for text_modelling.

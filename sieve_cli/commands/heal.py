@@ -20,8 +20,8 @@ def heal(
     Builds the model that WS/search/plan.json describes, puts a LoRA adapter (peft) on both thin
     maps of every factored matrix and trains only the adapters, on the calibration examples
     (never search, confirm or test). The default loss, ce, is next-token cross-entropy on the
-    rendered calibration text, gold answers included (on sst2 it recovered far more test accuracy
-    than distill: bench/heal.py); --loss distill matches the dense model's next-token
+    rendered calibration text, gold answers included (measured against distill:
+    docs/benchmarks.md); --loss distill matches the dense model's next-token
     distribution at every position instead. The adapters are then merged into the factors: the healed model has exactly the pruned
     model's parameter count and file size. Writes WS/heal/ (the healed factors, losses.json);
     `sieve apply --healed -o OUT` builds the healed model from them. A killed run resumes from its

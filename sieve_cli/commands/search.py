@@ -30,13 +30,20 @@ def search(
 ) -> None:
     """Decide how much of each matrix to keep; writes WS/search/plan.json for `sieve apply`.
 
-    Cost: every evaluation scores the search part (all of it unless --limit: 200 sst2 examples) with the candidate's ranks swapped into the model: measured 13-21 s of CPU each on SmolLM2-135M with 1 torch thread (bench/search_quality.py). uniform: dense + 7 evaluations, then 1 to 7 on the confirm part. seeds: + up to 8 (one batch). local: the seeds + at most --local-budget (16), --local-moves (4) per batch, ending after --local-patience (2) steps without gain. genetic: the seeds + about population x generations. adaptive = local: on sst2 at 5% (the default split and capture) it took 31 evaluations and 546 s of CPU and removed 7.2% of the prunable parameters (test accuracy 0.729 -> 0.697) where uniform removed none; on mbpp at 5% it removed 9.2% (31 evaluations), the genetic algorithm 2.4% (33). An interrupted search resumes from its last step or generation when rerun with the same flags; another --strategy keeps the previous plan in WS/search/<strategy>/.
+    Cost, in evaluations (each scores the search part, all of it unless --limit, with the
+    candidate's ranks swapped into the model): uniform: dense + 7 (--grid-step 0.01), then 1 to 7
+    on the confirm part. seeds: + up to 8, as one batch. local: the seeds + at most
+    --local-budget (16), --local-moves (4) per batch, ending after --local-patience (2) steps
+    without gain. genetic: the seeds + about --population (16) x --generations (8). adaptive is
+    local. Measured seconds and removals per strategy: docs/benchmarks.md. An interrupted search
+    resumes from its last step or generation when rerun with the same flags; another --strategy
+    keeps the previous plan in WS/search/<strategy>/.
 
     Examples:\n
       sieve search -w ws --strategy uniform --tolerance 0.05\n
       sieve search -w ws --strategy adaptive --tolerance 0.01\n
       sieve search -w ws -s local --local-budget 32   (slower, more removal)\n
-      sieve search -w ws -s adaptive --workers 2   (on 2 Ray workers: 0.55x the serial wall time on sst2; needs the distributed extra)\n
+      sieve search -w ws -s adaptive --workers 2   (on 2 Ray workers; needs the distributed extra)\n
       sieve search -w ws -s uniform --tolerance 0.02 --absolute --method svd
     """
     # the stage loads torch: imported when the command runs, so `sieve --help` stays fast
