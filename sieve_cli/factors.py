@@ -27,6 +27,8 @@ from safetensors.torch import save_file
 
 from .errors import InputError
 from .files import sha256_file
+from .narrowing import WidthUnit
+from .width import WidthBasis
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -185,11 +187,9 @@ class StoredFactors(FactorSet):
         return list(self.index)
 
     def width_units(self) -> list:
-        from .narrowing import WidthUnit
         return [WidthUnit.from_dict(e["unit"]) for e in self.index.values() if "unit" in e]
 
     def basis(self, name: str):
-        from .width import WidthBasis
         entry = self._entry(name)
         if "unit" not in entry:
             raise InputError(f"the {self.method} fit has no width fit for {name}; rerun `sieve fit --method width`")
@@ -251,7 +251,6 @@ class StoredFactors(FactorSet):
         result = FactorSet(self.method)
         for name, entry in self.index.items():
             if "unit" in entry:
-                from .narrowing import WidthUnit
                 result.widths[name] = (WidthUnit.from_dict(entry["unit"]), self.basis(name))
             elif entry["ranks"] is None:
                 result.full[name] = self.pair(name, entry["rank_limit"])

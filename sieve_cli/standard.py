@@ -21,6 +21,8 @@ from torch import nn
 
 from .archs import arch_for
 from .narrowing import WidthUnit, head_layout
+from .pruned import FORMAT, SIEVE_JSON, WEIGHTS, shared_weights, weights_dtype
+from .quantize import quantize_folder
 from .version import __version__
 
 MLP_WIDTH_KEYS = ("intermediate_size", "n_inner", "ffn_dim")  # where families keep the MLP width
@@ -112,8 +114,6 @@ def save_standard(model: nn.Module, out: str | Path, shape: StandardShape, plan:
     """Write the standard folder of a narrowed model; returns the sieve.json written."""
     from safetensors.torch import save_file
 
-    from .pruned import FORMAT, SIEVE_JSON, WEIGHTS, shared_weights, weights_dtype
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tied = shared_weights(model)
@@ -139,8 +139,6 @@ def save_standard(model: nn.Module, out: str | Path, shape: StandardShape, plan:
         **dict(extra or {}),
     }
     if quantize is not None:
-        from .quantize import quantize_folder
-
         quantize_folder(out, quantize, info, WEIGHTS)
     (out / SIEVE_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n")
     return info
