@@ -38,7 +38,7 @@ from .calibration import build_calibration
 from .discover import load_workspace_model
 from .errors import InputError
 from .factors import FactorSet
-from .files import read_json, write_json_atomic
+from .files import atomic_path, read_json, write_json_atomic
 from .fit import load_factors
 from .lowrank import LowRankLinear
 from .matrices import Matrix
@@ -155,10 +155,9 @@ def step_loss(student: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, 
 
 def save_checkpoint(path: Path, step: int, peft_model: nn.Module, optimizer, losses: list[float]) -> None:
     """Adapters, optimiser state and the loss curve after `step` steps; written whole or not at all."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"step": step, "adapters": adapter_state(peft_model), "optimizer": optimizer.state_dict(),
-                "losses": losses}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save({"step": step, "adapters": adapter_state(peft_model), "optimizer": optimizer.state_dict(),
+                    "losses": losses}, tmp)
 
 
 def restore_checkpoint(path: Path, peft_model: nn.Module, optimizer) -> tuple[int, list[float]]:

@@ -23,7 +23,7 @@ import torch
 
 from . import progress
 from .errors import InputError, ModelLoadError
-from .files import current_umask, sha256_file, sha256_json
+from .files import current_umask, remove_path, sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -232,11 +232,11 @@ def _dequantised_copy(src: ModelSource) -> Path:
     """
     folder = cache_root() / "gguf" / sha256_file(src.location)[:32]
     _remove_abandoned_copies(folder.parent)
-    if (folder / "model.safetensors").exists():
-        if _complete_safetensors(folder / "model.safetensors"):
+    if folder.exists() or folder.is_symlink():
+        if not folder.is_symlink() and _complete_safetensors(folder / "model.safetensors"):
             return folder
         log.warning("the cached copy %s is damaged; making it again from %s", folder, src.location)
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_path(folder)
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -257,6 +257,7 @@ def _dequantised_copy(src: ModelSource) -> Path:
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(tmp)
     save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # drops the tied head's duplicate
+    os.chmod(tmp / "model.safetensors", 0o666 & ~current_umask())  # safetensors' writer makes 0600
     try:
         os.replace(tmp, folder)  # atomic: a concurrent loader sees the whole copy or none
     except OSError:  # another process finished first
@@ -275,7 +276,7 @@ def _remove_abandoned_copies(cache: Path) -> None:
         alive = _pid_alive(int(owner)) if owner.isdigit() else time.time() - tmp.stat().st_mtime < ABANDONED_AFTER_S
         if tmp.is_dir() and not tmp.is_symlink() and not alive:
             log.info("removing %s, left by an interrupted conversion", tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_path(tmp)
 
 
 def _pid_alive(pid: int) -> bool:

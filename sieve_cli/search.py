@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -25,7 +24,7 @@ from .discover import check_model_unchanged, load_workspace_model, workspace_mod
 from .errors import InputError, WorkspaceError
 from .evaluate import evaluate, prepare, stream_evaluate
 from .factors import FactorSet, StoredFactors
-from .files import append_line, read_json, read_jsonl, write_json_atomic
+from .files import append_line, copy_file, read_json, read_jsonl, write_json_atomic
 from .fit import load_factors, load_spectrum
 from .genetic import (
     GenerationReport,
@@ -459,10 +458,9 @@ def switch_strategy(ws: Workspace, inputs: dict) -> str | None:
     if without_knobs(old) != without_knobs(new) or not ws.plan_json.exists():
         return None
     keep = strategy_archive(ws, old_strategy)
-    keep.mkdir(parents=True, exist_ok=True)
     for path in (ws.plan_json, ws.history_jsonl, ws.manifest_path(STAGE)):
         if path.exists():
-            shutil.copyfile(path, keep / path.name)
+            copy_file(path, ws.inside(keep / path.name))
     log.info("search: the %s plan is kept in %s; searching with %s", old_strategy, keep, new["options"]["strategy"])
     mine = strategy_archive(ws, new["options"]["strategy"])
     try:
@@ -474,7 +472,7 @@ def switch_strategy(ws: Workspace, inputs: dict) -> str | None:
         return "archived"
     for name in (ws.plan_json.name, ws.history_jsonl.name):
         if (mine / name).exists():
-            shutil.copyfile(mine / name, ws.stage_dir(STAGE) / name)
+            copy_file(ws.inside(mine / name), ws.inside(ws.stage_dir(STAGE) / name))
     ws.search_checkpoint.unlink(missing_ok=True)
     ws.finish(STAGE, inputs, [ws.plan_json], summary=earlier.get("summary") or {})
     return "restored"
