@@ -34,7 +34,7 @@ from .files import read_json, sha256_bytes, write_json_atomic
 from .models import check_fits_positions, load_model, model_identity, safetensors_folder, torch_dtype
 from .models import load_tokenizer as load_model_tokenizer
 from .options import EvalOptions
-from .pruned import SIEVE_JSON, load_pruned, load_tokenizer, read_sieve_json
+from .pruned import SIEVE_JSON, load_pruned, load_tokenizer, read_sieve_json, verify_pruned_folder
 from .scoring import (  # noqa: F401  (the scoring names stay importable from here, as before the split)
     MIN_SHARED_PREFIX,
     Sequence,
@@ -431,6 +431,7 @@ def eval_tokenizer(ws: Workspace, options: EvalOptions):
     folder = eval_folder(options)
     if not (folder / SIEVE_JSON).exists():
         return load_model_tokenizer(folder)
+    verify_pruned_folder(folder)  # before anything of the folder is read
     tokenizer = load_tokenizer(folder)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

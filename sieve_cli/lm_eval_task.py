@@ -26,7 +26,7 @@ import yaml
 
 from .errors import TaskError
 from .models import resolve_source
-from .pruned import is_pruned_folder, read_sieve_json, require_modeling_file
+from .pruned import is_pruned_folder, require_modeling_file, verify_pruned_folder
 from .tasks import BoundTask
 from .workspace import Stage, Workspace
 
@@ -84,7 +84,8 @@ def lm_eval_model_args(ws: Workspace, model: str | None, dtype: str | None) -> d
     folder = Path(model).expanduser().resolve()
     if is_pruned_folder(folder):
         require_modeling_file(folder)
-        return {"pretrained": str(folder), "trust_remote_code": "True", "dtype": dtype or read_sieve_json(folder)["dtype"]}
+        info = verify_pruned_folder(folder, required=True)  # the command runs its modeling file: vouch only for ours
+        return {"pretrained": str(folder), "trust_remote_code": "True", "dtype": dtype or info["dtype"]}
     return {"pretrained": str(folder), "dtype": dtype or "float32"}
 
 
