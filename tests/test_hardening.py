@@ -251,3 +251,26 @@ def test_edited_sieve_json_is_one_line(copy, damage):
         info["factored"]["model.layers.0.no_such_module"] = info["factored"].pop(name)
     (out / "sieve.json").write_text(json.dumps(info))
     one_line_error(cli("eval", "-w", ws, "--model", out), "does not match", "sieve apply -o")
+
+
+# ==== 3. bounded templates =================================================================================
+@pytest.mark.parametrize("template", [
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ sentence }}",
+    "{{ 'x' * 10**10 }}{{ sentence }}",
+    "{{ sentence|center(10**10) }}",
+    "{{ '{:>10000000000}'.format(sentence) }}",
+    "{{ 10 ** (10 ** 10) }}",
+])
+def test_runaway_template_is_one_line_naming_the_field(template, tmp_path, tiny_dir, monkeypatch):
+    import time
+
+    from sieve_cli.tasks import render
+
+    monkeypatch.setattr(render, "MAX_SECONDS", 0.5)
+    assert cli("discover", tiny_dir, "-w", tmp_path / "ws").exit_code == 0
+    task = write_task(tmp_path, "text_modelling", doc_to_text=template)
+    started = time.perf_counter()
+    result = cli("capture", "-w", tmp_path / "ws", "--task", task, *CAPTURE)
+    one_line_error(result, "doc_to_text", "asks for too much")
+    assert time.perf_counter() - started < 30
+    assert not (tmp_path / "ws" / "task" / "split.json").exists()
