@@ -161,13 +161,18 @@ def save_checkpoint(path: Path, step: int, peft_model: nn.Module, optimizer, los
 
 
 def restore_checkpoint(path: Path, peft_model: nn.Module, optimizer) -> tuple[int, list[float]]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    params = dict(peft_model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in state["adapters"].items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(state["optimizer"])
-    return int(state["step"]), list(state["losses"])
+    """The step and losses of a checkpoint, its adapters and optimiser state restored; a damaged one is one line."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        params = dict(peft_model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state["adapters"].items():
+                params[name].copy_(tensor)
+        optimizer.load_state_dict(state["optimizer"])
+        return int(state["step"]), list(state["losses"])
+    except Exception as exc:  # cut, edited or from other adapters: torch's errors are many and long
+        raise InputError(f"{path} is damaged ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); "
+                         f"rerun `sieve heal -w {path.parent.parent} --force` to heal again from the start") from None
 
 
 def train(peft_model: nn.Module, teacher: nn.Module | None, batches: Batches, options: HealOptions,
@@ -260,7 +265,7 @@ def run_heal(ws: Workspace, options: HealOptions, force: bool = False, stop_afte
     plan, matrices = read_plan(ws)
     inputs = {"options": options.recorded(),
               "upstream": ws.upstream_hashes(Stage.DISCOVER, Stage.TASK, Stage.SEARCH, Stage.fit(plan.method))}
-    resume = ws.resumable(STAGE, inputs)
+    resume = not force and ws.resumable(STAGE, inputs)  # --force heals again from step 0
     if not ws.begin(STAGE, inputs, force):
         log.info("heal is up to date in %s; nothing to do (--force heals again)", ws.root)
         return {**(ws.read_manifest(STAGE) or {}).get("summary", {}), "up_to_date": True}

@@ -404,7 +404,7 @@ def run_search(ws: Workspace, options: SearchOptions, force: bool = False, score
     if switched == "restored":
         log.info("search: the %s plan made from these inputs was set aside earlier; restored it", options.strategy)
         return {**Plan.load(ws.plan_json).data, "up_to_date": True}
-    resume = ws.resumable(STAGE, inputs)
+    resume = not force and ws.resumable(STAGE, inputs)  # --force searches again, whatever is on disk
     if not ws.begin(STAGE, inputs, force or switched == "archived"):
         log.info("search is up to date in %s; nothing to do (--force searches again)", ws.root)
         return {**Plan.load(ws.plan_json).data, "up_to_date": True}
@@ -413,7 +413,8 @@ def run_search(ws: Workspace, options: SearchOptions, force: bool = False, score
             stale.unlink(missing_ok=True)
     targets, model_total = read_targets(ws)
     factors = load_factors(ws, options.method)
-    checkpoint = read_json(ws.search_checkpoint) if resume and ws.search_checkpoint.exists() else {}
+    checkpoint = read_json(ws.search_checkpoint, rebuild=f"{ws.command_for(STAGE)} --force") \
+        if resume and ws.search_checkpoint.exists() else {}
     with ExitStack() as cleanup:  # a pool of workers lives as long as the search
         if scorer is None:
             scorer, confirm_scorer = build_scorers(ws, options, factors, cleanup)

@@ -399,8 +399,12 @@ class Workspace:
                 self.unlock()
 
     def resumable(self, stage: str, inputs: dict) -> bool:
-        """True when an unfinished run of `stage` with exactly these inputs is on disk."""
-        manifest = self.read_manifest(stage)
+        """True when an unfinished run of `stage` with exactly these inputs is on disk (a damaged
+        manifest is not: `begin` refuses it, or replaces it with --force)."""
+        try:
+            manifest = self.read_manifest(stage)
+        except (InputError, WorkspaceError):
+            return False
         return bool(manifest and not manifest.get("complete") and manifest.get("inputs") == _normalise(inputs))
 
     def finish(self, stage: str, inputs: dict, files: list[Path], summary: dict | None = None) -> dict:

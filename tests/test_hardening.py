@@ -274,3 +274,57 @@ def test_runaway_template_is_one_line_naming_the_field(template, tmp_path, tiny_
     one_line_error(result, "doc_to_text", "asks for too much")
     assert time.perf_counter() - started < 30
     assert not (tmp_path / "ws" / "task" / "split.json").exists()
+
+
+# ==== 5. damaged inputs: one line, and --force recovers ======================================================
+def test_cut_heal_checkpoint_is_one_line_and_force_recovers(copy):
+    from sieve_cli.heal import run_heal
+
+    ws, _, outside = copy
+    heal = ["heal", "-w", ws, "--steps", "4", "--seq-len", "32", "--checkpoint-every", "1"]
+    assert run_heal(Workspace(ws), HealOptions(steps=4, seq_len=32, checkpoint_every=1), force=True,
+                    stop_after=2) == {"stopped_at": 2, "complete": False}
+    Workspace(ws).unlock()
+    checkpoint = ws / "heal" / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    before = snapshot(outside)
+    one_line_error(cli(*heal), "checkpoint.pt is damaged", f"sieve heal -w {ws} --force")
+    result = cli(*heal, "--force")
+    assert result.exit_code == 0, result.output
+    assert not checkpoint.exists() and json.loads((ws / "heal" / "manifest.json").read_text())["complete"]
+    assert snapshot(outside) == before
+
+
+@pytest.mark.parametrize("stage", ["search", "heal"])
+def test_garbled_manifest_is_one_line_and_force_rebuilds_it(copy, stage):
+    ws, _, _ = copy
+    command = {"search": ["search", "-w", ws, "--grid-step", "0.1"],
+               "heal": ["heal", "-w", ws, "--steps", "2", "--seq-len", "32", "--checkpoint-every", "1"]}[stage]
+    (ws / stage / "manifest.json").write_text('{"stage": ')
+    one_line_error(cli(*command), "manifest.json is not valid JSON", "--force")
+    result = cli(*command, "--force")
+    assert result.exit_code == 0, result.output
+    assert json.loads((ws / stage / "manifest.json").read_text())["complete"]
+
+
+def test_garbled_search_checkpoint_is_one_line_and_force_starts_over(copy):
+    from sieve_cli.search import run_search
+
+    ws, _, _ = copy
+    manifest = json.loads((ws / "search" / "manifest.json").read_text())
+    (ws / "search" / "manifest.json").write_text(json.dumps(manifest | {"complete": False}))  # killed mid-search
+    (ws / "search" / "checkpoint.json").write_text('{"dense": ')
+    command = ["search", "-w", ws, "--grid-step", "0.1"]
+    one_line_error(cli(*command), "checkpoint.json is not valid JSON", "--force")
+    result = cli(*command, "--force")
+    assert result.exit_code == 0, result.output
+    assert not (ws / "search" / "checkpoint.json").exists()
+    assert run_search  # the API is the same function
+
+
+def test_partial_last_history_line_does_not_break_the_report(copy):
+    ws, _, _ = copy
+    with open(ws / "search" / "history.jsonl", "a") as f:
+        f.write('{"removed_fraction": 0.')
+    result = cli("report", "-w", ws)
+    assert result.exit_code == 0, result.output
