@@ -89,7 +89,7 @@ def load_model(source: str | os.PathLike, dtype: str = "float32", device: str = 
         src = ModelSource("local", str(_dequantised_copy(src)))
     kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     if src.kind == "local":
-        refuse_remote_code(Path(src.folder))
+        check_local_folder(Path(src.folder))
     if src.kind == "hub" and not _in_hub_cache(src.location):
         _require_hub_reachable(src.location)
     try:
@@ -109,6 +109,33 @@ def load_model(source: str | os.PathLike, dtype: str = "float32", device: str = 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def check_local_folder(folder: Path) -> None:
+    """Before a local model folder is read: no code of its own, and weights sieve can read whole."""
+    refuse_remote_code(folder)
+    check_weights(folder)
+
+
+PICKLED = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def check_weights(folder: Path) -> None:
+    """One line for weights sieve will not or cannot read: only pickles, or a safetensors file cut short."""
+    if not folder.is_dir():
+        return
+    files = sorted(folder.iterdir())
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    pickled = [p.name for p in files if p.suffix in PICKLED]
+    if not weights and pickled:
+        raise ModelLoadError(
+            f"{folder} holds its weights only as a pickle ({', '.join(pickled[:2])}), which sieve never loads "
+            f"(unpickling can run code); convert it to safetensors where you trust it "
+            f"(model.save_pretrained(folder, safe_serialization=True)) and pass that folder")
+    for path in weights:
+        if not _complete_safetensors(path):
+            raise ModelLoadError(f"{path} is cut short or damaged (it holds fewer bytes than its header lists); "
+                                 f"download or copy the model again")
 
 
 def refuse_remote_code(folder: Path) -> None:
@@ -182,6 +209,7 @@ def safetensors_folder(source: str | os.PathLike) -> Path:
             f"block-wise mode reads the weights from local safetensors files, and {source} is not downloaded; "
             f"download it (hf download {source}) and pass the folder"
         )
+    check_weights(Path(folder))
     return folder
 
 
@@ -208,7 +236,7 @@ def meta_model(folder: str | os.PathLike, dtype: torch.dtype | None = None):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    refuse_remote_code(Path(folder))
+    check_local_folder(Path(folder))
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))

@@ -328,3 +328,42 @@ def test_partial_last_history_line_does_not_break_the_report(copy):
         f.write('{"removed_fraction": 0.')
     result = cli("report", "-w", ws)
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickle_only"])
+def test_unreadable_input_weights_are_one_line_at_discover(damage, tmp_path, tiny_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    weights = folder / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        needle = "cut short"
+    else:
+        torch.save(load_file(weights), folder / "pytorch_model.bin")
+        weights.unlink()
+        needle = "pickle"
+    before = snapshot(folder)
+    one_line_error(cli("discover", folder, "-w", tmp_path / "ws"), str(folder), needle)
+    assert snapshot(folder) == before
+
+
+def test_a_file_past_the_size_limit_is_one_line(copy, tmp_path):
+    """EFBIG (a FAT32 disk, `ulimit -f`): safetensors words it "File too large"."""
+    import subprocess
+    import sys
+
+    ws, pruned, outside = copy
+    limit_kib = (pruned / "model.safetensors").stat().st_size // 2048  # half the weights file
+    before = snapshot(outside)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    command = f"ulimit -f {limit_kib}; exec {sys.executable} -c 'from sieve_cli.cli import main; main()' apply -w {ws} -o {tmp_path / 'out'} --force"
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "size limit" in errors[0], output
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))  # no half model, no lock
+    assert snapshot(outside) == before
