@@ -367,3 +367,24 @@ def test_a_file_past_the_size_limit_is_one_line(copy, tmp_path):
     assert len(errors) == 1 and "size limit" in errors[0], output
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))  # no half model, no lock
     assert snapshot(outside) == before
+
+
+# ==== 6. umask, the API's lock ===============================================================================
+def test_weights_and_shards_follow_the_umask(built):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    files = [built / "pruned" / "model.safetensors", *(built / "ws" / "fit" / "output").glob("*.safetensors"),
+             *(built / "ws" / "heal").glob("*.safetensors"), *(built / "ws" / "report").glob("*.png")]
+    assert len(files) >= 4
+    assert {oct(f.stat().st_mode & 0o777) for f in files} == {oct(0o666 & ~mask)}
+
+
+def test_stage_functions_from_python_release_the_lock(tmp_path, tiny_dir):
+    import fcntl
+
+    import sieve_cli
+    from sieve_cli.options import DiscoverOptions
+
+    sieve_cli.run_discover(Workspace(tmp_path / "ws"), DiscoverOptions(model=str(tiny_dir)))
+    with open(tmp_path / "ws" / ".lock", "r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process could take it now
