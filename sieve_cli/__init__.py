@@ -12,6 +12,7 @@ import importlib
 from typing import Any
 
 from .version import __version__
+from .workspace import _HELD_LOCKS, Workspace  # no torch: `import sieve_cli` stays light
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -36,9 +37,28 @@ __all__ = ["__version__", *sorted(_EXPORTS)]
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        if name.startswith("run_"):
+            value = _releasing(value)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _releasing(function):
+    """A stage function that releases the workspace locks it took when it returns (or fails), as
+    TransformerPruner does: from Python, a finished call must not keep others out of the workspace."""
+    import functools
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        held = set(_HELD_LOCKS)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            for root in set(_HELD_LOCKS) - held:
+                Workspace(root).unlock()
+
+    return call
 
 
 def __dir__() -> list[str]:

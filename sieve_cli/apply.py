@@ -15,13 +15,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from .discover import load_workspace_model
 from .errors import InputError
-from .files import open_no_follow, read_json, sha256_file, sha256_json, write_json_atomic
+from .files import fresh_dir, open_no_follow, read_json, remove_path, sha256_file, sha256_json, write_json_atomic
 from .fit import load_factors
 from .heal import load_healed, load_healed_modules
 from .lowrank import LowRankLinear, swap_modules
@@ -170,31 +169,46 @@ def made_from(out: Path, inputs_sha: str) -> bool:
 def holding(out: Path) -> Iterator[None]:
     """Hold OUT for one apply: a second writer (another workspace or process) is refused, not interleaved.
 
-    An advisory lock on `.OUT.lock` beside OUT, released when this apply ends or is killed.
+    An advisory lock on `.OUT.lock` beside OUT, released when this apply ends or is killed; the file
+    is removed when it ends (a killed apply's is taken over by the next one).
     """
     import fcntl
 
+    lock = out.parent / f".{out.name}.lock"
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd = open_no_follow(out.parent / f".{out.name}.lock", os.O_RDWR | os.O_CREAT)
-    try:
+    while True:
+        fd = open_no_follow(lock, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
+            os.close(fd)
             raise InputError(f"output folder {out} is being written by another `sieve apply`; "
                              f"wait for it to finish, or choose another -o") from None
-        remove_abandoned(out)  # safe under the lock: no other apply is writing these
+        try:
+            if os.fstat(fd).st_ino == os.lstat(lock).st_ino:
+                break  # still the file at that name: ours
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the previous holder removed it after we opened it: lock the new one
+    try:
         yield
     finally:
+        Path(lock).unlink(missing_ok=True)  # before the release, so a waiter never holds a removed file
         os.close(fd)
 
 
 def remove_abandoned(out: Path) -> None:
-    """Remove the temporary copies (a whole model each) of an apply that was killed."""
-    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
-        for leftover in out.parent.glob(pattern):
-            if leftover.is_dir() and not leftover.is_symlink():
+    """Remove the temporary copies (a whole model each) of an apply to OUT that was killed.
+
+    Called under `holding(out)`, after the guards: no other apply to OUT is writing them. Names
+    are matched literally (OUT's name is no pattern), so another writer's files are never touched.
+    """
+    for leftover in out.parent.iterdir():
+        for kind in ("tmp", "old"):
+            prefix = f".{out.name}.{kind}-"
+            if leftover.name.startswith(prefix) and leftover.name[len(prefix):].isdigit():
                 log.info("removing %s, left by an interrupted apply", leftover)
-                shutil.rmtree(leftover, ignore_errors=True)
+                remove_path(leftover)
 
 
 # ---- the stage ----------------------------------------------------------------------------
@@ -225,8 +239,10 @@ def run_apply(ws: Workspace, options: ApplyOptions, force: bool = False) -> dict
     out, inputs_sha = resolved(options.out), sha256_json(inputs)
     # `sieve run` (replace_stale) may replace a pruned model that this workspace wrote earlier
     ours = ws.replace_stale and (ws.read_manifest(stage) or {}).get("summary", {}).get("out") == str(out)
+    guard_out(ws, out, base_folder(ws), force or ours, inputs_sha)  # before anything is created beside OUT
     with holding(out):
-        guard_out(ws, out, base_folder(ws), force or ours, inputs_sha)
+        guard_out(ws, out, base_folder(ws), force or ours, inputs_sha)  # again: another apply may have written it
+        remove_abandoned(out)
         if not ws.begin(stage, inputs, force) and made_from(out, inputs_sha):
             log.info("apply is up to date: %s was built from the same plan and options", out)
             return {**read_json(ws.apply_result_of(stage)), "up_to_date": True}
@@ -289,15 +305,14 @@ def write_folder(out: Path, write) -> None:
     """
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        write(tmp)
+        write(fresh_dir(tmp))  # a link planted at the name is removed, never written through
         if out.is_dir() and any(out.iterdir()):
             os.replace(out, old)
         os.replace(tmp, out)  # onto a missing or empty folder
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_path(tmp)
+        remove_path(old)
 
 
 def predict(matrices_json: dict, ranks: Ranks, matrices: Mapping[str, Matrix], layout, options: ApplyOptions,

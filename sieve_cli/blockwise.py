@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,7 +52,7 @@ from .calibration import Calibration, as_calibration
 from .discover import workspace_model_source
 from .errors import InputError, ModelLoadError
 from .factors import INDEX_FORMAT, FactorSet
-from .files import read_json, sha256_json, write_json_atomic
+from .files import make_dir, read_json, remove_path, save_safetensors, sha256_json, write_json_atomic
 from .matrices import Matrix, decoder_blocks, find_matrices, sites_of
 from .models import check_fits_positions, meta_model, safetensors_folder, torch_dtype
 from .options import CaptureOptions
@@ -265,11 +264,8 @@ class HiddenCache:
 
     def put(self, batch: int, hidden: torch.Tensor) -> None:
         if self.tier == "disk":
-            from safetensors.torch import save_file
-
-            folder = self._dir(self.block + 1).with_suffix(".tmp")
-            folder.mkdir(parents=True, exist_ok=True)
-            save_file({"h": hidden.detach().cpu().contiguous()}, str(folder / f"{batch}.safetensors"))
+            folder = make_dir(self._dir(self.block + 1).with_suffix(".tmp"))
+            save_safetensors({"h": hidden.detach().cpu().contiguous()}, folder / f"{batch}.safetensors")
         else:
             self.next[batch] = hidden if self.tier == "device" else hidden.cpu()
 
@@ -277,10 +273,10 @@ class HiddenCache:
         """The block is finished: its outputs become the next block's inputs."""
         if self.tier == "disk":
             done = self._dir(self.block + 1)
-            shutil.rmtree(done, ignore_errors=True)
-            if done.with_suffix(".tmp").exists():
+            remove_path(done)
+            if done.with_suffix(".tmp").is_dir() and not done.with_suffix(".tmp").is_symlink():
                 done.with_suffix(".tmp").rename(done)
-            shutil.rmtree(self._dir(self.block), ignore_errors=True)
+            remove_path(self._dir(self.block))
         self.current, self.next = self.next, {}
         self.block += 1
 
@@ -290,8 +286,9 @@ class HiddenCache:
     def clear(self) -> None:
         self.current, self.next = {}, {}
         if self.tier == "disk":
-            for path in self.folder.glob("hidden-*"):
-                shutil.rmtree(path, ignore_errors=True)
+            for path in self.folder.iterdir():
+                if path.name.startswith("hidden-"):
+                    remove_path(path)  # a link is unlinked, never followed
 
 
 # ---- a planned batch's inputs ----------------------------------------------------------------
@@ -392,7 +389,7 @@ def capture_and_fit(
         "prefixes": sha256_json([calibration.prefix_of, calibration.prefixes]), "options": options.recorded(),
         "fits": [f.recorded() for f in fits], "store": store is not None, "sites": {s: [m.name for m in g] for s, g in sites.items()},
     })
-    work.mkdir(parents=True, exist_ok=True)
+    make_dir(work)
     cache = HiddenCache(tier, work, runner.device)
     start = _resume_point(work, key, cache, fresh, store)
     fit_dtype = fit_dtype or runner.dtype
@@ -447,10 +444,9 @@ def _resume_point(work: Path, key: str, cache: HiddenCache, fresh: bool, store: 
     if state and state.get("fingerprint") == key and state.get("tier") == cache.tier:
         log.info("resuming block-wise capture after block %d", state["blocks_done"] - 1)
         return int(state["blocks_done"])
-    for path in [*work.glob("*/block-*"), *work.glob("*/factors-block-*")]:  # per-method block results
-        path.unlink()
+    for path in work.iterdir():  # per-method block results, hidden states, state: never through a link
+        remove_path(path)
     cache.clear()
-    state_path.unlink(missing_ok=True)
     if store is not None:
         remove_store(store)
     return 0
@@ -542,7 +538,7 @@ def _block_file(work: Path, index: int, method: str) -> Path:
 
 def _save_block(work: Path, index: int, method: str, part: FactorSet, spectrum: dict) -> None:
     path = _block_file(work, index, method)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent)
     write_json_atomic(path.with_suffix(".spectrum.json"), spectrum)
     part.save(path)  # the index last: a block whose index exists is complete
 
@@ -585,7 +581,7 @@ def capture_and_fit_workspace(ws: Workspace, options: CaptureOptions, sequences:
     runner = open_runner(safetensors_folder(workspace_model_source(ws)), torch_dtype(dtype), options.device)
     check_fits_positions(runner.model, as_calibration(sequences).longest, "--seq-len")
     return capture_and_fit(
-        runner, sequences, options, fits, work or ws.stage_dir(Stage.CAPTURE) / "blockwise", fit_site,
+        runner, sequences, options, fits, ws.inside(work or ws.stage_dir(Stage.CAPTURE) / "blockwise"), fit_site,
         pad_id=tokenizer.pad_token_id or 0, fit_dtype=torch_dtype(discover_dtype),
         store=ws.capture_store if options.keep_stats else None, tier=tier, fingerprint=fingerprint, fresh=fresh,
     )

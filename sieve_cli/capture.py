@@ -18,7 +18,6 @@ float32 -> float64 drains, so their statistics agree.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -42,7 +41,7 @@ from .blockwise import capture_and_fit_workspace
 from .calibration import Calibration, as_calibration, calibration_sequences
 from .discover import load_workspace_model, workspace_model_source
 from .errors import InputError
-from .files import sha256_json
+from .files import remove_path, sha256_json
 from .fit import fit_site, record_blockwise_fit
 from .matrices import find_matrices, sites_of
 from .models import check_fits_positions, load_tokenizer
@@ -225,6 +224,7 @@ def run_capture(ws: Workspace, options: CaptureOptions, force: bool = False) -> 
     started = time.perf_counter()
     fresh = force and not resuming
     if mode == "memory":
+        remove_path(ws.inside(ws.stage_dir(STAGE) / "blockwise"))  # a killed block-wise run's results, unused now
         model, _ = load_workspace_model(ws, options.dtype, options.device)
         check_fits_positions(model, calibration.longest, "--seq-len")
         summary = capture_statistics(
@@ -247,5 +247,5 @@ def run_capture(ws: Workspace, options: CaptureOptions, force: bool = False) -> 
     if fitted is not None:
         record_blockwise_fit(ws, FitOptions(method="output", device=options.device), fitted.factors["output"],
                              fitted.spectra["output"], fitted.fit_seconds["output"])
-        shutil.rmtree(fitted.work, ignore_errors=True)  # per-block results, now in fit/output
+        remove_path(fitted.work)  # per-block results, now in fit/output
     return summary

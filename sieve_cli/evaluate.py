@@ -26,7 +26,7 @@ from .models import check_fits_positions, load_model, model_identity, safetensor
 from .models import load_tokenizer as load_model_tokenizer
 from .options import EvalOptions
 from .prepared import PreparedSplit, longest_input, prepare, split_tokens  # noqa: F401
-from .pruned import SIEVE_JSON, load_pruned, load_tokenizer, read_sieve_json
+from .pruned import SIEVE_JSON, load_pruned, load_tokenizer, read_sieve_json, verify_pruned_folder
 from .scoring import (  # noqa: F401  (the scoring names stay importable from here, as before the split)
     MIN_SHARED_PREFIX,
     Sequence,
@@ -139,6 +139,7 @@ def eval_tokenizer(ws: Workspace, options: EvalOptions):
     folder = eval_folder(options)
     if not (folder / SIEVE_JSON).exists():
         return load_model_tokenizer(folder)
+    verify_pruned_folder(folder)  # before anything of the folder is read
     tokenizer = load_tokenizer(folder)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -16,17 +16,15 @@ reads the index only and opens a shard when one of its matrices is first asked f
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import InputError
-from .files import sha256_file
+from .files import copy_file, save_safetensors, sha256_file, write_text_atomic
 from .narrowing import WidthUnit
 from .width import WidthBasis
 
@@ -111,16 +109,14 @@ class FactorSet:
             entries[name] = self._store_matrix(name, tensors, dtype, lean) | {"file": file}
         written, hashes = [], {}
         for file, tensors in shards.items():
-            save_file(tensors, str(index.parent / file), metadata={"method": self.method})
+            save_safetensors(tensors, index.parent / file, metadata={"method": self.method})
             written.append(index.parent / file)
             hashes[file] = sha256_file(index.parent / file)
         stored = next((t.dtype for ts in shards.values() for t in ts.values() if t.is_floating_point()),
                       dtype or torch.float32)
         body = {"format": INDEX_FORMAT, "method": self.method, "dtype": str(stored).removeprefix("torch."),
                 "lean": lean, "matrices": entries, "shards": hashes}
-        tmp = index.with_suffix(".tmp")
-        tmp.write_text(json.dumps(body, indent=1))
-        tmp.replace(index)
+        write_text_atomic(index, json.dumps(body, indent=1))
         return [index, *written]
 
     def _store_matrix(self, name: str, tensors: dict, dtype: torch.dtype | None, lean: bool) -> dict:
@@ -237,13 +233,11 @@ class StoredFactors(FactorSet):
         for file in sorted({entry["file"] for entry in self.index.values()}):
             target = index.parent / file
             if (self.folder / file).resolve() != target.resolve():
-                shutil.copyfile(self.folder / file, target)
+                copy_file(self.folder / file, target)
             written.append(target)
         body = {"format": INDEX_FORMAT, "method": self.method, "dtype": str(self.stored_dtype).removeprefix("torch."),
                 "lean": True, "matrices": self.index, "shards": self.hashes}
-        tmp = index.with_suffix(".tmp")
-        tmp.write_text(json.dumps(body, indent=1))
-        tmp.replace(index)
+        write_text_atomic(index, json.dumps(body, indent=1))
         return [index, *written]
 
     def load_all(self) -> FactorSet:

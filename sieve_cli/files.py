@@ -3,13 +3,15 @@ that never follow a symlink."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import InputError, WorkspaceError
 
@@ -39,19 +41,98 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a text file through a temporary sibling and a rename: a crash leaves the old file or the
     new one, never half; a symlink at `path` is replaced, never written through."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs get the user's usual mode
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A fresh temporary sibling of `path` to write (by any writer: torch.save, safetensors, savefig),
+    renamed onto `path` when the block ends without error, removed otherwise.
+
+    The one way sieve writes a file: the temporary is created exclusively (a planted symlink can never
+    be at its name), given the umask's mode (safetensors' writer makes 0600), and the rename replaces a
+    symlink at `path` instead of writing through it.
+    """
+    path = Path(path)
+    make_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """`safetensors.torch.save_file`, through `atomic_path` (no write through a link, the umask's mode)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def copy_file(source: Path, target: Path) -> None:
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+def remove_path(path: Path) -> None:
+    """Delete `path` whatever it is, never what a link points to: a link or a file is unlinked, a
+    folder removed with everything in it (links inside it unlinked, not followed); missing is fine."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def make_dir(path: Path) -> Path:
+    """`path` as a real folder (created with its parents if missing); a symlink there is refused."""
+    path = Path(path)
+    if path.is_symlink():
+        raise WorkspaceError(f"{path} is a symlink; sieve does not write through links: delete it and rerun")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def fresh_dir(path: Path) -> Path:
+    """An empty real folder at `path`: whatever was there (a link, a file, a folder) is removed first."""
+    remove_path(path)
+    Path(path).mkdir(parents=True)
+    return Path(path)
+
+
+def check_inside(root: Path, path: Path, what: str) -> Path:
+    """`path`, after checking that it lies inside `root` (a workspace, an output folder) with no symlink
+    at it or on the way from `root`, so nothing read, written or deleted there can reach outside."""
+    path = Path(path)
+    root = Path(root)
+    lexical = Path(os.path.normpath(path if path.is_absolute() else Path.cwd() / path))
+    # reached through a link above the root (the user's own, e.g. /tmp -> /private/tmp): check below it
+    above = next((a for a in [lexical, *lexical.parents][::-1] if a == root or a.resolve() == root), None)
+    if above is None:
+        raise WorkspaceError(f"{path} leads outside the {what} {root} (to {path.resolve()}); "
+                             f"a {what} path must stay inside it: remove the link or fix the name")
+    relative = lexical.relative_to(above)
+    current = root
+    for part in relative.parts:
+        current = current / part
+        if current.is_symlink():
+            raise WorkspaceError(f"{current} is a symlink (to {os.readlink(current)}); sieve does not read or write "
+                                 f"through links in a {what}: delete it and rerun")
+    return path
 
 
 def current_umask() -> int:

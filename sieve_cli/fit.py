@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from dataclasses import fields
 from functools import partial
@@ -42,7 +41,7 @@ from .factorize import (
     truncate,
 )
 from .factors import LEGACY_FILE, FactorSet, StoredFactors, break_even_rank
-from .files import read_json, write_json_atomic
+from .files import read_json, remove_path, write_json_atomic
 from .lowrank import rank_for_fraction
 from .matrices import Matrix, find_matrices, sites_of, weight_of
 from .models import load_tokenizer, safetensors_folder, torch_dtype
@@ -221,7 +220,7 @@ def _refit_blockwise(ws: Workspace, options: FitOptions, inputs: dict, force: bo
     summary = _write_fit(ws, ws.fit_stage(options.method), inputs, options, result.factors[options.method],
                          result.spectra[options.method], workspace_matrices(ws), result.fit_seconds[options.method], 0.0,
                          "blockwise")
-    shutil.rmtree(result.work, ignore_errors=True)  # per-block results, now in the fit's files
+    remove_path(result.work)  # per-block results, now in the fit's files
     return summary
 
 

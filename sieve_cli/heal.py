@@ -38,7 +38,7 @@ from .calibration import build_calibration
 from .discover import load_workspace_model
 from .errors import InputError
 from .factors import FactorSet
-from .files import read_json, write_json_atomic
+from .files import atomic_path, read_json, save_safetensors, write_json_atomic
 from .fit import load_factors
 from .lowrank import LowRankLinear, swap_modules
 from .matrices import Matrix, weight_of
@@ -176,20 +176,24 @@ def step_loss(student: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, 
 
 def save_checkpoint(path: Path, step: int, peft_model: nn.Module, optimizer, losses: list[float]) -> None:
     """Adapters, optimiser state and the loss curve after `step` steps; written whole or not at all."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"step": step, "adapters": adapter_state(peft_model), "optimizer": optimizer.state_dict(),
-                "losses": losses}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save({"step": step, "adapters": adapter_state(peft_model), "optimizer": optimizer.state_dict(),
+                    "losses": losses}, tmp)
 
 
 def restore_checkpoint(path: Path, peft_model: nn.Module, optimizer) -> tuple[int, list[float]]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    params = dict(peft_model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in state["adapters"].items():
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(state["optimizer"])
-    return int(state["step"]), list(state["losses"])
+    """The step and losses of a checkpoint, its adapters and optimiser state restored; a damaged one is one line."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        params = dict(peft_model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state["adapters"].items():
+                params[name].copy_(tensor)
+        optimizer.load_state_dict(state["optimizer"])
+        return int(state["step"]), list(state["losses"])
+    except Exception as exc:  # cut, edited or from other adapters: torch's errors are many and long
+        raise InputError(f"{path} is damaged ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); "
+                         f"rerun `sieve heal -w {path.parent.parent} --force` to heal again from the start") from None
 
 
 def train(peft_model: nn.Module, teacher: nn.Module | None, batches: Batches, options: HealOptions,
@@ -288,7 +292,7 @@ def run_heal(ws: Workspace, options: HealOptions, force: bool = False, stop_afte
     plan, matrices = read_plan(ws)
     inputs = {"options": options.recorded(),
               "upstream": ws.upstream_hashes(Stage.DISCOVER, Stage.TASK, Stage.SEARCH, Stage.fit(plan.method))}
-    resume = ws.resumable(STAGE, inputs)
+    resume = not force and ws.resumable(STAGE, inputs)  # --force heals again from step 0
     if not ws.begin(STAGE, inputs, force):
         log.info("heal is up to date in %s; nothing to do (--force heals again)", ws.root)
         return {**(ws.read_manifest(STAGE) or {}).get("summary", {}), "up_to_date": True}
@@ -315,12 +319,10 @@ def run_heal(ws: Workspace, options: HealOptions, force: bool = False, stop_afte
     if len(losses) < options.steps:  # stopped as a kill would stop it (tests): the last checkpoint is kept
         return {"stopped_at": len(losses), "complete": False}
     if plan.method == "width":  # the narrowed modules' merged weights
-        from safetensors.torch import save_file
-
         model = peft_model.merge_and_unload()
         state = {f"{n}.{k}": v.detach().contiguous() for n in narrowed
                  for k, v in model.get_submodule(n).state_dict().items()}
-        save_file(state, str(narrowed_file(ws)))
+        save_safetensors(state, narrowed_file(ws))
         files = [narrowed_file(ws)]
     else:
         model, healed = merged_factors(peft_model, ranks, {m.name: m.block for m in matrices})

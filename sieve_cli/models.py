@@ -23,7 +23,7 @@ import torch
 
 from . import progress
 from .errors import InputError, ModelLoadError
-from .files import current_umask, sha256_file, sha256_json
+from .files import current_umask, remove_path, sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def load_model(source: str | os.PathLike, dtype: str = "float32", device: str = 
         src = ModelSource("local", str(_dequantised_copy(src)))
     kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     if src.kind == "local":
-        refuse_remote_code(Path(src.folder))
+        check_local_folder(Path(src.folder))
     if src.kind == "hub" and not _in_hub_cache(src.location):
         _require_hub_reachable(src.location)
     try:
@@ -106,6 +106,33 @@ def load_model(source: str | os.PathLike, dtype: str = "float32", device: str = 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def check_local_folder(folder: Path) -> None:
+    """Before a local model folder is read: no code of its own, and weights sieve can read whole."""
+    refuse_remote_code(folder)
+    check_weights(folder)
+
+
+PICKLED = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def check_weights(folder: Path) -> None:
+    """One line for weights sieve will not or cannot read: only pickles, or a safetensors file cut short."""
+    if not folder.is_dir():
+        return
+    files = sorted(folder.iterdir())
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    pickled = [p.name for p in files if p.suffix in PICKLED]
+    if not weights and pickled:
+        raise ModelLoadError(
+            f"{folder} holds its weights only as a pickle ({', '.join(pickled[:2])}), which sieve never loads "
+            f"(unpickling can run code); convert it to safetensors where you trust it "
+            f"(model.save_pretrained(folder, safe_serialization=True)) and pass that folder")
+    for path in weights:
+        if not _complete_safetensors(path):
+            raise ModelLoadError(f"{path} is cut short or damaged (it holds fewer bytes than its header lists); "
+                                 f"download or copy the model again")
 
 
 def refuse_remote_code(folder: Path) -> None:
@@ -179,6 +206,7 @@ def safetensors_folder(source: str | os.PathLike) -> Path:
             f"block-wise mode reads the weights from local safetensors files, and {source} is not downloaded; "
             f"download it (hf download {source}) and pass the folder"
         )
+    check_weights(Path(folder))
     return folder
 
 
@@ -205,7 +233,7 @@ def meta_model(folder: str | os.PathLike, dtype: torch.dtype | None = None):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    refuse_remote_code(Path(folder))
+    check_local_folder(Path(folder))
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
@@ -229,11 +257,11 @@ def _dequantised_copy(src: ModelSource) -> Path:
     """
     folder = cache_root() / "gguf" / sha256_file(src.location)[:32]
     _remove_abandoned_copies(folder.parent)
-    if (folder / "model.safetensors").exists():
-        if _complete_safetensors(folder / "model.safetensors"):
+    if folder.exists() or folder.is_symlink():
+        if not folder.is_symlink() and _complete_safetensors(folder / "model.safetensors"):
             return folder
         log.warning("the cached copy %s is damaged; making it again from %s", folder, src.location)
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_path(folder)
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -256,6 +284,7 @@ def _dequantised_copy(src: ModelSource) -> Path:
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(tmp)
     save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # drops the tied head's duplicate
+    os.chmod(tmp / "model.safetensors", 0o666 & ~current_umask())  # safetensors' writer makes 0600
     try:
         os.replace(tmp, folder)  # atomic: a concurrent loader sees the whole copy or none
     except OSError:  # another process finished first
@@ -274,7 +303,7 @@ def _remove_abandoned_copies(cache: Path) -> None:
         alive = _pid_alive(int(owner)) if owner.isdigit() else time.time() - tmp.stat().st_mtime < ABANDONED_AFTER_S
         if tmp.is_dir() and not tmp.is_symlink() and not alive:
             log.info("removing %s, left by an interrupted conversion", tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_path(tmp)
 
 
 def _pid_alive(pid: int) -> bool:

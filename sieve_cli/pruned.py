@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import InputError
 from .factors import FactorSet
-from .files import read_json
+from .files import read_json, save_safetensors, sha256_file
 from .lowrank import LowRankLinear, bias_of, swap_modules
 from .matrices import weight_of
 from .modeling import (
@@ -217,12 +217,11 @@ def save_pruned(model: nn.Module, out_dir: str | Path, plan: Mapping, base_ident
     `out_dir` is created if missing; files of the same names are replaced. Guards against
     writing into the base model's folder belong to the caller (apply), which knows it.
     """
-    from safetensors.torch import save_file
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tied = shared_weights(model)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
-    save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "sieve": str(FORMAT)})
+    save_safetensors(state, out / WEIGHTS, metadata={"format": "pt", "sieve": str(FORMAT)})
     dtype = weights_dtype(model)
     replaced = factored_modules(model) | dict(narrowed or {})  # narrowed: {name: narrowing.shape_of(module)}
     write_config(model, out, dtype, replaced)
@@ -252,6 +251,7 @@ def save_pruned(model: nn.Module, out_dir: str | Path, plan: Mapping, base_ident
     }
     if quantize is not None:
         quantize_folder(out, quantize, info, WEIGHTS)
+    info["sha256"] = {name: sha256_file(out / name) for name in info["files"] if name != SIEVE_JSON}
     (out / SIEVE_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n")
     return info
 
@@ -273,6 +273,43 @@ def read_sieve_json(path: str | Path) -> dict:
     return info
 
 
+def verify_pruned_folder(path: str | Path, info: Mapping | None = None, required: bool = False) -> dict:
+    """sieve.json, after checking every file it lists against the sha256 apply recorded (one line if not).
+
+    Called before anything trusts the folder: loading it, and above all printing an lm_eval command
+    that runs its modeling file. A folder from before the hashes were recorded is refused when
+    `required` (sieve cannot vouch for its code), else loaded with a warning.
+    """
+    path = Path(path)
+    info = dict(info) if info is not None else read_sieve_json(path)
+    fix = f"rerun `sieve apply -o {path} --force` to write it again"
+    recorded = info.get("sha256")
+    if not isinstance(recorded, dict):
+        message = f"{path / SIEVE_JSON} records no hashes of the folder's files (an older sieve wrote it)"
+        if required:
+            raise InputError(f"{message}, so sieve cannot vouch for its code; {fix}")
+        log.warning("%s; its files are not checked", message)
+        return info
+    for name in info.get("files") or []:
+        if name == SIEVE_JSON:
+            continue
+        file = path / name
+        if name == MODELING_FILE and not file.exists() and not required:
+            continue  # sieve's own loader needs no modeling file (load_pruned warns that transformers does)
+        if not file.is_file() or file.is_symlink():
+            raise InputError(f"{file}, written by sieve apply, is missing; {fix}")
+        key = (str(file), file.stat().st_size, file.stat().st_mtime_ns)
+        if _VERIFIED.get(key) != recorded.get(name):
+            if recorded.get(name) is None or sha256_file(file) != recorded[name]:
+                raise InputError(f"{file} is not the file sieve apply wrote (its sha256 differs from {SIEVE_JSON}: "
+                                 f"edited or damaged since); {fix}")
+            _VERIFIED[key] = recorded[name]
+    return info
+
+
+_VERIFIED: dict[tuple, str] = {}  # (file, size, mtime) -> sha256 already checked in this process
+
+
 def _resolve_dtype(dtype: str | torch.dtype | None, saved: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -292,7 +329,7 @@ def base_config(path: Path, info: Mapping):
     """The base family's config from config.json, whose model_type only the modeling file knows."""
     from transformers import CONFIG_MAPPING
 
-    config = json.loads((path / "config.json").read_text())
+    config = read_json(path / "config.json", rebuild=f"sieve apply -o {path} --force")
     base_type = info.get("model_type") or config["model_type"].removeprefix(TYPE_PREFIX)
     base = base_config_dict(config, base_type, info.get("architecture") or config["architectures"][0])
     if base_type not in CONFIG_MAPPING:
@@ -337,30 +374,32 @@ def require_modeling_file(path: str | Path) -> None:
         raise InputError(without_modeling_file(path))
 
 
-def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None):
+def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+                verify: bool = True):
     """Rebuild a model written by `save_pruned`: a regular PreTrainedModel, in eval mode.
 
-    dtype defaults to the stored one. Nothing is downloaded.
+    dtype defaults to the stored one. Nothing is downloaded. `verify` checks the files against the
+    hashes sieve.json records (False: a copy re-saved by transformers, whose files differ).
     """
     path = Path(path)
     check_device_available(device)
-    info = read_sieve_json(path)
+    info = verify_pruned_folder(path) if verify else read_sieve_json(path)
     dt = _resolve_dtype(dtype, info.get("dtype", "float32"))
     if info.get("format", 1) >= 2 and not (path / MODELING_FILE).is_file():
         log.warning(without_modeling_file(path))
     if info.get("quantize"):  # quantised tensors: transformers' torchao loader reads them
         return load_through_transformers(path, info, str(device), dt).eval()
     model = empty_model(base_config(path, info), dt)
+    state = read_weights(path / WEIGHTS, device)
+    state = {k: v.to(dt) if v.is_floating_point() else v for k, v in state.items()}
     try:
         with warnings.catch_warnings():  # rank 0 is legal (the matrix's output is its bias alone)
             warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
             place_low_rank(model, info["factored"])
-    except (AttributeError, KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"{path / SIEVE_JSON} names modules or shapes this model does not have ({exc}); "
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except (AttributeError, RuntimeError, KeyError, TypeError, ValueError) as exc:  # a module it lacks, a rank off by one
+        raise InputError(f"{path / WEIGHTS} does not match its config and sieve.json ({str(exc).splitlines()[0][:160]}); "
                          f"rerun `sieve apply -o {path} --force`") from None
-    state = read_weights(path / WEIGHTS, device)
-    state = {k: v.to(dt) if v.is_floating_point() else v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False, assign=True)
     tied = info.get("tied", {})
     missing = set(result.missing_keys) - set(tied)
     if missing or result.unexpected_keys:
@@ -382,7 +421,11 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     path = Path(path)
-    return AutoTokenizer.from_pretrained(path, config=base_config(path, read_sieve_json(path)), trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(path, config=base_config(path, read_sieve_json(path)), trust_remote_code=False)
+    except (OSError, ValueError) as exc:  # tokenizer files deleted or damaged
+        raise InputError(f"{path} holds no readable tokenizer ({str(exc).splitlines()[0][:160]}); "
+                         f"rerun `sieve apply -o {path} --force` to write it again") from None
 
 
 def _load_generation_config(model: nn.Module, path: Path) -> None:
@@ -410,4 +453,5 @@ __all__ = [
     "read_sieve_json",
     "require_modeling_file",
     "save_pruned",
+    "verify_pruned_folder",
 ]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -27,7 +26,7 @@ from .discover import check_model_unchanged, load_workspace_model, workspace_mod
 from .errors import InputError, WorkspaceError
 from .evaluate import evaluate, prepare, stream_evaluate
 from .factors import FactorSet, StoredFactors
-from .files import append_line, read_json, read_jsonl, write_json_atomic
+from .files import append_line, copy_file, read_json, read_jsonl, write_json_atomic
 from .fit import load_factors, load_spectrum
 from .genetic import (
     GenerationReport,
@@ -422,7 +421,7 @@ def run_search(ws: Workspace, options: SearchOptions, force: bool = False, score
     if switched == "restored":
         log.info("search: the %s plan made from these inputs was set aside earlier; restored it", options.strategy)
         return {**Plan.load(ws.plan_json).data, "up_to_date": True}
-    resume = ws.resumable(STAGE, inputs)
+    resume = not force and ws.resumable(STAGE, inputs)  # --force searches again, whatever is on disk
     if not ws.begin(STAGE, inputs, force or switched == "archived"):
         log.info("search is up to date in %s; nothing to do (--force searches again)", ws.root)
         return {**Plan.load(ws.plan_json).data, "up_to_date": True}
@@ -432,7 +431,8 @@ def run_search(ws: Workspace, options: SearchOptions, force: bool = False, score
     matrices, model_total = read_targets(ws)
     factors = load_factors(ws, options.method)
     targets = search_targets(factors, matrices)
-    checkpoint = read_json(ws.search_checkpoint) if resume and ws.search_checkpoint.exists() else {}
+    checkpoint = read_json(ws.search_checkpoint, rebuild=f"{ws.command_for(STAGE)} --force") \
+        if resume and ws.search_checkpoint.exists() else {}
     with ExitStack() as cleanup:  # a pool of workers lives as long as the search
         if scorer is None:
             scorer, confirm_scorer = build_scorers(ws, options, factors, cleanup)
@@ -477,10 +477,9 @@ def switch_strategy(ws: Workspace, inputs: dict) -> str | None:
     if without_knobs(old) != without_knobs(new) or not ws.plan_json.exists():
         return None
     keep = strategy_archive(ws, old_strategy)
-    keep.mkdir(parents=True, exist_ok=True)
     for path in (ws.plan_json, ws.history_jsonl, ws.manifest_path(STAGE)):
         if path.exists():
-            shutil.copyfile(path, keep / path.name)
+            copy_file(path, ws.inside(keep / path.name))
     log.info("search: the %s plan is kept in %s; searching with %s", old_strategy, keep, new["options"]["strategy"])
     mine = strategy_archive(ws, new["options"]["strategy"])
     try:
@@ -492,7 +491,7 @@ def switch_strategy(ws: Workspace, inputs: dict) -> str | None:
         return "archived"
     for name in (ws.plan_json.name, ws.history_jsonl.name):
         if (mine / name).exists():
-            shutil.copyfile(mine / name, ws.stage_dir(STAGE) / name)
+            copy_file(ws.inside(mine / name), ws.inside(ws.stage_dir(STAGE) / name))
     ws.search_checkpoint.unlink(missing_ok=True)
     ws.finish(STAGE, inputs, [ws.plan_json], summary=earlier.get("summary") or {})
     return "restored"

@@ -20,6 +20,7 @@ from typing import Mapping
 from torch import nn
 
 from .archs import arch_for
+from .files import save_safetensors, sha256_file
 from .narrowing import WidthUnit, head_layout
 from .pruned import FORMAT, SIEVE_JSON, WEIGHTS, shared_weights, weights_dtype
 from .quantize import quantize_folder
@@ -112,14 +113,12 @@ def renumbered(state: dict, blocks: str, removed: tuple[int, ...]) -> dict:
 def save_standard(model: nn.Module, out: str | Path, shape: StandardShape, plan: Mapping, base_identity: Mapping,
                   tokenizer=None, extra: Mapping | None = None, quantize: str | None = None) -> dict:
     """Write the standard folder of a narrowed model; returns the sieve.json written."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tied = shared_weights(model)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
     state = renumbered(state, arch_for(model.config.model_type).blocks, shape.removed_blocks)
-    save_file(state, str(out / WEIGHTS), metadata={"format": "pt"})
+    save_safetensors(state, out / WEIGHTS, metadata={"format": "pt"})
     dtype = weights_dtype(model)
     config = standard_config(model.config, shape)
     config.dtype = dtype
@@ -140,6 +139,7 @@ def save_standard(model: nn.Module, out: str | Path, shape: StandardShape, plan:
     }
     if quantize is not None:
         quantize_folder(out, quantize, info, WEIGHTS)
+    info["sha256"] = {name: sha256_file(out / name) for name in info["files"] if name != SIEVE_JSON}
     (out / SIEVE_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n")
     return info
 

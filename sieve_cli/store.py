@@ -13,7 +13,6 @@ see which wrote it.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .files import remove_path
 
 STORE_SCHEMA = 1
 STATE_KEY = "sieve_capture"  # root attribute holding the writer's state
@@ -96,13 +96,13 @@ def recover_store(path: Path) -> None:
     tmp, old = _siblings(path)
     if not path.exists() and old.exists():
         os.replace(old, path)  # crashed between the two renames: the previous state is whole
-    shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_path(old)
+    remove_path(tmp)
 
 
 def remove_store(path: Path) -> None:
     for p in (path, *_siblings(path)):
-        shutil.rmtree(p, ignore_errors=True)
+        remove_path(p)
 
 
 def _write_sites(root, sites: dict[str, SiteStats]) -> None:
@@ -121,14 +121,14 @@ def write_store(path: Path, sites: dict[str, SiteStats], state: dict) -> None:
     import zarr
 
     tmp, old = _siblings(path)
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_path(tmp)  # a link planted there is unlinked, never written through
     root = zarr.open_group(str(tmp), mode="w")
     _write_sites(root, sites)
     root.attrs[STATE_KEY] = state  # written last: a store without it is never swapped in
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    remove_path(old)
 
 
 def add_sites(path: Path, sites: dict[str, SiteStats], state: dict) -> None:

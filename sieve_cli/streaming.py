@@ -37,7 +37,7 @@ from .factors import FactorSet
 from .files import read_json
 from .lowrank import swap_modules
 from .models import torch_dtype
-from .pruned import SIEVE_JSON, base_config, empty_model, lowrank_shell, prune_in_memory, read_sieve_json
+from .pruned import SIEVE_JSON, base_config, empty_model, lowrank_shell, prune_in_memory, verify_pruned_folder
 from .scoring import SpanScore, batches_by_length, left_pad, longest_span, null_bar, span_scores
 from .workspace import Workspace
 
@@ -58,7 +58,7 @@ def open_streaming_pruned(folder: str | Path, device: str, dtype: str | torch.dt
     """A folder written by `sieve apply`, opened like `open_streaming`: the base architecture with
     its low-rank shells swapped in on the meta device, then read block by block from model.safetensors."""
     folder = Path(folder)
-    info = read_sieve_json(folder)
+    info = verify_pruned_folder(folder)
     if info.get("quantize"):
         raise InputError(f"{folder} holds quantised weights, which streaming evaluation cannot read block by block; "
                          f"evaluate it with --mode memory, or apply the plan without --quantize")
@@ -72,7 +72,11 @@ def open_streaming_pruned(folder: str | Path, device: str, dtype: str | torch.dt
     runner = BlockRunner(model.eval(), SafetensorsWeights(folder), device, dt)
     shells = {name: lowrank_shell(s["in_features"], s["out_features"], s["rank"], s["bias"], dt)
               for name, s in info["factored"].items()}
-    swap_modules(model, shells)
+    try:
+        swap_modules(model, shells)
+    except AttributeError as exc:  # sieve.json names a module the model lacks
+        raise InputError(f"{folder / SIEVE_JSON} does not match the model ({exc}); "
+                         f"rerun `sieve apply -o {folder} --force`") from None
     runner.load_head()
     return runner
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import InputError, MissingStageError, StaleStageError, WorkspaceError
-from .files import open_no_follow, read_json, sha256_file, sha256_json, write_json_atomic
+from .files import check_inside, open_no_follow, read_json, sha256_file, sha256_json, write_json_atomic
 from .options import STRATEGIES
 from .version import __version__
 
@@ -86,13 +86,11 @@ class Workspace:
         """`path`, after checking that it (and any link on the way) stays inside the workspace.
 
         Stage names come from files too (a plan's method): `fit/../../x` or a folder linked
-        elsewhere must never make a stage read or write outside the workspace.
+        elsewhere must never make a stage read or write outside the workspace. A received workspace
+        may hold planted links: any link on the way is refused, so every path a stage builds from
+        `inside` can be written and deleted (through `files.atomic_path`, `remove_path`, `make_dir`).
         """
-        resolved = path.resolve()
-        if resolved != self.root and self.root not in resolved.parents:
-            raise WorkspaceError(f"{path} leads outside the workspace {self.root} (to {resolved}); "
-                                 f"a workspace path must stay inside it: remove the link or fix the name")
-        return path
+        return check_inside(self.root, path, "workspace")
 
     def stage_dir(self, stage: str) -> Path:
         return self.inside(self.root / stage)
@@ -289,7 +287,7 @@ class Workspace:
     def missing_files(self, manifest: dict) -> list[str]:
         """The files a manifest lists that are no longer in the workspace."""
         files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
-        return [name for name in files if not (self.root / name).exists()]
+        return [name for name in files if not self.inside(self.root / name).exists()]  # a planted link: one line
 
     def upstream_hashes(self, *stages: str) -> dict[str, str]:
         """Hashes of the (required, up-to-date) upstream manifests, recorded as a stage's inputs."""
@@ -401,8 +399,12 @@ class Workspace:
                 self.unlock()
 
     def resumable(self, stage: str, inputs: dict) -> bool:
-        """True when an unfinished run of `stage` with exactly these inputs is on disk."""
-        manifest = self.read_manifest(stage)
+        """True when an unfinished run of `stage` with exactly these inputs is on disk (a damaged
+        manifest is not: `begin` refuses it, or replaces it with --force)."""
+        try:
+            manifest = self.read_manifest(stage)
+        except (InputError, WorkspaceError):
+            return False
         return bool(manifest and not manifest.get("complete") and manifest.get("inputs") == _normalise(inputs))
 
     def finish(self, stage: str, inputs: dict, files: list[Path], summary: dict | None = None) -> dict:

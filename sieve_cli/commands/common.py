@@ -128,8 +128,9 @@ def sieve_command(fn: Callable) -> Callable:
         except Exception as exc:  # only a full disk is turned into one line here; anything else is a bug
             if state.debug or not disk_full(exc):
                 raise
-            err_console.print(f"[bold red]error:[/] the disk is full ({exc}); free some space and rerun the same "
-                              f"command: finished work is kept", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] the disk is full or a file passed a size limit ({exc}); free some "
+                              f"space (or write where files may be that large) and rerun the same command: finished "
+                              f"work is kept", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: rerun the same command to continue where it stopped")
@@ -148,7 +149,8 @@ def disk_full(exc: BaseException) -> bool:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in DISK_FULL:
             return True
-        if "No space left on device" in str(exc) or "StorageFull" in str(exc):
+        words = str(exc)  # safetensors and zarr report the OS error in their own words
+        if any(w in words for w in ("No space left on device", "StorageFull", "File too large", "Disk quota exceeded")):
             return True
         exc = exc.__cause__ or exc.__context__
     return False

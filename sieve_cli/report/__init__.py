@@ -19,7 +19,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from ..acceptance import acceptance_threshold
-from ..files import write_text_atomic
+from ..files import make_dir, write_bytes_atomic, write_text_atomic
 from ..options import ReportOptions
 from ..workspace import Stage, Workspace
 from .figures import heatmap_figure, metric_figure, spectra_figure, tradeoff_figure
@@ -64,7 +64,7 @@ def run_report(ws: Workspace, options: ReportOptions) -> ReportResult:
     plan, metric = data.plan, data.plan["metric"]
     threshold = acceptance_threshold(float(metric["dense"]), float(plan["tolerance"]), bool(plan.get("absolute")))
     folder = ws.report_dir
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dir(folder)
     images: list[Path] = []
     status: dict[str, str] = {}
     pages: list[str] = []
@@ -72,8 +72,8 @@ def run_report(ws: Workspace, options: ReportOptions) -> ReportResult:
     def figure(key: str, fig: Figure, alt: str, **fmt) -> str:
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=options.dpi)
-        path = folder / FIGURES[key].format(**fmt)
-        path.write_bytes(buffer.getvalue())
+        path = ws.inside(folder / FIGURES[key].format(**fmt))
+        write_bytes_atomic(path, buffer.getvalue())
         images.append(path)
         return image_tag(buffer.getvalue(), alt)
 

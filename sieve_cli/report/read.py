@@ -218,10 +218,17 @@ def read_trials(ws: Workspace, plan: dict) -> list[Trials]:
     if not ws.history_jsonl.exists():
         return []
     by_method: dict[str, Trials] = {}
-    for line in ws.history_jsonl.read_text().splitlines():
+    lines = ws.history_jsonl.read_text(encoding="utf-8", errors="replace").split("\n")
+    for number, line in enumerate(lines):
         if not line.strip():
             continue
-        entry = json.loads(line)
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines) - 1:
+                break  # a search killed mid-write; its resume cuts the line off
+            raise InputError(f"{ws.history_jsonl} line {number + 1} is not valid JSON; "
+                             f"rerun `{ws.command_for(Stage.SEARCH)} --force` to rebuild it") from None
         if entry.get("strategy") in ("confirm", "backoff"):
             continue  # confirm-part checks and back-off steps are not search-split trials
         method = entry.get("method") or plan.get("method", "output")
