@@ -26,7 +26,7 @@ import yaml
 
 from .errors import TaskError
 from .models import resolve_source
-from .pruned import is_pruned_folder, require_modeling_file, verify_pruned_folder
+from .pruned import is_pruned_folder, read_sieve_json, require_modeling_file, verify_pruned_folder
 from .tasks import BoundTask
 from .workspace import Stage, Workspace
 
@@ -83,10 +83,12 @@ def lm_eval_model_args(ws: Workspace, model: str | None, dtype: str | None) -> d
         return args | {"dtype": dtype or discovered["dtype"]}
     folder = Path(model).expanduser().resolve()
     if is_pruned_folder(folder):
+        standard = read_sieve_json(folder).get("standard")  # a width plan's: the family's own code loads it
+        if not standard:
+            require_modeling_file(folder)
         info = verify_pruned_folder(folder, required=True)  # vouch only for the files apply wrote
-        if info.get("standard"):  # a width plan's standard folder: the family's own code loads it
+        if standard:
             return {"pretrained": str(folder), "dtype": dtype or info["dtype"]}
-        require_modeling_file(folder)
         return {"pretrained": str(folder), "trust_remote_code": "True", "dtype": dtype or info["dtype"]}
     return {"pretrained": str(folder), "dtype": dtype or "float32"}
 
