@@ -60,7 +60,9 @@ def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default="sst2,trec,mbpp", help="names of examples/tasks/<name>.yaml")
     ap.add_argument("--tolerances", default="0.01,0.05")
-    ap.add_argument("--strategies", default="uniform,adaptive", help="any of uniform,seeds,local,genetic,adaptive")
+    ap.add_argument("--strategies", default="uniform,adaptive",
+                    help="any of uniform,seeds,local,genetic,adaptive, and shape (adaptive with --uniform-shape; "
+                         "width fits only)")
     ap.add_argument("--methods", default="", help="fit methods compared at the uniform p, e.g. output,learned,svd,pca")
     ap.add_argument("--fits", default="output", help="fits to search over, a row per strategy each: output (pairs), "
                                                     "width")
@@ -188,10 +190,11 @@ def search_cell(ws: Workspace, method: str, factors, tolerance: float, strategy:
                 scorers, test: TestScorer, dense_test: float, plans_dir: Path) -> dict:
     """One strategy at one tolerance over one fit's targets: the search, then its plan on the test part."""
     ga = GAConfig(population=args.population, generations=args.generations, patience=args.patience)
-    options = SearchOptions(strategy=strategy, method=method, tolerance=tolerance, ga=ga, limit=args.limit,
+    shaped = strategy == "shape"
+    options = SearchOptions(strategy="adaptive" if shaped else strategy, method=method, tolerance=tolerance, ga=ga,
+                            uniform_shape=shaped, limit=args.limit, confidence=args.confidence,
                             local=LocalConfig(moves=args.local_moves, budget=args.local_budget,
-                                              patience=args.local_patience),
-                            confidence=args.confidence)
+                                              patience=args.local_patience))
     shared.charged, shared.cpu, wall = 0.0, 0.0, time.perf_counter()
     try:
         plan = run_search(ws, options, force=True, scorer=scorers[0], confirm_scorer=scorers[1])
@@ -203,7 +206,8 @@ def search_cell(ws: Workspace, method: str, factors, tolerance: float, strategy:
     confirm = plan["search"].get("confirm") or {}
     test_plan = test(Plan.parse(plan).ranks(), factors)
     test_drop = (dense_test - test_plan) / abs(dense_test)
-    return {"tolerance": tolerance, "method": method, "strategy": strategy, "algorithm": options.algorithm,
+    return {"tolerance": tolerance, "method": method, "strategy": strategy,
+            "algorithm": "shape" if shaped else options.algorithm, "shape": plan["search"].get("shape"),
             "removed_prunable": plan["params"]["removed_fraction_prunable"],
             "removed_model": plan["params"]["removed_fraction_model"],
             "search_dense": plan["metric"]["dense"], "search_plan": plan["metric"]["plan"],

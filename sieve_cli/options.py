@@ -49,6 +49,12 @@ SCORING_MODE_HELP = ("memory (the whole model: on one device, or spread over the
 SEARCH_POOL = ("workers", "worker_threads", "ray_address")  # where search scores its candidates: not its plan
 
 
+def fitted_what(method: str) -> str:
+    """What a fit's count counts: a width fit orders modules (MLPs, attention), the others factor matrices."""
+    return "modules (MLP and attention)" if method == "width" else "matrices"
+
+
+
 def default_workspace() -> Path:
     """`$SIEVE_WORKSPACE`, else ./sieve-workspace: stage commands chain without -w."""
     return Path(os.environ.get("SIEVE_WORKSPACE") or DEFAULT_WORKSPACE)
@@ -378,6 +384,9 @@ class SearchOptions:
                                    "(docs/benchmarks.md).", short="-s")
     method: str = opt("output", "Which fit to search over: output, learned, svd or pca (a rank per matrix), or "
                                 "width (a kept width per MLP and attention module; 0 removes it).", short="-m")
+    uniform_shape: bool = opt(False, "With --method width: search only plans whose MLPs all keep one width and "
+                                     "attention modules one number of key/value groups (whole blocks may go), so "
+                                     "`sieve apply` writes a standard folder that plain from_pretrained loads.")
     tolerance: float = opt(0.05, "Accept a plan whose search-split metric is at least (1 - tolerance) x dense; "
                                  "with --absolute, dense - tolerance.")
     absolute: bool = opt(False, "Read --tolerance in metric units, not as a fraction of dense.")
@@ -415,6 +424,9 @@ class SearchOptions:
             raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.method not in FIT_METHODS:
             raise InputError(f"--method must be one of {', '.join(FIT_METHODS)}, got {self.method!r}")
+        if self.uniform_shape and self.method != "width":
+            raise InputError(f"--uniform-shape needs --method width (a shape is a width per module), got "
+                             f"--method {self.method}")
         check_finite(tolerance=self.tolerance, confidence=self.confidence)
         if not 0.5 <= self.confidence < 1:
             raise InputError(f"--confidence must be in [0.5, 1), got {self.confidence}")
@@ -452,6 +464,8 @@ class SearchOptions:
                   "genetic": ("local",)}[self.algorithm]
         for name in unused:
             options.pop(name)
+        if not self.uniform_shape:  # recorded only when set: plans searched before the option stay current
+            options.pop("uniform_shape")
         return options
 
 

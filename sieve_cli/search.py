@@ -42,6 +42,7 @@ from .options import STRATEGIES, LocalConfig, SearchOptions
 from .plan import Plan, Ranks
 from .pool import WorkerPool
 from .pruned import prune_in_memory
+from .shaped import shaped_kept, shaped_search, snapped
 from .streaming import choose_layout, open_streaming
 from .tasks import bind_task
 from .uniform import binary_search, first_probe, uniform_grid
@@ -541,6 +542,8 @@ def find_plan(ws: Workspace, options: SearchOptions, scorer: Scorer, targets: li
     if options.algorithm == "uniform":
         outcome = Outcome(uniform_kept(targets, uniform.p), dense.value if uniform.metric is None else uniform.metric,
                           {"uniform_p": uniform.p})
+    elif options.uniform_shape:
+        outcome = search_uniform_shape(evals, options, targets, uniform)
     else:
         outcome = search_adaptive(ws, evals, options, targets, factors, uniform, checkpoint, on_generation)
     confirmed = confirm_plan(evals, options, outcome.kept, confirm_scorer) if confirm_scorer else None
@@ -567,6 +570,8 @@ def confirm_plan(evals: Evaluations, options: SearchOptions, kept: list[float], 
     """
     steps = (*BACK_OFF, 1.0)
     candidates = [[k + step * (1 - k) for k in kept] for step in steps]
+    if options.uniform_shape:  # every back-off step a uniform shape too, so the folder stays standard
+        candidates = [snapped(evals.targets, c) for c in candidates]
     ranks = [ranks_for(evals.targets, c, evals.factors) for c in candidates]
     known: dict[tuple, Measurement] = {}  # by ranks: steps too close to differ in any rank are scored once
     workers = int((scorer.layout or {}).get("workers", 1)) if scorer.score_many is not None else 1
@@ -622,6 +627,25 @@ def search_uniform(evals: Evaluations, options: SearchOptions, targets: list[Mat
     log.info("uniform: keep p=%.2f of every matrix (%s=%s) after %d evaluations",
              result.p, evals.scorer.metric, result.metric, len(result.trials))
     return result
+
+
+def search_uniform_shape(evals: Evaluations, options: SearchOptions, targets: list, uniform) -> Outcome:
+    """`--uniform-shape`: the most removing plan whose MLPs share one width and attention modules one
+    group count, blocks dropped whole (`shaped.py`); from the uniform answer, every batch memoised."""
+    def judge(kepts: list[list[float]], moves: list[str]) -> list[float]:
+        return evals.metrics(kepts, [{"strategy": "shape", "generation": None, "move": move, "genome": kept}
+                                     for kept, move in zip(kepts, moves)])
+
+    with progress.bar("uniform-shape search", total=None) as b:
+        def noted(line: str) -> None:
+            log.info("%s", line)
+            b.note(line)
+
+        shape, metric = shaped_search(targets, uniform.p, uniform_grid(options.grid_step), judge, evals.threshold,
+                                      noted)
+    kept = shaped_kept(targets, shape)
+    return Outcome(kept, evals.dense.value if metric is None else metric,
+                   {"uniform_p": uniform.p, "shape": shape.to_dict()})
 
 
 def spectrum_errors(ws: Workspace, options: SearchOptions, targets: list[Matrix], levels: list[float],

@@ -295,3 +295,40 @@ def test_heal_trains_the_narrowed_modules_and_apply_healed_keeps_the_standard_fo
     before = mean_ce(AutoModelForCausalLM.from_pretrained(tmp_path / "pruned"), rows)
     after = mean_ce(AutoModelForCausalLM.from_pretrained(tmp_path / "healed"), rows)
     assert after < 0.97 * before, (before, after)
+
+
+def test_uniform_shape_search_drops_harmless_blocks_and_writes_a_standard_folder(tmp_path):
+    from sieve_cli.search import Scorer, SearchOptions, run_search
+
+    ws, model, units, factors = width_workspace(tmp_path, "llama")
+    ws.begin("task", {"task": "synthetic"})
+    ws.finish("task", {"task": "synthetic"}, [])
+
+    def score(widths):  # block 1 does nothing; block 0's MLP costs a little per neuron, its attention a lot
+        mlp0, attn0 = (1 - u.kept_at(widths.get(u.name)) for u in sorted(
+            (u for u in units if u.block == 0), key=lambda u: u.kind != "mlp"))
+        return 1.0 - 0.08 * mlp0 - 1.0 * attn0
+
+    plan = run_search(ws, SearchOptions(method="width", strategy="adaptive", tolerance=0.05, uniform_shape=True),
+                      scorer=Scorer(score=score, metric="synthetic", examples=10))
+    entries = plan["matrices"]
+    assert entries["model.layers.1.mlp"]["width"] == 0 and entries["model.layers.1.self_attn"]["width"] == 0
+    assert entries["model.layers.0.self_attn"]["width"] is None  # its whole-group cut fails
+    mlp = entries["model.layers.0.mlp"]
+    assert 0 < mlp["width"] < mlp["units"]  # lowered again once block 1 was gone
+    moves = [json.loads(line).get("move") for line in ws.history_jsonl.read_text().splitlines()]
+    assert "drop block 1" in moves and any(str(m).startswith("attention") for m in moves)
+    result = run_apply(ws, ApplyOptions(out=tmp_path / "out"))
+    assert result["standard"] is not None and result["standard"]["removed_blocks"] == [1]
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    restore = prune_in_memory(model, Plan.parse(plan).ranks(), factors)
+    assert torch.allclose(logits(plain), logits(model), atol=1e-4)
+    restore()
+
+
+def test_uniform_shape_needs_the_width_method():
+    from sieve_cli.errors import InputError
+    from sieve_cli.search import SearchOptions
+
+    with pytest.raises(InputError, match="--uniform-shape needs --method width"):
+        SearchOptions(method="output", uniform_shape=True)
