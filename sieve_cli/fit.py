@@ -46,7 +46,7 @@ from .lowrank import rank_for_fraction
 from .matrices import Matrix, find_matrices, sites_of, weight_of
 from .models import load_tokenizer, safetensors_folder, torch_dtype
 from .narrowing import WidthUnit, width_units
-from .options import FIT_METHODS, SUMMARY_LEVELS, CaptureOptions, FitOptions
+from .options import FIT_METHODS, SUMMARY_LEVELS, CaptureOptions, FitOptions, fitted_what
 from .store import read_site
 from .tasks import bind_task
 from .width import obs_batch, width_basis
@@ -162,7 +162,8 @@ def _write_fit(ws, stage, inputs, options, factors, spectrum, matrices, seconds,
     targets = factors.width_units() if options.method == "width" else matrices
     summary = {**summarise(targets, spectrum, options, seconds, load_seconds, training), "mode": mode}
     ws.finish(stage, inputs, written, summary)
-    log.info("fit %s: %d matrices in %.1f s (%s)", options.method, summary["matrices"], seconds, mode)
+    log.info("fit %s: %d %s in %.1f s (%s)", options.method, summary["matrices"], fitted_what(options.method),
+             seconds, mode)
     return summary
 
 

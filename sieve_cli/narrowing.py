@@ -12,6 +12,7 @@ zero), so a block with both at 0 is gone and the residual passes through.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
@@ -122,14 +123,15 @@ def linear_like(original: nn.Module, weight: torch.Tensor, bias: torch.Tensor | 
     """A module of the original's class (Linear or GPT-2's Conv1D) computing `weight` (H x D) + bias."""
     out_features, in_features = weight.shape
     dtype, device = weight_of(original).dtype, weight_of(original).device
-    if is_conv1d(original):
-        module = type(original)(out_features, in_features).to(dtype=dtype, device=device)
-        module.weight = nn.Parameter(weight.T.to(dtype).contiguous())
-    else:
-        module = nn.Linear(in_features, out_features, bias=bias is not None, dtype=dtype, device=device)
-        module.weight = nn.Parameter(weight.to(dtype).contiguous())
+    # built on meta (no random init of what is replaced below); a removed block's modules have 0 rows
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op")
+        module = (type(original)(out_features, in_features) if is_conv1d(original)
+                  else nn.Linear(in_features, out_features, bias=bias is not None))
+    module.weight = nn.Parameter((weight.T if is_conv1d(original) else weight).to(dtype=dtype, device=device)
+                                 .contiguous())
     if bias is not None:
-        module.bias = nn.Parameter(bias.detach().clone())
+        module.bias = nn.Parameter(bias.detach().clone().to(device))
     elif is_conv1d(original):
         module.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
     return module

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import InputError
-from ..options import FIT_METHODS, SUMMARY_LEVELS, FitOptions
+from ..options import FIT_METHODS, SUMMARY_LEVELS, FitOptions, fitted_what
 from ..workspace import Workspace
 from .common import (
     ForceOpt,
@@ -76,7 +76,7 @@ def _methods(given: list[str] | None) -> list[str]:
 def render(summaries: list[dict]) -> None:
     levels = sorted({float(p) for s in summaries for p in s["levels"]} | set(SUMMARY_LEVELS), reverse=True)
     table = Table(title="Mean relative output error ||WX - W'X||^2 / ||WX||^2 per matrix kind, by kept fraction")
-    for col in ("method", "kind", "matrices", *(f"{p:g} kept" for p in levels)):
+    for col in ("method", "kind", "count", *(f"{p:g} kept" for p in levels)):
         table.add_column(col, justify="left" if col in ("method", "kind") else "right")
     for s in summaries:
         counts = s.get("counts", {})
@@ -91,7 +91,7 @@ def render(summaries: list[dict]) -> None:
     for s in summaries:
         note = " (up to date, not rerun)" if s.get("up_to_date") else ""
         load = f", model load {s['load_seconds']:.1f} s" if s.get("load_seconds") else ""
-        console.print(f"{s['method']}: {s['matrices']} matrices fitted in {s['seconds']:.1f} s{load}{note}")
+        console.print(f"{s['method']}: {s['matrices']} {fitted_what(s['method'])} fitted in {s['seconds']:.1f} s{load}{note}")
         if "steps" in s:
             steps = [v for per_level in s["steps"].values() for v in per_level.values()]
             console.print(f"  Adam steps per rank: mean {sum(steps) / len(steps):.0f}; stopped: {s['stopped']}")
