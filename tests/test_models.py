@@ -41,3 +41,60 @@ def test_gguf_dequantised_copy_matches_direct_load(smollm2_gguf, tmp_path, monke
     with torch.no_grad():
         assert torch.equal(direct(ids).logits, again(ids).logits)
     assert again.get_output_embeddings().weight is again.get_input_embeddings().weight
+
+
+def fake_chunk_packages(root, sizes):
+    """Installed-looking chunk packages `chunky_1` ... on sys.path, each with one data/partNN.bin."""
+    import sys
+
+    packages = []
+    for i, size in enumerate(sizes, 1):
+        data = root / f"chunky_{i}" / "data"
+        data.mkdir(parents=True)
+        (data.parent / "__init__.py").write_text("")
+        (data / f"part{i:02d}.bin").write_bytes(bytes([i]) * size)
+        packages.append(f"chunky-{i}")
+    sys.path.insert(0, str(root))
+    return tuple(packages)
+
+
+def test_chunk_packages_are_joined_in_order_once_and_a_missing_one_is_named(tmp_path, monkeypatch):
+    import sys
+
+    from sieve_cli.errors import ModelLoadError
+    from sieve_cli.models import chunk_paths, join_chunks
+
+    packages = fake_chunk_packages(tmp_path / "site", [3, 5, 2])
+    try:
+        parts = chunk_paths(packages)
+        target = join_chunks(parts, tmp_path / "cache" / "joined.gguf", 10)
+        assert target.read_bytes() == b"\x01" * 3 + b"\x02" * 5 + b"\x03" * 2
+        stamp = target.stat().st_mtime_ns
+        assert join_chunks(parts, target, 10).stat().st_mtime_ns == stamp  # reused, not rewritten
+        with pytest.raises(ModelLoadError, match=r"hold 10 bytes, not 11; reinstall"):
+            join_chunks(parts, tmp_path / "cache" / "other.gguf", 11)
+        assert not (tmp_path / "cache" / "other.gguf").exists()
+        with pytest.raises(ModelLoadError, match=r"chunk 4 of 4 \(chunky-4\) is not installed; run `pip install "
+                                                 r"chunky-1 chunky-2 chunky-3 chunky-4`"):
+            chunk_paths((*packages, "chunky-4"))
+    finally:
+        sys.path.remove(str(tmp_path / "site"))
+
+
+def test_the_qwen_coder_helper_joins_its_six_packages_into_the_cache(tmp_path, monkeypatch):
+    import importlib.metadata
+    import sys
+
+    from sieve_cli import models
+
+    packages = fake_chunk_packages(tmp_path / "site", [4] * 6)
+    monkeypatch.setattr(models, "QWEN_CODER_PACKAGES", packages)
+    monkeypatch.setattr(models, "QWEN_CODER_BYTES", 24)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.9")
+    monkeypatch.setenv("SIEVE_CACHE", str(tmp_path / "cache"))
+    try:
+        path = models.qwen_coder_gguf()
+    finally:
+        sys.path.remove(str(tmp_path / "site"))
+    assert path.parent == tmp_path / "cache" / "models" and path.name.endswith("-9.9.gguf")
+    assert path.read_bytes() == b"".join(bytes([i]) * 4 for i in range(1, 7))
