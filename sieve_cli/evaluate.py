@@ -14,17 +14,19 @@ from __future__ import annotations
 import logging
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .discover import check_model_unchanged, load_workspace_model, workspace_model_source
 from .errors import InputError
 from .files import read_json, sha256_bytes, write_json_atomic
 from .generation import cut_at_stop, evaluate_generation, generate_greedy, normalise_answer  # noqa: F401
+from .heal import healed_dense_model
 from .intervals import Z95, ratio_interval, wilson_interval  # noqa: F401
 from .metrics import EvalResult, multiple_choice_result, result_of, text_modelling_result  # noqa: F401
 from .models import check_fits_positions, load_model, model_identity, safetensors_folder, torch_dtype
 from .models import load_tokenizer as load_model_tokenizer
-from .options import EvalOptions
+from .options import EvalOptions, HealOptions
 from .prepared import PreparedSplit, longest_input, prepare, split_tokens  # noqa: F401
 from .pruned import SIEVE_JSON, load_pruned, load_tokenizer, read_sieve_json, verify_pruned_folder
 from .scoring import (  # noqa: F401  (the scoring names stay importable from here, as before the split)
@@ -97,7 +99,7 @@ def stream_evaluate(runner, prepared: PreparedSplit, batch_size: int = 16, max_b
 def run_label(options: EvalOptions) -> str:
     """Each (model, split, limit) gets its own folder under WS/eval, so dense and pruned results coexist."""
     if options.model is None:
-        who = "dense"
+        who = f"dense-healed{options.heal_dense}" if options.heal_dense else "dense"
     else:
         path = Path(options.model).expanduser().resolve()
         who = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.name)[:40] + "-" + sha256_bytes(str(path).encode())[:8]
@@ -198,6 +200,9 @@ def run_eval(ws: Workspace, options: EvalOptions, force: bool = False) -> dict:
         result = stream_evaluate(runner, prepared, options.batch_size, tier=layout.tier, folder=ws.eval_dir)
     else:
         model, _, _ = load_eval_model(ws, options, layout.max_memory)
+        if options.heal_dense:
+            recipe = options.heal_recipe or HealOptions(device=options.device, dtype=options.dtype)
+            model = healed_dense_model(ws, model, tokenizer, replace(recipe, steps=options.heal_dense))
         check_fits_positions(model, longest_input(prepared), "--max-length")
         start = time.perf_counter()
         result = evaluate(model, prepared, options.batch_size)
@@ -207,7 +212,8 @@ def run_eval(ws: Workspace, options: EvalOptions, force: bool = False) -> dict:
         "task": bound.name,
         "output_type": bound.output_type,
         "split": options.split,
-        "model": "dense" if options.model is None else str(Path(options.model).expanduser().resolve()),
+        "model": ("dense healed" if options.heal_dense else "dense") if options.model is None
+                 else str(Path(options.model).expanduser().resolve()),
         "metric": result.metric,
         "value": result.value,
         "ci_low": result.ci_low,

@@ -20,6 +20,7 @@ from its checkpoint ends with the same factors as an uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import sys
@@ -227,16 +228,48 @@ def train(peft_model: nn.Module, teacher: nn.Module | None, batches: Batches, op
 
 
 def heal_in_memory(model: nn.Module, teacher: nn.Module | None, sequences: list[list[int]], pad_id: int,
-                   options: HealOptions) -> tuple[nn.Module, list[float]]:
-    """Heal a model that already holds LowRankLinear modules, in place; returns it (adapters merged) and
-    the losses. No files: what a search scorer calls to heal a candidate before scoring it."""
+                   options: HealOptions, narrowed: list[str] = ()) -> tuple[nn.Module, list[float]]:
+    """Heal a model that already holds LowRankLinear modules (and the `narrowed` ones), in place; returns it
+    (adapters merged) and the losses. No files: what a search scorer calls to heal a candidate."""
     for p in model.parameters():
         p.requires_grad_(False)
     batches = Batches(sequences, pad_id, options.batch_size, options.seed, next(model.parameters()).device)
     with _quiet_peft():
-        peft_model = attach_adapters(model, options)
-    losses = train(peft_model, teacher, batches, options)
+        peft_model = attach_adapters(model, options, narrowed)
+    with torch.enable_grad():
+        losses = train(peft_model, teacher, batches, options)
     return peft_model.merge_and_unload(), losses
+
+
+def healed_copy(model: nn.Module, ranks: Ranks, factors: FactorSet | None, options: HealOptions,
+                sequences: list[list[int]], pad_id: int, dense_targets: list[str] = (),
+                teacher: nn.Module | None = None) -> nn.Module:
+    """A copy of the dense `model` with the allocation `ranks` swapped in, healed by `options` exactly as
+    `sieve heal` heals that plan (same sequences, batches and seed), in memory; `model` is left as it was.
+
+    Nothing planned (`factors` may then be None): the dense model healed with the same recipe on
+    `dense_targets` (the prunable matrices), the reference a healed plan is honestly compared with.
+    """
+    candidate = copy.deepcopy(model)
+    swapped = build_replacements(candidate, ranks, factors) if any(r is not None for r in ranks.values()) else {}
+    for module in swapped.values():  # merging writes into these: never into the fit's (shared) factors
+        for p in module.parameters():
+            p.data = p.data.clone()
+    swap_modules(candidate, swapped)
+    narrowed = [n for n, m in swapped.items() if not isinstance(m, (LowRankLinear, SkippedAttention))]
+    narrowed = narrowed if swapped else list(dense_targets)
+    if not lora_targets(candidate, narrowed):  # every planned module removed whole: nothing left to adapt
+        return candidate.eval()
+    healed, _ = heal_in_memory(candidate, teacher, sequences, pad_id, options, narrowed)
+    return healed.eval()
+
+
+def healed_dense_model(ws: Workspace, model: nn.Module, tokenizer, options: HealOptions) -> nn.Module:
+    """The workspace's dense `model` healed by `options` on every prunable matrix (in memory)."""
+    sequences, _ = calibration_sequences(ws, tokenizer, options.seq_len, options.steps * options.batch_size)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    targets = [m["name"] for m in read_json(ws.matrices_json)["matrices"]]
+    return healed_copy(model, {}, None, options, sequences, pad_id, targets)
 
 
 # ---- the stage ------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ SUMMARY_LEVELS = (0.9, 0.75, 0.5)  # kept fractions reported in every fit summar
 # how `sieve search` looks for a plan; `adaptive` names the measured best of seeds/local/genetic (ADAPTIVE)
 STRATEGIES = ("uniform", "seeds", "local", "genetic", "adaptive")
 ADAPTIVE = "local"
+REFERENCES = ("dense", "healed-dense")  # what a healed search's tolerance is measured against
 DEFAULT_LEVELS = (1.0, 0.9, 0.75, 0.6, 0.5, 0.35, 0.25, 0.2, 0.1, 0.05)  # adaptive: kept fractions a gene may take
 EVAL_PARTS = ("test", "confirm", "search", "calibration")
 # Kept fraction above which a factored matrix runs slower than the dense one. Measured on
@@ -387,6 +388,13 @@ class SearchOptions:
     uniform_shape: bool = opt(False, "With --method width: search only plans whose MLPs all keep one width and "
                                      "attention modules one number of key/value groups (whole blocks may go), so "
                                      "`sieve apply` writes a standard folder that plain from_pretrained loads.")
+    heal_steps: int = opt(0, "Judge the plan healed: after the unhealed search, prune further along its allocation "
+                             "while the candidate, healed this many LoRA steps with the `sieve heal` recipe at its "
+                             "defaults, stays within the tolerance; confirmed healed. 0: judge unhealed.")
+    reference: str = opt("dense", "What the tolerance is measured against: dense (the model as given) or "
+                                  "healed-dense (the dense model healed with the same recipe; needs --heal-steps).")
+    # how --heal-steps heals (set by `sieve run --heal` to its heal stage's recipe; None: `sieve heal`'s defaults)
+    heal_recipe: "HealOptions | None" = None
     tolerance: float = opt(0.05, "Accept a plan whose search-split metric is at least (1 - tolerance) x dense; "
                                  "with --absolute, dense - tolerance.")
     absolute: bool = opt(False, "Read --tolerance in metric units, not as a fraction of dense.")
@@ -424,6 +432,15 @@ class SearchOptions:
             raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.method not in FIT_METHODS:
             raise InputError(f"--method must be one of {', '.join(FIT_METHODS)}, got {self.method!r}")
+        if self.heal_steps < 0:
+            raise InputError(f"--heal-steps must be >= 0, got {self.heal_steps}")
+        if self.reference not in REFERENCES:
+            raise InputError(f"--reference must be one of {', '.join(REFERENCES)}, got {self.reference!r}")
+        if self.reference == "healed-dense" and not self.heal_steps:
+            raise InputError("--reference healed-dense compares healed plans: give --heal-steps N (N > 0)")
+        if self.heal_steps and (self.workers > 1 or self.mode == "blockwise"):
+            raise InputError("--heal-steps heals each judged candidate in this process on the whole model: drop "
+                             "--workers and --mode blockwise")
         if self.uniform_shape and self.method != "width":
             raise InputError(f"--uniform-shape needs --method width (a shape is a width per module), got "
                              f"--method {self.method}")
@@ -464,8 +481,12 @@ class SearchOptions:
                   "genetic": ("local",)}[self.algorithm]
         for name in unused:
             options.pop(name)
-        if not self.uniform_shape:  # recorded only when set: plans searched before the option stay current
-            options.pop("uniform_shape")
+        if self.heal_recipe is not None:
+            options["heal_recipe"] = self.heal_recipe.recorded()
+        for name, default in (("uniform_shape", False), ("heal_steps", 0), ("reference", "dense"),
+                              ("heal_recipe", None)):
+            if options[name] == default:  # recorded only when set: plans searched before these options stay current
+                options.pop(name)
         return options
 
 
@@ -547,9 +568,17 @@ class EvalOptions:
     dtype: str | None = dtype_opt()
     mode: str = mode_opt(SCORING_MODE_HELP)
     memory_budget: str | None = budget_opt()
+    heal_dense: int = opt(0, "Score the workspace's dense model healed this many LoRA steps by the `sieve heal` "
+                             "recipe at its defaults: the reference a healed plan is compared with. 0: as given.")
+    heal_recipe: "HealOptions | None" = None  # set by `sieve run --heal` to its heal stage's recipe
 
     def __post_init__(self) -> None:
         check_memory(self.mode, self.memory_budget)
+        if self.heal_dense < 0:
+            raise InputError(f"--heal-dense must be >= 0, got {self.heal_dense}")
+        if self.heal_dense and (self.model is not None or self.mode == "blockwise"):
+            raise InputError("--heal-dense heals the workspace's dense model in memory: drop --model and "
+                             "--mode blockwise")
         if self.split not in EVAL_PARTS:
             raise InputError(f"--split {self.split!r} is not a split part; use test or search")
         check_positive(batch_size=self.batch_size, max_length=self.max_length)
@@ -559,7 +588,14 @@ class EvalOptions:
 
     def recorded(self) -> dict:
         """What decides the result: not how the model was laid out in memory (the scores agree)."""
-        return {k: v for k, v in asdict(self).items() if k not in RUN_LAYOUT}
+        options = {k: v for k, v in asdict(self).items() if k not in RUN_LAYOUT}
+        if not self.heal_dense:  # recorded only when set: results stored before the option stay current
+            options.pop("heal_dense")
+        if self.heal_recipe is None or not self.heal_dense:
+            options.pop("heal_recipe")
+        else:
+            options["heal_recipe"] = self.heal_recipe.recorded()
+        return options
 
 
 @dataclass(frozen=True)
@@ -610,8 +646,9 @@ class RunOptions:
         for name in ("capture", "fit", "search", "eval"):
             object.__setattr__(self, name, replace(getattr(self, name), **layout))
         object.__setattr__(self, "search", replace(self.search, method=self.fit.method))
-        if self.heal is not None:
+        if self.heal is not None:  # the search judges candidates healed by the recipe the heal stage runs
             object.__setattr__(self, "heal", replace(self.heal, device=self.device))
+            object.__setattr__(self, "search", replace(self.search, heal_steps=self.heal.steps, heal_recipe=self.heal))
 
     @property
     def healed_folder(self) -> Path:

@@ -48,13 +48,15 @@ class RunResult:
     healed: dict | None = None  # with --heal: the healed model's eval results, its folder and apply's numbers
     healed_out: Path | None = None
     healed_apply: dict | None = None
+    dense_healed: dict | None = None  # with --heal: the dense model healed by the same recipe, on the test split
 
 
 def run_pipeline(options: RunOptions, on_stage: Callable[[StageReport], None] | None = None) -> RunResult:
     """discover -> task -> capture -> fit -> search -> (heal) -> apply -> eval (dense and pruned, test split).
 
-    With `options.heal`, the plan's model is also healed and applied (`apply --healed`) to
-    `options.healed_folder`, and evaluated beside the plain pruned one.
+    With `options.heal`, the search judges its candidates healed, the plan's model is healed and applied
+    (`apply --healed`) to `options.healed_folder`, and evaluated beside the plain pruned one and the dense
+    model healed by the same recipe.
     """
     ws = Workspace(options.workspace, replace_stale=True)
     reports: list[StageReport] = []
@@ -95,4 +97,7 @@ def run_pipeline(options: RunOptions, on_stage: Callable[[StageReport], None] | 
         healed_eval = replace(test, model=str(healed_out))
         result.healed = stage("eval healed", Stage.eval(run_label(healed_eval)), lambda: run_eval(ws, healed_eval))
         result.healed_out, result.healed_apply = healed_out, healed_apply
+        dense_healed = replace(test, heal_dense=options.heal.steps, heal_recipe=options.heal)  # what healing alone would give
+        result.dense_healed = stage("eval dense healed", Stage.eval(run_label(dense_healed)),
+                                    lambda: run_eval(ws, dense_healed))
     return result

@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from . import progress
 from .acceptance import Measurement, acceptance_threshold, is_acceptable, judge
@@ -35,10 +35,11 @@ from .genetic import (
     greedy_seeds,
     levels_with,
 )
+from .heal import calibration_sequences, healed_copy
 from .local import Layout, Scored, StepReport, local_search
 from .matrices import Matrix
 from .models import load_tokenizer, safetensors_folder, torch_dtype
-from .options import STRATEGIES, LocalConfig, SearchOptions
+from .options import STRATEGIES, HealOptions, LocalConfig, SearchOptions
 from .plan import Plan, Ranks
 from .pool import WorkerPool
 from .pruned import prune_in_memory
@@ -120,8 +121,10 @@ def build_scorers(ws: Workspace, options: SearchOptions, factors: FactorSet,
     return local_scorers(ws, options, factors)
 
 
-def local_scorers(ws: Workspace, options: SearchOptions, factors: FactorSet) -> tuple[Scorer, Scorer | None]:
-    """Scorers of the search and confirm parts, sharing one model; each call swaps factors in and out.
+def local_scorers(ws: Workspace, options: SearchOptions, factors: FactorSet,
+                  healed: bool = False) -> tuple[Scorer, Scorer | None]:
+    """Scorers of the search and confirm parts, sharing one model; each call swaps factors in and out
+    (`healed`: scores a healed copy of each candidate instead, `healing_evaluator`).
 
     The model is loaded whole on the device, spread over the devices, or streamed block by block
     (each candidate's factors swapped into each block while it is loaded), as `--mode` and the
@@ -135,7 +138,8 @@ def local_scorers(ws: Workspace, options: SearchOptions, factors: FactorSet) -> 
     dtype = options.dtype or ws.require(Stage.DISCOVER)["inputs"]["options"]["dtype"]
     layout = choose_layout(ws, options.mode, options.memory_budget, options.device, dtype, list(parts.values()),
                            options.batch_size, "search", factors=True)
-    evaluator = (streaming_evaluator(ws, options, factors, dtype, layout.tier) if layout.mode == "blockwise"
+    evaluator = (healing_evaluator(ws, options, factors, layout.max_memory) if healed
+                 else streaming_evaluator(ws, options, factors, dtype, layout.tier) if layout.mode == "blockwise"
                  else swapping_evaluator(ws, options, factors, layout.max_memory))
 
     def scorer_for(prepared) -> Scorer:
@@ -166,6 +170,41 @@ def swapping_evaluator(ws: Workspace, options: SearchOptions, factors: FactorSet
                 return evaluate(model, prepared, batch_size=options.batch_size, show_progress=False)
             finally:
                 restore()
+
+        return run
+
+    return evaluator
+
+
+def heal_recipe(options: SearchOptions) -> HealOptions:
+    """How `--heal-steps` heals a candidate: `sieve heal` at its defaults with that many steps (or, from
+    `sieve run --heal`, its heal stage's recipe), so the heal stage rebuilds the very model the search judged."""
+    recipe = options.heal_recipe or HealOptions(device=options.device, dtype=options.dtype)
+    return replace(recipe, steps=options.heal_steps)
+
+
+def healing_evaluator(ws: Workspace, options: SearchOptions, factors: FactorSet, max_memory: dict | None):
+    """prepared -> (ranks -> EvalResult) of the candidate healed (`heal.healed_copy`); the dense
+    allocation is the dense model as given, or with `--reference healed-dense` the dense model healed."""
+    model, tokenizer = load_workspace_model(ws, options.dtype, options.device, max_memory)
+    recipe = heal_recipe(options)
+    sequences, _ = calibration_sequences(ws, tokenizer, recipe.seq_len, recipe.steps * recipe.batch_size)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    dense_targets = [m.name for m in read_targets(ws)[0]]
+    healed_dense: list = []  # the healed dense copy, made once
+
+    def healed(ranks: Ranks):
+        if any(r is not None for r in ranks.values()):
+            return healed_copy(model, ranks, factors, recipe, sequences, pad_id)
+        if options.reference == "dense":
+            return model
+        if not healed_dense:
+            healed_dense.append(healed_copy(model, ranks, factors, recipe, sequences, pad_id, dense_targets))
+        return healed_dense[0]
+
+    def evaluator(prepared):
+        def run(ranks: Ranks):
+            return evaluate(healed(ranks), prepared, batch_size=options.batch_size, show_progress=False)
 
         return run
 
@@ -281,9 +320,10 @@ class Evaluations:
     """
 
     def __init__(self, ws: Workspace, scorer: Scorer, targets: list[Matrix], factors: FactorSet,
-                 resume: bool, confidence: float = 0.5) -> None:
+                 resume: bool, confidence: float = 0.5, healed: bool = False) -> None:
         self.ws, self.scorer, self.targets, self.factors = ws, scorer, targets, factors
         self.confidence = confidence
+        self.healed = healed  # its scores are of healed candidates: a memo apart from the unhealed ones
         self.total = sum(t.params for t in targets)
         self.memo: dict[tuple, tuple[float, float, float | None]] = {}  # ranks -> (point, judged, signal)
         self.dense: Measurement | None = None
@@ -294,7 +334,7 @@ class Evaluations:
         self.ahead: list[Ranks] = []  # what the next batch may score beside it (`speculate`)
         if resume and ws.history_jsonl.exists():
             for entry in read_history(ws.history_jsonl, rebuild=f"{ws.command_for(STAGE)} --force"):
-                if entry.get("strategy") == "confirm":
+                if entry.get("strategy") == "confirm" or entry.get("healed", False) != healed:
                     continue
                 kept = entry["genome"] if entry.get("genome") is not None else [entry["p"]] * len(targets)
                 self.memo[self.key(ranks_for(targets, kept, factors))] = (
@@ -362,7 +402,8 @@ class Evaluations:
         judged = m.value if verdict is None else verdict.lower
         threshold = self.threshold if threshold is None else threshold
         after = params_after(self.targets, ranks)
-        entry = {**record, "metric": m.value, "lower": judged, "params_after": after,
+        entry = {**record, **({"healed": True} if self.healed else {}), "metric": m.value, "lower": judged,
+                 "params_after": after,
                  "removed_fraction": 1 - after / self.total,
                  "acceptable": True if threshold is None else is_acceptable(judged, threshold)}
         if verdict is not None:
@@ -408,7 +449,8 @@ class Outcome:
 
 def run_search(ws: Workspace, options: SearchOptions, force: bool = False, scorer: Scorer | None = None,
                on_generation: Callable[[GenerationReport, float], None] | None = None,
-               confirm_scorer: Scorer | None = None) -> dict:
+               confirm_scorer: Scorer | None = None,
+               healing: tuple[Scorer, Scorer | None] | None = None) -> dict:
     """Search a plan and write plan.json + history.jsonl; returns the plan.
 
     `scorer` (and `confirm_scorer`, for the confirm part) replace the real evaluator (tests,
@@ -437,8 +479,10 @@ def run_search(ws: Workspace, options: SearchOptions, force: bool = False, score
     with ExitStack() as cleanup:  # a pool of workers lives as long as the search
         if scorer is None:
             scorer, confirm_scorer = build_scorers(ws, options, factors, cleanup)
+        if healing is None and options.heal_steps:
+            healing = local_scorers(ws, options, factors, healed=True)
         plan = find_plan(ws, options, scorer, targets, factors, model_total, resume, checkpoint, on_generation,
-                         confirm_scorer)
+                         confirm_scorer, healing)
     plan.save(ws.plan_json)
     ws.search_checkpoint.unlink(missing_ok=True)
     # the history is a log for the report, not an output later stages need: only the plan is checked
@@ -505,7 +549,7 @@ def without_knobs(inputs: dict) -> dict:
 def find_plan(ws: Workspace, options: SearchOptions, scorer: Scorer, targets: list[Matrix], factors: FactorSet,
               model_total: int, resume: bool = False, checkpoint: dict | None = None,
               on_generation: Callable[[GenerationReport, float], None] | None = None,
-              confirm_scorer: Scorer | None = None) -> Plan:
+              confirm_scorer: Scorer | None = None, healing: tuple[Scorer, Scorer | None] | None = None) -> Plan:
     """The search itself, shared by `sieve search` and the Python API.
 
     Uniform, then the GA for adaptive; every candidate judged paired with dense at
@@ -546,6 +590,10 @@ def find_plan(ws: Workspace, options: SearchOptions, scorer: Scorer, targets: li
         outcome = search_uniform_shape(evals, options, targets, uniform)
     else:
         outcome = search_adaptive(ws, evals, options, targets, factors, uniform, checkpoint, on_generation)
+    if healing is not None:  # from here on every judgement is of a healed candidate
+        evals, outcome = deepen_healed(ws, options, healing[0], evals, outcome, resume, checkpoint)
+        confirm_scorer = healing[1]
+        dense = evals.dense
     confirmed = confirm_plan(evals, options, outcome.kept, confirm_scorer) if confirm_scorer else None
     kept = outcome.kept if confirmed is None else confirmed.pop("kept")
     judged = evals.metric(kept, {"strategy": "backoff", "generation": None, "genome": kept})  # memo if not backed off
@@ -556,6 +604,77 @@ def find_plan(ws: Workspace, options: SearchOptions, scorer: Scorer, targets: li
     if confirmed is not None:
         outcome.extra["confirm"] = confirmed
     return build_plan(options, targets, ranks, model_total, scorer.metric, dense.value, evals.point(kept), outcome)
+
+
+HEAL_SCALES = tuple(i / 20 for i in range(1, 20))  # healed search: each pruned kept fraction times s
+
+
+def deepen_healed(ws: Workspace, options: SearchOptions, scorer: Scorer, unhealed: Evaluations, outcome: Outcome,
+                  resume: bool, checkpoint: dict) -> tuple[Evaluations, Outcome]:
+    """`--heal-steps`: from the unhealed plan, prune further along its own allocation (every pruned
+    target's kept fraction k -> k s; whole ones stay whole, or all go together when nothing was pruned)
+    while the healed candidate stays acceptable: a bisection over s, one heal per candidate, every
+    candidate judged paired with the reference (dense as given, or dense healed) on the search part.
+
+    The unhealed search is the cheap ranking; healing buys the removal beyond it. Returns the healed
+    judgements (for the confirm part and the plan) and the outcome at the smallest acceptable s.
+    """
+    evals = Evaluations(ws, scorer, unhealed.targets, unhealed.factors, resume, options.confidence, healed=True)
+    evals.dense = reference_measurement(ws, evals, checkpoint)
+    evals.threshold = acceptance_threshold(evals.dense.value, options.tolerance, options.absolute)
+    log.info("reference (%s) on the search split: %.4f; healed candidates acceptable from %.4f",
+             options.reference, evals.dense.value, evals.threshold)
+    dense_ranks = ranks_for(evals.targets, [1.0] * len(evals.targets), evals.factors)
+    evals.memo[evals.key(dense_ranks)] = (evals.dense.value, evals.dense.value, 0.0)
+    if any(k < 1 for k in outcome.kept):
+        start, cut = outcome.kept, [k < 1 for k in outcome.kept]
+    else:  # nothing pruned unhealed: the uniform targets scale together (a width fit's attention stays whole)
+        start, cut = [1.0] * len(outcome.kept), [k < 1 for k in uniform_kept(evals.targets, 0.0)]
+
+    def kept_at(scale: float) -> list[float]:
+        return [k * scale if c else k for k, c in zip(start, cut)]
+
+    heals = len(HEAL_SCALES).bit_length()
+    with progress.bar(f"healed search ({options.heal_steps} heal steps each)", total=heals) as b:
+        def metric_at(scale: float) -> float:
+            value = evals.metric(kept_at(scale), {"strategy": "healed", "generation": None, "scale": scale,
+                                                  "genome": kept_at(scale)})
+            b.advance()
+            b.note(f"s={scale:.2f} {scorer.metric}={value:.4f}")
+            return value
+
+        result = binary_search(HEAL_SCALES, metric_at, evals.threshold)
+    kept = kept_at(result.p) if result.p < 1.0 else outcome.kept
+    metric = result.metric if result.metric is not None else outcome.metric
+    log.info("healed search: pruned kept fractions x %.2f hold healed (%s=%.4f) after %d heals", result.p,
+             scorer.metric, metric, len(result.trials))
+    recipe = heal_recipe(options).recorded()
+    extra = outcome.extra | {"healed": {"steps": options.heal_steps, "reference": options.reference,
+                                        "scale": result.p, "recipe": {k: recipe[k] for k in HEAL_RECORDED},
+                                        "unhealed_removed": 1 - params_after(evals.targets, ranks_for(
+                                            evals.targets, outcome.kept, evals.factors)) / evals.total,
+                                        "heals": len(result.trials)}}
+    return evals, Outcome(kept, metric, extra)
+
+
+HEAL_RECORDED = ("steps", "lr", "loss", "rank", "alpha", "batch_size", "seq_len", "seed")
+
+
+def reference_measurement(ws: Workspace, evals: Evaluations, checkpoint: dict) -> Measurement:
+    """What the healed candidates are paired with: the dense allocation as the healing scorer scores it
+    (the dense model, or with `--reference healed-dense` the dense model healed by the same recipe), scored
+    once on the search part and kept in the checkpoint (the pairing needs its per-example scores on resume)."""
+    stored = checkpoint.get("healed_reference")
+    if stored is not None:
+        return Measurement(stored["value"], tuple(stored["scores"]), tuple(stored["weights"]), tuple(stored["soft"]),
+                           stored["extra"])
+    ranks = ranks_for(evals.targets, [1.0] * len(evals.targets), evals.factors)
+    m = evals.scorer(ranks)
+    evals.log(m, ranks, {"strategy": "reference", "generation": None, "p": 1.0}, None)
+    checkpoint["healed_reference"] = {"value": m.value, "scores": m.scores, "weights": m.weights,
+                                              "soft": m.soft, "extra": m.extra}
+    write_json_atomic(ws.search_checkpoint, checkpoint)
+    return m
 
 
 BACK_OFF = (0.0, 0.1, 0.2, 0.35, 0.5, 0.75)  # steps toward dense (then dense): kept -> kept + t (1 - kept)

@@ -229,7 +229,8 @@ def test_cli_heal_then_apply_healed(ws, tmp_path):
     assert load_factors(ws, "output").names()  # the fit is untouched
 
 
-def test_run_heal_applies_and_evaluates_the_healed_model_beside_the_pruned_one(tiny_dir, tmp_path):
+def test_run_heal_applies_and_evaluates_the_healed_model_beside_the_pruned_one(tiny_dir, tmp_path, monkeypatch):
+    import sieve_cli.search
     from sieve_cli.options import CaptureOptions, RunOptions, SearchOptions, SplitOptions
     from sieve_cli.pipeline import run_pipeline
     from sieve_cli.report.read import collect
@@ -241,9 +242,13 @@ def test_run_heal_applies_and_evaluates_the_healed_model_beside_the_pruned_one(t
                       split=SplitOptions(max_search=6, max_test=6),
                       search=SearchOptions(grid_step=0.1, tolerance=0.9, confidence=0.5),
                       heal=HealOptions(steps=3, seq_len=32))
+    monkeypatch.setattr(sieve_cli.search, "HEAL_SCALES", (0.9,))  # a random model's flat metric accepts any scale
     result = run_pipeline(opts)
     assert [r.stage for r in result.stages] == ["discover", "task", "capture", "fit", "search", "heal", "apply",
-                                                "apply healed", "eval dense", "eval pruned", "eval healed"]
+                                                "apply healed", "eval dense", "eval pruned", "eval healed",
+                                                "eval dense healed"]
+    assert result.plan["search"]["healed"]["recipe"]["seq_len"] == 32  # judged by the heal stage's recipe
+    assert result.dense_healed["n"] == 6 and result.dense_healed["model"] == "dense healed"
     assert result.healed_out == (tmp_path / "pruned-healed").resolve()
     assert result.healed_apply["params_after"] == result.apply["params_after"]
     assert result.healed["n"] == result.pruned["n"] == 6
@@ -251,9 +256,11 @@ def test_run_heal_applies_and_evaluates_the_healed_model_beside_the_pruned_one(t
     again = run_pipeline(opts)
     assert not any(r.ran for r in again.stages)
     labels = [s.label for s in collect(Workspace(tmp_path / "ws")).scores]
-    assert labels[:3] == ["dense (test split)", "pruned (test split)", "healed (test split)"]
+    assert labels[:4] == ["dense (test split)", "dense healed (test split)", "pruned (test split)",
+                          "pruned healed (test split)"]
     values = {s.label: s.value for s in collect(Workspace(tmp_path / "ws")).scores}
-    assert values["healed (test split)"] == result.healed["value"]
+    assert values["pruned healed (test split)"] == result.healed["value"]
+    assert values["dense healed (test split)"] == result.dense_healed["value"]
 
 
 def test_a_plan_that_factors_nothing_is_one_line(ws):

@@ -271,6 +271,10 @@ def test_part_rows_put_dense_beside_the_plan_on_each_part():
     assert rows[2] == ("test", "0.8", "0.76", "-5.0%", 300)
     assert rows[1][3] == "+10.0%" and rows[0][3] == "+0.0%"
     assert part_rows(scores[2:4])[0] == [("search", "0.75", "0.75", "+0.0%", 200)]  # no eval yet: no test row
-    rows, header = part_rows([*scores, Score("healed (test split)", 0.84, n=300)])
+    rows, header = part_rows([*scores, Score("pruned healed (test split)", 0.84, n=300)])
     assert header[4:] == ("healed", "relative change", "examples")
     assert rows[2] == ("test", "0.8", "0.76", "-5.0%", "0.84", "+5.0%", 300) and rows[0][4:6] == ("", "")
+    rows, header = part_rows([*scores, Score("pruned healed (test split)", 0.84, n=300),
+                              Score("dense healed (test split)", 0.88, n=300)])
+    assert header[4:] == ("healed", "relative change", "dense healed", "healed vs dense healed", "examples")
+    assert rows[2][6:] == ("0.88", "-4.5%", 300)  # healing alone gives more than healing the pruned model

@@ -50,7 +50,8 @@ RUN_GROUPS = dict(
     run=Group(RunOptions, only=("device", "dtype", "quantize", "mode", "memory_budget")),
     capture=Group(CaptureOptions, only=("tokens", "seq_len")),
     fit=Group(FitOptions, only=("method",)),
-    search=Group(SearchOptions, exclude=("method", "device", "dtype", "batch_size", "mode", "memory_budget")),
+    search=Group(SearchOptions, exclude=("method", "device", "dtype", "batch_size", "mode", "memory_budget",
+                                         "heal_steps")),  # --heal --heal-steps N: the search heals N steps too
     split=Group(SplitOptions),
 )
 
@@ -63,8 +64,9 @@ def run(
     workspace: WorkspaceOpt = None,
     data_root: DataRootOpt = None,
     heal: Annotated[bool, typer.Option(
-        "--heal", help="Also heal the plan's model (`sieve heal`: LoRA on the calibration part, merged into the "
-                       "factors) and write it to OUT-healed; the summary and the report show both.")] = False,
+        "--heal", help="Judge the plan healed (`sieve search --heal-steps`), heal it (`sieve heal`: LoRA on the "
+                       "calibration part, merged in) and write it to OUT-healed; the summary and the report show "
+                       "dense, dense healed, pruned and pruned healed.")] = False,
     heal_steps: Annotated[int, typer.Option("--heal-steps", help="With --heal: optimiser steps.")] = HealOptions.steps,
     *,
     run: RunOptions,
@@ -109,15 +111,21 @@ def render_summary(result: RunResult) -> None:
     for col in ("model", dense["metric"] + " [95% CI]", "parameters", "size on disk"):
         table.add_column(col, justify="right" if col != "model" else "left")
     table.add_row("dense", _metric(dense), human(applied["params_before"]), file_size(applied.get("dense_file_bytes")))
+    if result.dense_healed is not None:  # what the same heal gives without pruning: the honest comparison
+        table.add_row("dense healed", _metric(result.dense_healed), human(applied["params_before"]), "")
     table.add_row("pruned", _metric(pruned), human(applied["params_after"]), file_size(applied.get("file_bytes")))
     if result.healed is not None:
         healed = result.healed_apply
-        table.add_row("healed", _metric(result.healed), human(healed["params_after"]), file_size(healed.get("file_bytes")))
+        table.add_row("pruned healed", _metric(result.healed), human(healed["params_after"]),
+                      file_size(healed.get("file_bytes")))
     console.print(table)
-    removed = result.plan["params"]["removed_fraction_prunable"]
+    params, healed_search = result.plan["params"], result.plan["search"].get("healed")
+    judged = f", judged healed after {healed_search['steps']} steps" if healed_search else ""
     console.print(
-        f"plan: {result.plan['strategy']}, {removed:.1%} of prunable parameters removed "
-        f"(search split: dense {result.plan['metric']['dense']:.4f}, plan {result.plan['metric']['plan']:.4f})"
+        f"plan: {result.plan['strategy']}, {params['removed_fraction_model']:.1%} of the model removed "
+        f"({params['removed_fraction_prunable']:.1%} of the prunable part; search split: "
+        f"{'reference' if healed_search else 'dense'} {result.plan['metric']['dense']:.4f}, plan "
+        f"{result.plan['metric']['plan']:.4f}{judged})"
     )
     console.print(confirm_line(result.plan))
     console.print(f"workspace: {result.workspace}\npruned model: {result.out}", highlight=False, soft_wrap=True)

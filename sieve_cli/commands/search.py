@@ -44,7 +44,9 @@ def search(
       sieve search -w ws --strategy adaptive --tolerance 0.01\n
       sieve search -w ws -s local --local-budget 32   (slower, more removal)\n
       sieve search -w ws -s adaptive --workers 2   (on 2 Ray workers; needs the distributed extra)\n
-      sieve search -w ws -s uniform --tolerance 0.02 --absolute --method svd
+      sieve search -w ws -s uniform --tolerance 0.02 --absolute --method svd\n
+      sieve search -w ws -s adaptive --method width --uniform-shape   (a plan plain transformers loads)\n
+      sieve search -w ws -s uniform --method width --heal-steps 30   (judged after healing)
     """
     # the stage loads torch: imported when the command runs, so `sieve --help` stays fast
     from ..search import run_search
@@ -90,6 +92,16 @@ def render(data: dict) -> None:
         extra = f", {s['generations']} generations, stopped by {s['stopped']}" if "generations" in s else ""
         console.print(f"uniform p = {s.get('uniform_p')}; {s.get('evaluations')} evaluations{extra}; "
                       f"{s.get('seconds')} s")
+        if s.get("healed"):
+            h = s["healed"]
+            console.print(f"judged healed ({h['steps']} LoRA steps, `sieve heal --steps {h['steps']}` rebuilds it) "
+                          f"against {h['reference']}: the unhealed plan removed {h['unhealed_removed']:.1%} of the "
+                          f"prunable part, healing each candidate took it further by x{h['scale']:.2f} "
+                          f"({h['heals']} heals)")
+        if s.get("shape"):
+            sh = s["shape"]
+            console.print(f"uniform shape: every MLP keeps {sh['mlp']:.2f}, attention {sh['attention']:.2f}, "
+                          f"{len(sh['dropped'])} blocks removed {sh['dropped']}")
         console.print(confirm_line(data))
 
 

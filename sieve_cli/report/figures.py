@@ -25,7 +25,8 @@ def metric_figure(scores: list[Score], metric: str, threshold: float | None = No
     ax = fig.add_subplot()
     ys = np.arange(len(scores))[::-1]
     for y, s in zip(ys, scores):
-        colour = {"dense": "tab:blue", "healed": "tab:green"}.get(s.label.split(" ")[0].rstrip(","), "tab:orange")
+        who = s.label.split(" (")[0].split(",")[0]
+        colour = {"dense": "tab:blue", "dense healed": "tab:cyan", "pruned healed": "tab:green"}.get(who, "tab:orange")
         if s.ci_low is not None and s.ci_high is not None:
             ax.errorbar(s.value, y, xerr=[[s.value - s.ci_low], [s.ci_high - s.value]], fmt="o", color=colour,
                         capsize=5, lw=2, ms=7)

@@ -72,10 +72,11 @@ def part_rows(scores: list[Score]) -> tuple[list[tuple], tuple]:
     by_part: dict[str, dict[str, Score]] = {}
     for s in scores:
         who, _, part = s.label.partition(" (")
-        who = "plan" if who == "pruned" else who
-        if part.endswith(" split)") and who in ("dense", "plan", "healed"):
+        who = {"pruned": "plan", "pruned healed": "healed"}.get(who, who)
+        if part.endswith(" split)") and who in ("dense", "dense healed", "plan", "healed"):
             by_part.setdefault(part.removesuffix(" split)"), {})[who] = s
     healed = any("healed" in models for models in by_part.values())
+    dense_healed = any("dense healed" in models for models in by_part.values())
     rows = []
     for part in ("search", "confirm", "test"):
         models = by_part.get(part, {})
@@ -85,9 +86,12 @@ def part_rows(scores: list[Score]) -> tuple[list[tuple], tuple]:
         row = [part, *(_value(models.get(who)) for who in ("dense", "plan")), _change(dense, models.get("plan"))]
         if healed:
             row += [_value(models.get("healed")), _change(dense, models.get("healed"))]
+        if dense_healed:  # what the same heal gives the dense model: the comparison a healed plan deserves
+            row += [_value(models.get("dense healed")), _change(models.get("dense healed"), models.get("healed"))]
         rows.append((*row, next(iter(models.values())).n or ""))
     header = ("split part", "dense", "plan", "relative change")
     header += ("healed", "relative change") if healed else ()
+    header += ("dense healed", "healed vs dense healed") if dense_healed else ()
     return rows, (*header, "examples")
 
 

@@ -14,7 +14,8 @@ from ..pruned import SIEVE_JSON
 from ..ranks import fraction_for_rank
 from ..workspace import Stage, Workspace
 
-LABEL_ORDER = {"dense": 0, "pruned": 1, "healed": 2}  # side by side in this order, other models after
+# side by side in this order, other models after
+LABEL_ORDER = {"dense": 0, "dense healed": 1, "pruned": 2, "pruned healed": 3}
 
 
 class ReportInputError(InputError):
@@ -139,13 +140,13 @@ def read_scores(ws: Workspace, plan: dict, notes: dict) -> tuple[list[Score], Pa
     scores, pruned_dir = [], None
     for result in read_eval_results(ws):
         who = result.get("model", "dense")
-        label = "dense"
-        if who != "dense":
+        label = who if who in ("dense", "dense healed") else "dense"
+        if who not in ("dense", "dense healed"):
             label, folder = _pruned_label(Path(who), plan)
             pruned_dir = pruned_dir or (folder if label == "pruned" else None)
         scores.append(Score(f"{label} ({result.get('split', '?')} split)", float(result["value"]),
                             _num(result.get("ci_low")), _num(result.get("ci_high")), result.get("n")))
-    scores.sort(key=lambda s: (LABEL_ORDER.get(s.label.split(" ")[0].rstrip(","), len(LABEL_ORDER)), s.label))
+    scores.sort(key=lambda s: (LABEL_ORDER.get(s.label.split(" (")[0].split(",")[0], len(LABEL_ORDER)), s.label))
     if not any(s.label.startswith("pruned") for s in scores):
         notes["metric"] = (f"no evaluation of the pruned model yet: run `sieve apply -w {ws.root} -o OUT` and "
                            f"`sieve eval -w {ws.root} --model OUT` (and `sieve eval -w {ws.root}` for dense) "
@@ -177,14 +178,14 @@ def read_eval_results(ws: Workspace) -> list[dict]:
 
 
 def _pruned_label(folder: Path, plan: dict) -> tuple[str, Path]:
-    """'pruned' (or 'healed', made by `apply --healed`) when the folder holds this plan's model;
+    """'pruned' (or 'pruned healed', made by `apply --healed`) when the folder holds this plan's model;
     otherwise say what it is."""
     info_path = folder / SIEVE_JSON
     if not info_path.is_file():
         return f"model {folder.name}", folder
     info = read_json(info_path)
     saved = Plan.parse(info.get("plan"), source=str(info_path), rebuild="sieve apply --force")
-    kind = "healed" if info.get("healed") else "pruned"
+    kind = "pruned healed" if info.get("healed") else "pruned"
     same = saved.ranks() == Plan(plan).ranks()
     return (kind if same else f"{kind}, other plan ({folder.name})"), folder
 
