@@ -287,9 +287,9 @@ class CaptureOptions:
 
 @dataclass(frozen=True)
 class FitOptions:
-    method: str = opt("output", "output (exact, default), learned (the paper's Adam), svd, pca, or width (a "
-                                "keep order of whole MLP neurons and KV groups, with the least-squares refit).",
-                      short="-m")
+    method: str = opt("width", "width (default: a keep order of whole MLP neurons and KV groups, with the "
+                               "least-squares refit), output (the exact low-rank pair per matrix), learned (the "
+                               "paper's Adam), svd or pca.", short="-m")
     device: str = device_opt()  # where the decompositions and the training run (the model is read on the CPU)
     factor_dtype: str = opt("model", "dtype of the stored factors: model (the model's, default), float32, "
                                      "bfloat16 or float16.")
@@ -383,8 +383,8 @@ class SearchOptions:
                                    "the seeds' start, then a genetic algorithm (about population x generations). "
                                    f"adaptive: {ADAPTIVE}, the most removal per minute measured "
                                    "(docs/benchmarks.md).", short="-s")
-    method: str = opt("output", "Which fit to search over: output, learned, svd or pca (a rank per matrix), or "
-                                "width (a kept width per MLP and attention module; 0 removes it).", short="-m")
+    method: str = opt("width", "Which fit to search over: width (a kept width per MLP and attention module; 0 "
+                               "removes it), or output, learned, svd or pca (a rank per matrix).", short="-m")
     uniform_shape: bool = opt(False, "With --method width: search only plans whose MLPs all keep one width and "
                                      "attention modules one number of key/value groups (whole blocks may go), so "
                                      "`sieve apply` writes a standard folder that plain from_pretrained loads.")

@@ -73,8 +73,8 @@ def paired_scorer(ws,  # noqa: F811 - a workspace, not the fixture
 
 
 def test_higher_confidence_gives_a_denser_plan(ws):  # noqa: F811
-    loose = run_search(ws, SearchOptions(tolerance=0.05, confidence=0.5), scorer=paired_scorer(ws))
-    strict = run_search(ws, SearchOptions(tolerance=0.05, confidence=0.95), scorer=paired_scorer(ws), force=True)
+    loose = run_search(ws, SearchOptions(method="output", tolerance=0.05, confidence=0.5), scorer=paired_scorer(ws))
+    strict = run_search(ws, SearchOptions(method="output", tolerance=0.05, confidence=0.95), scorer=paired_scorer(ws), force=True)
     assert strict["params"]["removed_fraction_prunable"] < loose["params"]["removed_fraction_prunable"]
     assert strict["search"]["confidence"] == 0.95
     # the accepted plan's lower bound is what the tolerance held, and it lies below its point value
@@ -84,7 +84,7 @@ def test_higher_confidence_gives_a_denser_plan(ws):  # noqa: F811
 
 def test_the_confirm_part_backs_off_toward_dense_and_stops_at_the_first_plan_that_holds(ws):  # noqa: F811
     # on the confirm part the task is three times as sensitive as on the search part
-    plan = run_search(ws, SearchOptions(tolerance=0.05, confidence=0.5), scorer=paired_scorer(ws),
+    plan = run_search(ws, SearchOptions(method="output", tolerance=0.05, confidence=0.5), scorer=paired_scorer(ws),
                       confirm_scorer=paired_scorer(ws, steepness=3.0))
     confirm = plan["search"]["confirm"]
     steps = [e for e in history(ws) if e["strategy"] == "confirm"]
@@ -100,7 +100,7 @@ def test_the_confirm_part_backs_off_toward_dense_and_stops_at_the_first_plan_tha
 
 
 def test_a_plan_that_holds_on_the_confirm_part_is_kept(ws):  # noqa: F811
-    plan = run_search(ws, SearchOptions(tolerance=0.05, confidence=0.5), scorer=paired_scorer(ws),
+    plan = run_search(ws, SearchOptions(method="output", tolerance=0.05, confidence=0.5), scorer=paired_scorer(ws),
                       confirm_scorer=paired_scorer(ws))
     assert plan["search"]["confirm"]["back_off"] == 0.0
     assert len([e for e in history(ws) if e["strategy"] == "confirm"]) == 1
@@ -108,8 +108,8 @@ def test_a_plan_that_holds_on_the_confirm_part_is_kept(ws):  # noqa: F811
 
 def test_a_task_at_chance_stops_the_search_with_one_line(ws):  # noqa: F811
     with pytest.raises(InputError, match="not clearly above the task's chance.*--allow-chance"):
-        run_search(ws, SearchOptions(), scorer=paired_scorer(ws, chance=0.9))
-    plan = run_search(ws, SearchOptions(allow_chance=True), scorer=paired_scorer(ws, chance=0.9), force=True)
+        run_search(ws, SearchOptions(method="output"), scorer=paired_scorer(ws, chance=0.9))
+    plan = run_search(ws, SearchOptions(method="output", allow_chance=True), scorer=paired_scorer(ws, chance=0.9), force=True)
     assert plan["params"]["removed_fraction_prunable"] >= 0
 
 

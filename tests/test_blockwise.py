@@ -72,9 +72,9 @@ def test_blockwise_statistics_and_factors_equal_in_memory(folders, family, tmp_p
     model, _ = load_model(str(folders[family]), "float32", "cpu")
     sequences = make_sequences()
     capture_statistics(model, sequences, OPTIONS, tmp_path / "memory.zarr")
-    factors, spectrum = fit_model(model, tmp_path / "memory.zarr", FitOptions())
+    factors, spectrum = fit_model(model, tmp_path / "memory.zarr", FitOptions(method="output"))
     runner = open_runner(folders[family], torch.float32, "cpu")
-    result = capture_and_fit(runner, sequences, OPTIONS, [FitOptions()], tmp_path / "work", fit_site, store=tmp_path / "block.zarr")
+    result = capture_and_fit(runner, sequences, OPTIONS, [FitOptions(method="output")], tmp_path / "work", fit_site, store=tmp_path / "block.zarr")
     ref, got = read_stats(tmp_path / "memory.zarr"), read_stats(tmp_path / "block.zarr")
     assert list(ref) == list(got)
     for site in ref:
@@ -99,19 +99,19 @@ class Killed(Exception):
 def test_killed_run_resumes_after_its_last_finished_block(folders, tmp_path, tier):
     runner = open_runner(folders["llama"], torch.float32, "cpu")
     sequences = make_sequences(1)
-    whole = capture_and_fit(runner, sequences, OPTIONS, [FitOptions()], tmp_path / "whole", fit_site, tier=tier)
+    whole = capture_and_fit(runner, sequences, OPTIONS, [FitOptions(method="output")], tmp_path / "whole", fit_site, tier=tier)
 
     def kill_after_block_0(index):
         if index == 0:
             raise Killed
 
     with pytest.raises(Killed):
-        capture_and_fit(runner, sequences, OPTIONS, [FitOptions()], tmp_path / "cut", fit_site, tier=tier,
+        capture_and_fit(runner, sequences, OPTIONS, [FitOptions(method="output")], tmp_path / "cut", fit_site, tier=tier,
                         after_block=kill_after_block_0)
     assert all(not m._forward_pre_hooks for m in runner.model.modules())
     if tier == "disk":
         assert (tmp_path / "cut" / "hidden-00001").is_dir()  # block 1's inputs survive the kill
-    resumed = capture_and_fit(runner, sequences, OPTIONS, [FitOptions()], tmp_path / "cut", fit_site, tier=tier)
+    resumed = capture_and_fit(runner, sequences, OPTIONS, [FitOptions(method="output")], tmp_path / "cut", fit_site, tier=tier)
     assert resumed.summary["resumed_from_block"] == 1
     for name, values in whole.spectra["output"].items():
         assert resumed.spectra["output"][name] == values
@@ -253,7 +253,7 @@ def test_smollm2_blockwise_equals_in_memory_and_gives_the_same_plan(smollm2_gguf
         rank = fa.max_rank(name) // 2
         torch.testing.assert_close(fb.pair(name, rank)[0] @ fb.pair(name, rank)[1],
                                    fa.pair(name, rank)[0] @ fa.pair(name, rank)[1], atol=1e-4, rtol=1e-3)
-    search = SearchOptions(strategy="uniform", grid_step=0.25, limit=16, batch_size=16, allow_chance=True)
+    search = SearchOptions(method="output", strategy="uniform", grid_step=0.25, limit=16, batch_size=16, allow_chance=True)
     plans = [run_search(spaces[mode], search) for mode in ("memory", "blockwise")]
     assert plans[0]["matrices"] == plans[1]["matrices"]
     assert plans[0]["metric"] == plans[1]["metric"]

@@ -27,7 +27,7 @@ def test_demo_runs_and_prints_the_workspace_numbers(tmp_path, smollm2_gguf):
     assert [e["id"] for e in dense["per_example"]] == [e["id"] for e in pruned["per_example"]]
     plan = json.loads((ws / "search" / "plan.json").read_text())
     removed = plan["params"]["removed_fraction_prunable"]
-    assert f"{removed:.1%} of prunable parameters removed" in text
+    assert f"{plan['params']['removed_fraction_model']:.1%} of the model removed ({removed:.1%} of the prunable" in text
     # the pruned model holds the parameters the plan predicted, and the plan respected the tolerance
     applied = json.loads((ws / "apply" / "result.json").read_text())
     assert applied["params_after"] == plan["params"]["model_after"]

@@ -16,7 +16,15 @@ import pytest
 from typer.testing import CliRunner
 
 from sieve_cli.cli import app
-from sieve_cli.options import CaptureOptions, HealOptions, ReportOptions, RunOptions, SearchOptions, SplitOptions
+from sieve_cli.options import (
+    CaptureOptions,
+    FitOptions,
+    HealOptions,
+    ReportOptions,
+    RunOptions,
+    SearchOptions,
+    SplitOptions,
+)
 from sieve_cli.workspace import Workspace
 
 from .test_tasks import write_task
@@ -62,9 +70,9 @@ def built(tmp_path_factory, tiny_dir):
 
     root = tmp_path_factory.mktemp("built")
     task = write_task(root, "text_modelling")
-    run_pipeline(RunOptions(model=str(tiny_dir), task=str(task), workspace=root / "ws", out=root / "pruned",
+    run_pipeline(RunOptions(fit=FitOptions(method="output"), model=str(tiny_dir), task=str(task), workspace=root / "ws", out=root / "pruned",
                             capture=CaptureOptions(tokens=2000, seq_len=64), split=SplitOptions(max_search=6, max_test=6),
-                            search=SearchOptions(grid_step=0.1)))
+                            search=SearchOptions(method="output", grid_step=0.1)))
     ws = Workspace(root / "ws")
     run_heal(ws, HealOptions(steps=2, seq_len=32, checkpoint_every=1))
     run_report(ws, ReportOptions())

@@ -22,7 +22,15 @@ from typer.testing import CliRunner
 
 from sieve_cli.cli import app
 from sieve_cli.errors import InputError, ModelLoadError, SieveError, StaleStageError, WorkspaceError
-from sieve_cli.options import ApplyOptions, CaptureOptions, DiscoverOptions, RunOptions, SearchOptions, SplitOptions
+from sieve_cli.options import (
+    ApplyOptions,
+    CaptureOptions,
+    DiscoverOptions,
+    FitOptions,
+    RunOptions,
+    SearchOptions,
+    SplitOptions,
+)
 from sieve_cli.workspace import Stage, Workspace
 
 from .test_tasks import write_task
@@ -53,9 +61,9 @@ def built(tmp_path_factory, tiny_dir):
 
     root = tmp_path_factory.mktemp("built")
     task = write_task(root, "text_modelling")
-    run_pipeline(RunOptions(model=str(tiny_dir), task=str(task), workspace=root / "ws", out=root / "pruned",
+    run_pipeline(RunOptions(fit=FitOptions(method="output"), model=str(tiny_dir), task=str(task), workspace=root / "ws", out=root / "pruned",
                             capture=CaptureOptions(tokens=2000, seq_len=64), split=SplitOptions(max_search=6, max_test=6),
-                            search=SearchOptions(grid_step=0.1)))
+                            search=SearchOptions(method="output", grid_step=0.1)))
     return root
 
 
@@ -358,7 +366,8 @@ DAMAGED = {  # file -> the command that reads it
     "search/plan.json": ("apply", "-o", "{tmp}/out2"),
     "discover/matrices.json": ("apply", "-o", "{tmp}/out2", "--dry-run"),
     "task/split.json": ("eval", "--split", "search", "--force"),
-    "fit/output/spectrum.json": ("search", "--strategy", "adaptive", "--generations", "0", "--force"),
+    "fit/output/spectrum.json": ("search", "--method", "output", "--strategy", "adaptive", "--generations", "0",
+                                 "--force"),
 }
 
 

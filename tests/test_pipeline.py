@@ -7,7 +7,7 @@ import yaml
 from typer.testing import CliRunner
 
 from sieve_cli.cli import app
-from sieve_cli.options import CaptureOptions, RunOptions, SplitOptions
+from sieve_cli.options import CaptureOptions, FitOptions, RunOptions, SplitOptions
 from sieve_cli.pipeline import run_pipeline
 from sieve_cli.search import SearchOptions
 
@@ -30,8 +30,8 @@ STAGE_FILES = [
 def options(tiny_dir, tmp_path, task, **overrides):
     base = dict(model=str(tiny_dir), task=str(task), workspace=tmp_path / "ws", out=tmp_path / "pruned",
                 capture=CaptureOptions(tokens=2000, seq_len=64), split=SplitOptions(max_search=6, max_test=6),
-                search=SearchOptions(limit=None, grid_step=0.1))
-    return RunOptions(**{**base, **overrides})
+                search=SearchOptions(method="output", limit=None, grid_step=0.1))
+    return RunOptions(fit=FitOptions(method="output"), **{**base, **overrides})
 
 
 @pytest.fixture

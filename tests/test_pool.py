@@ -31,7 +31,7 @@ from .tiny import tiny_model
 
 ray = pytest.importorskip("ray")
 
-OPTIONS = SearchOptions(strategy="genetic", grid_step=0.1, tolerance=0.2, allow_chance=True,
+OPTIONS = SearchOptions(method="output", strategy="genetic", grid_step=0.1, tolerance=0.2, allow_chance=True,
                         ga=GAConfig(population=6, generations=2, patience=2, seed=1))
 
 
@@ -144,7 +144,7 @@ def test_an_unreachable_ray_address_is_one_line(tmp_path, tiny_dir):
     ws.finish("task", {"task": "synthetic"}, [])
     fake_fit(ws, tiny_model("llama"))
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
-    result = CliRunner().invoke(app, ["search", "-w", str(ws.root), "--workers", "2", "--ray-address", address])
+    result = CliRunner().invoke(app, ["search", "-w", str(ws.root), "--method", "output", "--workers", "2", "--ray-address", address])
     assert result.exit_code == 1 and "Traceback" not in result.output
     line = " ".join(result.output.split())
     assert f"cannot reach a Ray cluster at --ray-address {address}" in line and "ray start --head" in line
@@ -166,4 +166,4 @@ def test_a_malformed_address_is_one_line():
 
 
 def test_pool_options_do_not_make_the_plan_stale():
-    assert SearchOptions(workers=4, worker_threads=2, ray_address="h:1").recorded() == SearchOptions().recorded()
+    assert SearchOptions(method="output", workers=4, worker_threads=2, ray_address="h:1").recorded() == SearchOptions(method="output").recorded()

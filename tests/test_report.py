@@ -84,7 +84,7 @@ def full_ws(tmp_path_factory, tiny_dir):
 
     root = tmp_path_factory.mktemp("report")
     ws = base_workspace(root / "ws", tiny_dir)
-    options = SearchOptions(strategy="adaptive", tolerance=0.05, ga=GAConfig(population=12, generations=15, patience=6, seed=1))
+    options = SearchOptions(method="output", strategy="adaptive", tolerance=0.05, ga=GAConfig(population=12, generations=15, patience=6, seed=1))
     run_search(ws, options, scorer=synthetic_scorer(ws))
     out = root / "pruned"
     run_apply(ws, ApplyOptions(out=out))
@@ -148,7 +148,7 @@ def test_findings_name_the_kinds_the_task_needs(full_ws):
 
 def test_uniform_plan_says_there_is_no_bottleneck(tmp_path, tiny_dir):
     ws = base_workspace(tmp_path / "ws", tiny_dir)
-    run_search(ws, SearchOptions(strategy="uniform", tolerance=0.05), scorer=synthetic_scorer(ws))
+    run_search(ws, SearchOptions(method="output", strategy="uniform", tolerance=0.05), scorer=synthetic_scorer(ws))
     result = run_report(ws, ReportOptions(output=tmp_path / "out" / "r.html"))
     assert result.html == tmp_path / "out" / "r.html" and result.html.exists()
     assert result.findings[0].startswith("Uniform plan")
@@ -160,7 +160,7 @@ def test_uniform_plan_says_there_is_no_bottleneck(tmp_path, tiny_dir):
 
 def test_uniform_plan_sentence_names_its_kept_fraction_not_a_most_or_least(tmp_path, tiny_dir):
     ws = base_workspace(tmp_path / "ws", tiny_dir)
-    plan = run_search(ws, SearchOptions(strategy="uniform", tolerance=0.05), scorer=synthetic_scorer(ws))
+    plan = run_search(ws, SearchOptions(method="output", strategy="uniform", tolerance=0.05), scorer=synthetic_scorer(ws))
     for i, m in enumerate(plan["matrices"].values()):  # as rank rounding does on SmolLM2 (19.4% to 19.8%)
         m["kept"] -= 0.002 * (i % 3)
     (sentence,) = describe_plan(plan)
@@ -184,7 +184,7 @@ def test_adaptive_sentence_compares_kinds_only_where_they_differ(full_ws):
 
 def test_missing_fit_and_history_are_skipped_with_a_note(tmp_path, tiny_dir):
     ws = base_workspace(tmp_path / "ws", tiny_dir)
-    run_search(ws, SearchOptions(strategy="uniform"), scorer=synthetic_scorer(ws))
+    run_search(ws, SearchOptions(method="output", strategy="uniform"), scorer=synthetic_scorer(ws))
     ws.history_jsonl.unlink()
     for method in ("output", "svd"):
         ws.manifest_path(ws.fit_stage(method)).unlink()
@@ -243,7 +243,7 @@ def test_report_on_the_real_pipeline(tiny_dir, tmp_path):
     from .test_tasks import write_task
 
     task = write_task(tmp_path, "text_modelling")
-    search = SearchOptions(strategy="adaptive", limit=None, grid_step=0.1,
+    search = SearchOptions(method="output", strategy="adaptive", limit=None, grid_step=0.1,
                            ga=GAConfig(population=4, generations=1, patience=1))
     run = run_pipeline(RunOptions(model=str(tiny_dir), task=str(task), workspace=tmp_path / "ws", out=tmp_path / "pruned",
                                   capture=CaptureOptions(tokens=2000, seq_len=64), split=SplitOptions(max_search=6, max_test=6),

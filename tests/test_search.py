@@ -76,7 +76,7 @@ def history(ws):
 
 def test_uniform_plan_format_and_threshold(ws):
     calls = []
-    plan = run_search(ws, SearchOptions(strategy="uniform", tolerance=0.05), scorer=synthetic_scorer(ws, calls))
+    plan = run_search(ws, SearchOptions(method="output", strategy="uniform", tolerance=0.05), scorer=synthetic_scorer(ws, calls))
     assert len(calls) <= 8  # dense + at most 7 for a 0.01 grid
     assert plan["metric"]["dense"] == 1.0 and plan["metric"]["name"] == "synthetic"
     assert is_acceptable(plan["metric"]["plan"], 0.95)
@@ -114,15 +114,15 @@ def _full(h, d=None):
 
 
 def test_rerun_is_a_noop_and_changed_options_are_stale(ws):
-    run_search(ws, SearchOptions(strategy="uniform"), scorer=synthetic_scorer(ws))
+    run_search(ws, SearchOptions(method="output", strategy="uniform"), scorer=synthetic_scorer(ws))
     calls = []
-    again = run_search(ws, SearchOptions(strategy="uniform"), scorer=synthetic_scorer(ws, calls))
+    again = run_search(ws, SearchOptions(method="output", strategy="uniform"), scorer=synthetic_scorer(ws, calls))
     assert again["up_to_date"] and calls == []
     # the GA's knobs do not change a uniform plan
-    assert run_search(ws, SearchOptions(strategy="uniform", ga=GAConfig(population=4)), scorer=synthetic_scorer(ws))["up_to_date"]
+    assert run_search(ws, SearchOptions(method="output", strategy="uniform", ga=GAConfig(population=4)), scorer=synthetic_scorer(ws))["up_to_date"]
     with pytest.raises(StaleStageError, match="--force"):
-        run_search(ws, SearchOptions(strategy="uniform", tolerance=0.1), scorer=synthetic_scorer(ws))
-    plan = run_search(ws, SearchOptions(strategy="uniform", tolerance=0.1), force=True, scorer=synthetic_scorer(ws))
+        run_search(ws, SearchOptions(method="output", strategy="uniform", tolerance=0.1), scorer=synthetic_scorer(ws))
+    plan = run_search(ws, SearchOptions(method="output", strategy="uniform", tolerance=0.1), force=True, scorer=synthetic_scorer(ws))
     assert plan["tolerance"] == 0.1 and history(ws)[0]["p"] == 1.0  # history restarted, not appended
 
 
@@ -133,10 +133,10 @@ UNEVEN = ("q", "k", "gate", "up")  # the kinds the synthetic metric barely needs
 
 @pytest.mark.parametrize("strategy", ["seeds", "local", "genetic", "adaptive"])
 def test_per_matrix_strategies_give_acceptable_uneven_plans(ws, strategy):
-    uniform = run_search(ws, SearchOptions(strategy="uniform", tolerance=0.05), scorer=synthetic_scorer(ws))
-    plan = run_search(ws, SearchOptions(strategy=strategy, tolerance=0.05, ga=GA), force=True,
+    uniform = run_search(ws, SearchOptions(method="output", strategy="uniform", tolerance=0.05), scorer=synthetic_scorer(ws))
+    plan = run_search(ws, SearchOptions(method="output", strategy=strategy, tolerance=0.05, ga=GA), force=True,
                       scorer=synthetic_scorer(ws))
-    algorithm = SearchOptions(strategy=strategy).algorithm
+    algorithm = SearchOptions(method="output", strategy=strategy).algorithm
     assert is_acceptable(plan["metric"]["plan"], 0.95) and plan["search"]["algorithm"] == algorithm
     removed = plan["params"]["removed_fraction_prunable"]
     assert removed >= uniform["params"]["removed_fraction_prunable"]
@@ -161,7 +161,7 @@ def test_per_matrix_strategies_give_acceptable_uneven_plans(ws, strategy):
 
 def test_local_beats_its_seeds_and_records_each_step(ws):
     calls = []
-    options = SearchOptions(strategy="local", tolerance=0.05, local=LocalConfig(moves=3, budget=12))
+    options = SearchOptions(method="output", strategy="local", tolerance=0.05, local=LocalConfig(moves=3, budget=12))
     plan = run_search(ws, options, scorer=synthetic_scorer(ws, calls))
     search = plan["search"]
     progress = search["progress"]
@@ -185,7 +185,7 @@ def test_local_scores_each_step_as_one_batch(ws):
     batches = []
     pooled = synthetic_scorer(ws)
     pooled.score_many = lambda batch: (batches.append(len(batch)), [pooled.score(r) for r in batch])[1]
-    options = SearchOptions(strategy="local", tolerance=0.05, local=LocalConfig(moves=4, budget=12))
+    options = SearchOptions(method="output", strategy="local", tolerance=0.05, local=LocalConfig(moves=4, budget=12))
     serial = run_search(ws, options, scorer=synthetic_scorer(ws))
     serial_history = history(ws)
     again = run_search(ws, options, force=True, scorer=pooled)
@@ -202,7 +202,7 @@ def test_local_scores_each_step_as_one_batch(ws):
 
 
 def test_uniform_search_on_a_pool_scores_the_next_probe_beside_each_and_logs_the_serial_history(ws):
-    options = SearchOptions(strategy="uniform", tolerance=0.05)
+    options = SearchOptions(method="output", strategy="uniform", tolerance=0.05)
     serial_calls = []
     serial = run_search(ws, options, scorer=synthetic_scorer(ws, serial_calls))
     serial_history = history(ws)
@@ -227,7 +227,7 @@ def harsher(scorer, factor):
 
 
 def test_confirm_backs_off_on_a_pool_with_the_serial_history_in_fewer_rounds(ws):
-    options = SearchOptions(strategy="uniform", tolerance=0.05)
+    options = SearchOptions(method="output", strategy="uniform", tolerance=0.05)
     serial_calls = []
     serial = run_search(ws, options, scorer=synthetic_scorer(ws), confirm_scorer=harsher(synthetic_scorer(ws, serial_calls), 3))
     serial_history = history(ws)
@@ -247,7 +247,7 @@ def test_confirm_scores_dense_and_the_plan_together(ws):
     batches = []
     confirm = synthetic_scorer(ws)
     confirm.score_many = lambda batch: (batches.append(len(batch)), [confirm.score(r) for r in batch])[1]
-    plan = run_search(ws, SearchOptions(strategy="uniform", tolerance=0.05), scorer=synthetic_scorer(ws),
+    plan = run_search(ws, SearchOptions(method="output", strategy="uniform", tolerance=0.05), scorer=synthetic_scorer(ws),
                       confirm_scorer=confirm)
     assert batches[0] == 2 and plan["search"]["confirm"]["back_off"] == 0.0
 
@@ -256,7 +256,7 @@ def test_confirm_scores_dense_and_the_plan_together(ws):
 def test_killed_search_resumes_with_the_same_result(ws, tmp_path, strategy, key):
     import shutil
 
-    options = SearchOptions(strategy=strategy, tolerance=0.05, ga=GA, local=LocalConfig(moves=3, budget=12))
+    options = SearchOptions(method="output", strategy=strategy, tolerance=0.05, ga=GA, local=LocalConfig(moves=3, budget=12))
     fresh = Workspace(tmp_path / "fresh")
     shutil.copytree(ws.root, fresh.root)
     full_calls = []
@@ -280,27 +280,27 @@ def test_killed_search_resumes_with_the_same_result(ws, tmp_path, strategy, key)
 
 
 def test_another_strategy_is_not_stale_and_keeps_the_first_plan(ws):
-    adaptive = run_search(ws, SearchOptions(strategy="adaptive", tolerance=0.05), scorer=synthetic_scorer(ws))
+    adaptive = run_search(ws, SearchOptions(method="output", strategy="adaptive", tolerance=0.05), scorer=synthetic_scorer(ws))
     adaptive_history = ws.history_jsonl.read_text()
-    uniform = run_search(ws, SearchOptions(strategy="uniform", tolerance=0.05), scorer=synthetic_scorer(ws))
+    uniform = run_search(ws, SearchOptions(method="output", strategy="uniform", tolerance=0.05), scorer=synthetic_scorer(ws))
     assert not uniform.get("up_to_date") and uniform["strategy"] == "uniform"
     kept = ws.root / "search" / "adaptive"
     assert json.loads((kept / "plan.json").read_text()) == json.loads(json.dumps(adaptive))
     assert (kept / "history.jsonl").read_text() == adaptive_history
     # asking for adaptive again brings its plan back: nothing is scored
     calls = []
-    back = run_search(ws, SearchOptions(strategy="adaptive", tolerance=0.05), scorer=synthetic_scorer(ws, calls))
+    back = run_search(ws, SearchOptions(method="output", strategy="adaptive", tolerance=0.05), scorer=synthetic_scorer(ws, calls))
     assert calls == [] and back["up_to_date"] and back["matrices"] == adaptive["matrices"]
     assert ws.history_jsonl.read_text() == adaptive_history
     assert json.loads((ws.root / "search" / "uniform" / "plan.json").read_text())["strategy"] == "uniform"
     # a later stage sees a complete, consistent search stage
     assert ws.require("search")["inputs"]["options"]["strategy"] == "adaptive"
     # the local search's knobs do not make a genetic plan stale, nor the GA's a local one
-    assert run_search(ws, SearchOptions(strategy="adaptive", tolerance=0.05, ga=GAConfig(population=4)),
+    assert run_search(ws, SearchOptions(method="output", strategy="adaptive", tolerance=0.05, ga=GAConfig(population=4)),
                       scorer=synthetic_scorer(ws))["up_to_date"]
     # another tolerance is another question on the same strategy: still refused without --force
     with pytest.raises(StaleStageError, match="--force"):
-        run_search(ws, SearchOptions(strategy="uniform", tolerance=0.2), scorer=synthetic_scorer(ws))
+        run_search(ws, SearchOptions(method="output", strategy="uniform", tolerance=0.2), scorer=synthetic_scorer(ws))
 
 
 def test_learned_fit_snaps_to_trained_ranks():
@@ -324,14 +324,14 @@ def test_cli_search_renders_plan(ws, monkeypatch):
     from sieve_cli.cli import app
 
     monkeypatch.setattr(search_module, "build_scorers", lambda ws_, options, factors, *cleanup: (synthetic_scorer(ws_), None))
-    result = CliRunner().invoke(app, ["search", "-w", str(ws.root), "--strategy", "adaptive", "--population", "6",
+    result = CliRunner().invoke(app, ["search", "-w", str(ws.root), "--method", "output", "--strategy", "adaptive", "--population", "6",
                                       "--generations", "2", "--seed", "1"])
     assert result.exit_code == 0, result.output
     assert "removed" in result.output and "down" in result.output
     assert json.loads(ws.plan_json.read_text())["strategy"] == "adaptive"
-    result = CliRunner().invoke(app, ["search", "-w", str(ws.root), "--strategy", "uniform", "--tolerance", "0.2"])
+    result = CliRunner().invoke(app, ["search", "-w", str(ws.root), "--method", "output", "--strategy", "uniform", "--tolerance", "0.2"])
     assert result.exit_code == 1 and "--force" in result.output and "Traceback" not in result.output
-    result = CliRunner().invoke(app, ["search", "-w", str(ws.root), "--strategy", "bogus"])
+    result = CliRunner().invoke(app, ["search", "-w", str(ws.root), "--method", "output", "--strategy", "bogus"])
     assert result.exit_code == 1 and "--strategy" in result.output
 
 
@@ -352,9 +352,9 @@ def test_both_strategies_on_real_smollm2(smollm2_gguf, data_root, tmp_path):
     run_capture(ws, CaptureOptions(task=str(REPO / "examples" / "tasks" / "sst2.yaml"), tokens=2048))
     run_fit(ws, FitOptions(method="output"))
     common = dict(tolerance=0.1, limit=16, grid_step=0.25, allow_chance=True)  # 16 examples: not enough to clear the guard
-    uniform = run_search(ws, SearchOptions(strategy="uniform", **common))
+    uniform = run_search(ws, SearchOptions(method="output", strategy="uniform", **common))
     assert len(uniform["matrices"]) == 210 and len(history(ws)) <= 4
-    adaptive = run_search(ws, SearchOptions(strategy="adaptive", local=LocalConfig(moves=2, budget=2), **common),
+    adaptive = run_search(ws, SearchOptions(method="output", strategy="adaptive", local=LocalConfig(moves=2, budget=2), **common),
                           force=True)
     assert adaptive["params"]["removed_fraction_prunable"] >= uniform["params"]["removed_fraction_prunable"]
     assert is_acceptable(adaptive["metric"]["plan"], adaptive["metric"]["dense"] * 0.9)
@@ -369,7 +369,7 @@ def test_both_strategies_on_real_smollm2(smollm2_gguf, data_root, tmp_path):
 def test_batched_scorer_gives_the_serial_plan_and_history(ws, tmp_path):
     """A scorer with a pool (`score_many`) gets each generation's new candidates in one batch,
     and the plan and history equal the one-at-a-time search's."""
-    options = SearchOptions(strategy="genetic", ga=GAConfig(population=6, generations=2, patience=2, seed=3))
+    options = SearchOptions(method="output", strategy="genetic", ga=GAConfig(population=6, generations=2, patience=2, seed=3))
     serial = run_search(ws, options, scorer=synthetic_scorer(ws))
     serial_history = history(ws)
 

@@ -185,11 +185,11 @@ def test_search_streaming_gives_the_same_plan_and_history(folders, tmp_path):
 
     ws = workspace(folders["llama"], tmp_path, num_fewshot=2)
     run_capture(ws, CaptureOptions(tokens=600, seq_len=64))
-    run_fit(ws, FitOptions())
+    run_fit(ws, FitOptions(method="output"))
     plans, histories = {}, {}
-    minimum = streaming_minimum(ws, SearchOptions(), "search", factors=True)
+    minimum = streaming_minimum(ws, SearchOptions(method="output"), "search", factors=True)
     for mode, budget in (("memory", None), ("auto", str(minimum))):
-        plan = run_search(ws, SearchOptions(mode=mode, memory_budget=budget, grid_step=0.1, allow_chance=True,
+        plan = run_search(ws, SearchOptions(method="output", mode=mode, memory_budget=budget, grid_step=0.1, allow_chance=True,
                                             tolerance=0.2), force=True)
         summary = json.loads(ws.manifest_path("search").read_text())["summary"]
         assert summary["layout"]["mode"] == ("memory" if mode == "memory" else "blockwise")
@@ -238,7 +238,7 @@ def test_run_passes_device_dtype_and_layout_to_every_stage(tiny_dir, tmp_path):
     task = write_task(tmp_path, "multiple_choice")
     options = RunOptions(model=str(tiny_dir), task=str(task), workspace=tmp_path / "ws", out=tmp_path / "pruned",
                          capture=CaptureOptions(tokens=600, seq_len=64), split=SplitOptions(max_search=6, max_test=6),
-                         search=SearchOptions(grid_step=0.2, allow_chance=True), device="cpu:0", dtype="bfloat16",
+                         search=SearchOptions(method="output", grid_step=0.2, allow_chance=True), device="cpu:0", dtype="bfloat16",
                          memory_budget="64GiB")
     stages = ("run_capture", "run_fit", "run_search", "run_eval")
     with mock.patch.object(discover, "load_model", load_model_recorded), \
@@ -260,7 +260,7 @@ def test_run_mode_reaches_capture_search_and_eval(tiny_dir, tmp_path):
     task = write_task(tmp_path, "multiple_choice")
     options = RunOptions(model=str(tiny_dir), task=str(task), workspace=tmp_path / "ws", out=tmp_path / "pruned",
                          capture=CaptureOptions(tokens=600, seq_len=64), split=SplitOptions(max_search=6, max_test=6),
-                         search=SearchOptions(grid_step=0.2, allow_chance=True), mode="blockwise")
+                         search=SearchOptions(method="output", grid_step=0.2, allow_chance=True), mode="blockwise")
     assert {options.capture.mode, options.fit.mode, options.search.mode, options.eval.mode} == {"blockwise"}
     result = run_pipeline(options)
     ws = Workspace(tmp_path / "ws")

@@ -81,8 +81,9 @@ def render(result: dict) -> None:
     console.print(table)
     counts = result["matrices"]
     console.print(
-        f"removed {result['removed_fraction_prunable']:.1%} of prunable parameters, {result['removed_fraction_model']:.1%} "
-        f"of the model ({'predicted' if predicted else 'counted from the model'}); {result['dtype']}, fit method {result['method']}"
+        f"removed {result['removed_fraction_model']:.1%} of the model ({result['removed_fraction_prunable']:.1%} of "
+        f"the prunable part; {'predicted' if predicted else 'counted from the model'}); {result['dtype']}, fit method "
+        f"{result['method']}"
     )
     if "narrowed" in counts:  # a width plan
         console.print(f"modules: {counts['narrowed']} narrowed (or removed), {counts['dense']} whole by the plan")

@@ -64,7 +64,7 @@ def fit(
 
 
 def _methods(given: list[str] | None) -> list[str]:
-    names = [n.strip() for item in (given or ["output"]) for n in item.split(",") if n.strip()]
+    names = [n.strip() for item in (given or [FitOptions.method]) for n in item.split(",") if n.strip()]
     if "all" in names:
         return list(FIT_METHODS)
     for name in names:
