@@ -388,3 +388,38 @@ def test_stage_functions_from_python_release_the_lock(tmp_path, tiny_dir):
     sieve_cli.run_discover(Workspace(tmp_path / "ws"), DiscoverOptions(model=str(tiny_dir)))
     with open(tmp_path / "ws" / ".lock", "r+") as f:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process could take it now
+
+
+# ==== 7. -q silences the third-party bars ==================================================================
+BARS = (
+    "import sys\n"
+    "from sieve_cli.commands.common import setup\n"
+    "{before}"
+    "setup(False, {quiet})\n"
+    "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'huggingface_hub') if m in sys.modules))\n"
+    "from transformers.utils.logging import tqdm as weights_bar\n"
+    "from huggingface_hub.utils import tqdm as download_bar\n"
+    "from datasets.utils import tqdm as datasets_bar\n"
+    "for name, bar in (('Loading weights', weights_bar), ('Downloading', download_bar), ('Generating', datasets_bar)):\n"
+    "    list(bar(range(3), desc=name))\n"
+)
+
+
+@pytest.mark.parametrize("imported_first", [False, True])
+def test_quiet_silences_the_third_party_bars_without_importing_them(imported_first):
+    """transformers' "Loading weights" bar (a quantised folder under `eval --model`), huggingface_hub's and datasets'
+    bars: off with -q, whether the library is imported after the CLI set up (the CLI) or before (the API)."""
+    import subprocess
+    import sys
+
+    before = "import datasets, transformers\n" if imported_first else ""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("DISABLE_PROGRESS_BARS")}
+    runs = {quiet: subprocess.run([sys.executable, "-c", BARS.format(before=before, quiet=quiet)], capture_output=True,
+                                  text=True, env=env, cwd=Path(__file__).parents[1], timeout=120)
+            for quiet in (False, True)}
+    for done in runs.values():
+        assert done.returncode == 0, done.stderr
+    assert all(name in runs[False].stderr for name in ("Loading weights", "Downloading", "Generating"))  # drawn
+    assert not any(name in runs[True].stderr for name in ("Loading weights", "Downloading", "Generating")), runs[True].stderr
+    if not imported_first:
+        assert runs[True].stdout.strip() == "[]"  # setting up -q imported none of them

@@ -16,6 +16,7 @@ import functools
 import inspect
 import json
 import logging
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -67,6 +68,26 @@ def setup(debug: bool, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR if not debug else logging.INFO)
     silence_known_noise(not debug)
     progress.enable(not quiet and err_console.is_terminal)
+    if quiet:
+        silence_third_party_bars()
+
+
+# The libraries' own switches for their tqdm bars (transformers' "Loading weights", huggingface_hub's downloads,
+# datasets' preparation): environment variables they read when imported, and a function for when they already are.
+BAR_ENV = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
+BAR_SWITCHES = (("huggingface_hub.utils", "disable_progress_bars"), ("transformers.utils.logging", "disable_progress_bar"),
+                ("datasets.utils", "disable_progress_bars"))
+
+
+def silence_third_party_bars() -> None:
+    """-q: every third-party bar off, importing none of those libraries (a stage imports what it needs, later,
+    and then reads the variables; transformers follows huggingface_hub's). One already imported (the Python API,
+    tests) is switched off directly."""
+    for name in BAR_ENV:
+        os.environ[name] = "1"
+    for module, switch in BAR_SWITCHES:
+        if module in sys.modules:
+            getattr(sys.modules[module], switch)()
 
 
 class KnownNoise(logging.Filter):
