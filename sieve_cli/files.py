@@ -135,6 +135,23 @@ def check_inside(root: Path, path: Path, what: str) -> Path:
     return path
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """An out-of-space error, also as the libraries that wrap it report it (safetensors, zarr, pyarrow)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return True
+        words = str(exc)  # safetensors and zarr report the OS error in their own words
+        if any(w in words for w in ("No space left on device", "StorageFull", "File too large", "Disk quota exceeded")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

@@ -11,7 +11,6 @@ the Python API and the manifests agree on it. The options shared by several comm
 from __future__ import annotations
 
 import dataclasses
-import errno
 import functools
 import inspect
 import json
@@ -28,6 +27,7 @@ from rich.console import Console
 
 from .. import progress
 from ..errors import SieveError
+from ..files import disk_full
 from ..options import cli_fields, default_workspace
 from ..units import count as human  # noqa: F401 - the commands print counts through it
 from ..units import file_size  # noqa: F401 - and byte sizes
@@ -158,23 +158,6 @@ def sieve_command(fn: Callable) -> Callable:
             raise typer.Exit(130) from None
 
     return wrapper
-
-
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-def disk_full(exc: BaseException) -> bool:
-    """An out-of-space error, also as the libraries that wrap it report it (safetensors, zarr)."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
-            return True
-        words = str(exc)  # safetensors and zarr report the OS error in their own words
-        if any(w in words for w in ("No space left on device", "StorageFull", "File too large", "Disk quota exceeded")):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 # ---- options derived from the dataclasses ------------------------------------------------------------
