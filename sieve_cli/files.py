@@ -64,7 +64,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     make_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_abandoned_temporaries(path)
+    # the pid in the name tells a later writer whether this one is still alive
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
@@ -73,6 +75,35 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_abandoned_temporaries(path: Path) -> None:
+    """Remove the temporaries of `path` (`.NAME.PID.XXXXXXXX.tmp`) whose writer is gone: a kill between
+    `atomic_path`'s temporary and its rename leaves one each time. Names are compared literally (never as a
+    glob); a live writer's, a folder's or another file's are left alone."""
+    for entry in os.scandir(path.parent):
+        pid = temporary_owner(entry.name, path.name)
+        if pid is not None and pid != os.getpid() and not pid_alive(pid) and not entry.is_dir(follow_symlinks=False):
+            remove_path(Path(entry.path))  # a link is unlinked, never followed
+
+
+def temporary_owner(entry: str, name: str) -> int | None:
+    """The pid in `entry` when it is one of `atomic_path`'s temporaries of the file `name`, else None."""
+    head, tail = f".{name}.", ".tmp"
+    if not (entry.startswith(head) and entry.endswith(tail)) or len(entry) <= len(head) + len(tail):
+        return None
+    pid, _, random = entry[len(head):-len(tail)].partition(".")
+    return int(pid) if pid.isdigit() and random and "." not in random else None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
 
 
 def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
@@ -133,6 +164,23 @@ def check_inside(root: Path, path: Path, what: str) -> Path:
             raise WorkspaceError(f"{current} is a symlink (to {os.readlink(current)}); sieve does not read or write "
                                  f"through links in a {what}: delete it and rerun")
     return path
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """An out-of-space error, also as the libraries that wrap it report it (safetensors, zarr, pyarrow)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return True
+        words = str(exc)  # safetensors and zarr report the OS error in their own words
+        if any(w in words for w in ("No space left on device", "StorageFull", "File too large", "Disk quota exceeded")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def current_umask() -> int:

@@ -162,6 +162,8 @@ def _write_fit(ws, stage, inputs, options, factors, spectrum, matrices, seconds,
     targets = factors.width_units() if options.method == "width" else matrices
     summary = {**summarise(targets, spectrum, options, seconds, load_seconds, training), "mode": mode}
     ws.finish(stage, inputs, written, summary)
+    # per-block results: this block-wise refit's, now in the fit's files, or a killed one's, unused by any other fit
+    remove_path(ws.inside(ws.fit_dir(options.method) / "blockwise"))
     log.info("fit %s: %d %s in %.1f s (%s)", options.method, summary["matrices"], fitted_what(options.method),
              seconds, mode)
     return summary
@@ -221,7 +223,6 @@ def _refit_blockwise(ws: Workspace, options: FitOptions, inputs: dict, force: bo
     summary = _write_fit(ws, ws.fit_stage(options.method), inputs, options, result.factors[options.method],
                          result.spectra[options.method], workspace_matrices(ws), result.fit_seconds[options.method], 0.0,
                          "blockwise")
-    remove_path(result.work)  # per-block results, now in the fit's files
     return summary
 
 

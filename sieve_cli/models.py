@@ -24,7 +24,7 @@ import torch
 
 from . import progress
 from .errors import InputError, ModelLoadError
-from .files import atomic_path, current_umask, remove_path, sha256_file, sha256_json
+from .files import atomic_path, current_umask, pid_alive, remove_path, sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -305,20 +305,10 @@ def _remove_abandoned_copies(cache: Path) -> None:
     """Remove half-written copies (hundreds of MB each) left by a conversion that was killed."""
     for tmp in cache.glob(TMP_PREFIX + "*") if cache.is_dir() else []:
         owner = tmp.name[len(TMP_PREFIX):].split("-", 1)[0]
-        alive = _pid_alive(int(owner)) if owner.isdigit() else time.time() - tmp.stat().st_mtime < ABANDONED_AFTER_S
+        alive = pid_alive(int(owner)) if owner.isdigit() else time.time() - tmp.stat().st_mtime < ABANDONED_AFTER_S
         if tmp.is_dir() and not tmp.is_symlink() and not alive:
             log.info("removing %s, left by an interrupted conversion", tmp)
             remove_path(tmp)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
 
 
 def _complete_safetensors(path: Path) -> bool:

@@ -343,6 +343,10 @@ class Evaluations:
     def key(self, ranks: Ranks) -> tuple:
         return tuple(ranks[t.name] for t in self.targets)
 
+    def logged(self, ranks: Ranks) -> bool:
+        """Whether `ranks` is in history.jsonl already (this run's or, on resume, the killed one's)."""
+        return self.key(ranks) in self.memo
+
     def metric(self, kept: list[float], record: dict) -> float:
         return self.metrics([kept], [record])[0]
 
@@ -567,8 +571,9 @@ def find_plan(ws: Workspace, options: SearchOptions, scorer: Scorer, targets: li
         dense_ranks = ranks_for(targets, [1.0] * len(targets), factors)
         probe = first_probe(uniform_grid(options.grid_step))  # a second worker scores the uniform search's first
         evals.speculate([uniform_kept(targets, probe)] if probe is not None and scorer.score_many is not None else [])
-        dense = evals.score_ahead([dense_ranks])[0]
-        evals.log(dense, dense_ranks, {"strategy": options.algorithm, "generation": None, "p": 1.0}, None)
+        dense = evals.score_ahead([dense_ranks])[0]  # again after a kill: the checkpoint keeps its per-example scores
+        if not evals.logged(dense_ranks):  # a run killed before its checkpoint had logged it already
+            evals.log(dense, dense_ranks, {"strategy": options.algorithm, "generation": None, "p": 1.0}, None)
         checkpoint = {"dense": dense.value, "metric": scorer.metric, "examples": scorer.examples,
                       "dense_measurement": {"value": dense.value, "scores": dense.scores, "weights": dense.weights,
                                             "soft": dense.soft, "extra": dense.extra}}

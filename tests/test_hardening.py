@@ -396,3 +396,86 @@ def test_stage_functions_from_python_release_the_lock(tmp_path, tiny_dir):
     sieve_cli.run_discover(Workspace(tmp_path / "ws"), DiscoverOptions(model=str(tiny_dir)))
     with open(tmp_path / "ws" / ".lock", "r+") as f:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process could take it now
+
+
+# ==== 7. -q silences the third-party bars ==================================================================
+BARS = (
+    "import sys\n"
+    "from sieve_cli.commands.common import setup\n"
+    "{before}"
+    "setup(False, {quiet})\n"
+    "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'huggingface_hub') if m in sys.modules))\n"
+    "from transformers.utils.logging import tqdm as weights_bar\n"
+    "from huggingface_hub.utils import tqdm as download_bar\n"
+    "from datasets.utils import tqdm as datasets_bar\n"
+    "for name, bar in (('Loading weights', weights_bar), ('Downloading', download_bar), ('Generating', datasets_bar)):\n"
+    "    list(bar(range(3), desc=name))\n"
+)
+
+
+@pytest.mark.parametrize("imported_first", [False, True])
+def test_quiet_silences_the_third_party_bars_without_importing_them(imported_first):
+    """transformers' "Loading weights" bar (a quantised folder under `eval --model`), huggingface_hub's and datasets'
+    bars: off with -q, whether the library is imported after the CLI set up (the CLI) or before (the API)."""
+    import subprocess
+    import sys
+
+    before = "import datasets, transformers\n" if imported_first else ""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("DISABLE_PROGRESS_BARS")}
+    runs = {quiet: subprocess.run([sys.executable, "-c", BARS.format(before=before, quiet=quiet)], capture_output=True,
+                                  text=True, env=env, cwd=Path(__file__).parents[1], timeout=120)
+            for quiet in (False, True)}
+    for done in runs.values():
+        assert done.returncode == 0, done.stderr
+    assert all(name in runs[False].stderr for name in ("Loading weights", "Downloading", "Generating"))  # drawn
+    assert not any(name in runs[True].stderr for name in ("Loading weights", "Downloading", "Generating")), runs[True].stderr
+    if not imported_first:
+        assert runs[True].stdout.strip() == "[]"  # setting up -q imported none of them
+
+
+# ==== 8. leftovers of killed runs ==========================================================================
+def test_a_killed_writers_temporaries_are_removed_by_the_next_write(tmp_path):
+    """Each SIGKILL between atomic_path's temporary and its rename left a `.NAME.*.tmp` for good; the next write
+    of NAME removes those of dead writers, and only those (a live writer's, another file's, a folder stay)."""
+    import subprocess
+    import sys
+
+    from sieve_cli.files import write_json_atomic
+
+    target = tmp_path / "manifest.json"
+    killed = ("import os, signal, sys\nfrom pathlib import Path\nfrom sieve_cli.files import atomic_path\n"
+              "with atomic_path(Path(sys.argv[1])) as tmp:\n    tmp.write_text('half')\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    for _ in range(2):  # the second killed writer removed the first one's temporary before it made its own
+        done = subprocess.run([sys.executable, "-c", killed, str(target)], cwd=Path(__file__).parents[1], timeout=60)
+        assert done.returncode == -9
+        abandoned = [p.name for p in tmp_path.iterdir()]
+        assert len(abandoned) == 1 and abandoned[0].startswith(".manifest.json.") and abandoned[0].endswith(".tmp")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        keep = [f".manifest.json.{live.pid}.abcd1234.tmp",  # a writer still at work
+                ".manifest.json.old.1.abcd1234.tmp",  # a temporary of another file (manifest.json.old)
+                ".manifest.json.x.tmp"]  # not one of sieve's names
+        for name in keep:
+            (tmp_path / name).write_text("someone's\n")
+        (tmp_path / ".manifest.json.1.folder12.tmp").mkdir()
+        write_json_atomic(target, {"a": 1})
+    finally:
+        live.kill()
+        live.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*keep, ".manifest.json.1.folder12.tmp", "manifest.json"])
+
+
+@pytest.mark.parametrize("stage", ["capture", "fit"])
+def test_a_killed_blockwise_runs_folder_goes_when_the_stage_later_completes(copy, stage):
+    """A block-wise capture (or a fit's block-wise refit) killed mid-way leaves its per-block results in
+    `capture/blockwise/` (`fit/output/blockwise/`); the stage later done another way removes them."""
+    ws, _, _ = copy
+    work = ws / ("capture" if stage == "capture" else "fit/output") / "blockwise"
+    (work / "output").mkdir(parents=True)
+    (work / "output" / "block-00000.safetensors").write_bytes(b"a killed run's block\n")
+    (work / "state.json").write_text('{"blocks_done": 1}\n')
+    args = ["capture", "-w", ws, "--force", *CAPTURE] if stage == "capture" else ["fit", "-w", ws, "--force"]
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    assert not work.exists()

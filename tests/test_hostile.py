@@ -406,6 +406,32 @@ def test_truncated_gguf_cache_copy_is_rebuilt_or_one_line(tmp_path, monkeypatch,
         models.load_model(gguf)
 
 
+def test_gguf_cache_entry_without_its_weights_is_rebuilt(tmp_path, monkeypatch, tiny_dir):
+    """The entry's folder is there, its model.safetensors is not: made again (not returned without weights)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sieve_cli import models
+
+    monkeypatch.setenv("SIEVE_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF pretend")
+    cached = tmp_path / "cache" / "gguf" / models.sha256_file(gguf)[:32]
+    shutil.copytree(tiny_dir, cached)
+    (cached / "model.safetensors").unlink()
+    converted = []
+    for cls in (AutoTokenizer, AutoModelForCausalLM):  # the conversion, from the tiny folder instead of the .gguf
+        original = cls.from_pretrained
+
+        def convert(folder, *args, _original=original, gguf_file=None, **kwargs):
+            converted.append(gguf_file)
+            return _original(tiny_dir, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", convert)
+    models.load_model(gguf)
+    assert converted[:2] == ["m.gguf", "m.gguf"]
+    assert models._complete_safetensors(cached / "model.safetensors")
+
+
 def test_sieve_cache_pointing_at_a_file_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("SIEVE_CACHE", str(tmp_path / "file"))
     (tmp_path / "file").write_text("x")

@@ -381,3 +381,26 @@ def test_batched_scorer_gives_the_serial_plan_and_history(ws, tmp_path):
     assert again["matrices"] == serial["matrices"] and strip(again) == strip(serial)
     assert history(ws) == serial_history
     assert max(batches) > 1  # a generation's new candidates really went to the pool together
+
+
+def test_search_killed_between_the_dense_line_and_its_checkpoint_logs_dense_once(ws, tmp_path, monkeypatch):
+    """The dense line is in history.jsonl, the checkpoint that would hold it is not: the rerun scores
+    dense again (the checkpoint keeps its per-example scores) but does not log it a second time."""
+    import shutil
+
+    options = SearchOptions(strategy="uniform", tolerance=0.05)
+    fresh = Workspace(tmp_path / "fresh")
+    shutil.copytree(ws.root, fresh.root)
+    run_search(fresh, options, scorer=synthetic_scorer(fresh))
+
+    def killed(path, obj):
+        raise KeyboardInterrupt  # the first checkpoint write: right after dense was logged
+
+    with monkeypatch.context() as patch:
+        patch.setattr(search_module, "write_json_atomic", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_search(ws, options, scorer=synthetic_scorer(ws))
+    assert len(history(ws)) == 1 and not ws.search_checkpoint.exists()
+    run_search(ws, options, scorer=synthetic_scorer(ws))
+    assert [entry["p"] for entry in history(ws)].count(1.0) == 1
+    assert history(ws) == history(fresh)

@@ -4,6 +4,7 @@ with one line, runs nothing, and never returns a wrong split or a leaked prompt.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -155,6 +156,77 @@ def test_non_utf8_data_file_is_one_line_naming_it(tmp_path, builder, body):
         read_records(task)
     message = one_line(exc)
     assert str(data) in message and "encoding" in message
+
+
+def rows(builder: str, n: int, last: bytes = b"") -> bytes:
+    """n good rows of a `builder` data file (a CSV one after its header), then `last`."""
+    row = {"json": b'{"sentence": "s%d", "label": 0, "uid": "u%d", "answer": "x"}\n', "csv": b"s%d,0,u%d,x\n",
+           "text": b"line %d u%d\n"}[builder]
+    head = b"sentence,label,uid,answer\n" if builder == "csv" else b""
+    return head + b"".join(row % (i, i) for i in range(n)) + last
+
+
+@pytest.mark.parametrize("builder, body, line", [
+    ("json", b'{"sentence": "caf\xe9", "label": 0, "uid": "z", "answer": "x"}\n', 201),
+    ("csv", b"caf\xe9,0,z,x\n", 202),  # the header is line 1
+    ("text", b"caf\xe9 au lait\n", 201),
+])
+def test_a_bad_byte_deep_in_a_data_file_is_named_by_its_line(tmp_path, builder, body, line):
+    """datasets decodes in blocks: its offset ("at byte 3") counts from the block, not the file."""
+    data = tmp_path / f"data.{builder}"
+    data.write_bytes(rows(builder, 200, body))
+    task = load_task(write_task(tmp_path, "text_modelling", dataset_path=builder, data_files=data.name))
+    with pytest.raises(TaskError) as exc:
+        read_records(task)
+    assert str(data) in one_line(exc) and f"at line {line}, byte " in str(exc.value), str(exc.value)
+
+
+@pytest.mark.parametrize("builder, body", [
+    ("json", b""), ("json", b"\n\n  \n"), ("csv", b""), ("text", b""), ("text", b" \n\n"), ("parquet", b""),
+])
+def test_an_empty_data_file_is_one_line_saying_so(tmp_path, builder, body):
+    """Not "StopIteration", "SchemaInferenceError" or "EmptyDataError": the file is named, and said to be empty."""
+    data = tmp_path / f"data.{builder}"
+    data.write_bytes(body)
+    task = load_task(write_task(tmp_path, "text_modelling", dataset_path=builder, data_files=data.name))
+    with pytest.raises(TaskError) as exc:
+        read_records(task)
+    assert f"data file {data} is empty" in one_line(exc)
+
+
+@pytest.mark.parametrize("body", [b"sentence,label,uid,answer\n", b"[]\n"])
+def test_a_data_file_without_records_is_one_line_saying_so(tmp_path, body):
+    """A CSV header alone, a JSON empty list: not "Instruction 'train' corresponds to no data"."""
+    builder = "csv" if body.startswith(b"sentence") else "json"
+    data = tmp_path / f"data.{builder}"
+    data.write_bytes(body)
+    task = load_task(write_task(tmp_path, "text_modelling", dataset_path=builder, data_files=data.name))
+    with pytest.raises(TaskError) as exc:
+        read_records(task)
+    assert f"data file {data} holds no records" in one_line(exc)
+
+
+def test_a_full_temporary_folder_is_named_as_full(tmp_path):
+    """datasets prepares the records as an Arrow file in the temporary folder: where that cannot be written
+    (full; here a file-size limit, as `ulimit -f` sets), the line names the folder and TMPDIR, not the data file."""
+    data = tmp_path / "data.json"
+    data.write_bytes(rows("json", 3000))  # ~60 KB of Arrow
+    task = write_task(tmp_path, "text_modelling", data_files=data.name)
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    code = ("import resource, sys\n"
+            "from sieve_cli.errors import TaskError\n"
+            "from sieve_cli.tasks import load_task, read_records\n"
+            "task = load_task(sys.argv[1])\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, 10_000))\n"
+            "try:\n    read_records(task)\nexcept TaskError as exc:\n    print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(task)], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "TMPDIR": str(temporary)}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip()
+    assert f"the temporary folder {temporary} is full" in line and "TMPDIR" in line, line
+    assert "could not read data file" not in line
+    assert not list(temporary.iterdir())  # datasets' half-written cache is gone too
 
 
 def test_data_files_pointing_at_a_folder_says_so(tmp_path):

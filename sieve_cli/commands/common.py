@@ -11,11 +11,11 @@ the Python API and the manifests agree on it. The options shared by several comm
 from __future__ import annotations
 
 import dataclasses
-import errno
 import functools
 import inspect
 import json
 import logging
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +27,7 @@ from rich.console import Console
 
 from .. import progress
 from ..errors import SieveError
+from ..files import disk_full
 from ..options import cli_fields, default_workspace
 from ..units import count as human  # noqa: F401 - the commands print counts through it
 from ..units import file_size  # noqa: F401 - and byte sizes
@@ -67,6 +68,26 @@ def setup(debug: bool, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR if not debug else logging.INFO)
     silence_known_noise(not debug)
     progress.enable(not quiet and err_console.is_terminal)
+    if quiet:
+        silence_third_party_bars()
+
+
+# The libraries' own switches for their tqdm bars (transformers' "Loading weights", huggingface_hub's downloads,
+# datasets' preparation): environment variables they read when imported, and a function for when they already are.
+BAR_ENV = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
+BAR_SWITCHES = (("huggingface_hub.utils", "disable_progress_bars"), ("transformers.utils.logging", "disable_progress_bar"),
+                ("datasets.utils", "disable_progress_bars"))
+
+
+def silence_third_party_bars() -> None:
+    """-q: every third-party bar off, importing none of those libraries (a stage imports what it needs, later,
+    and then reads the variables; transformers follows huggingface_hub's). One already imported (the Python API,
+    tests) is switched off directly."""
+    for name in BAR_ENV:
+        os.environ[name] = "1"
+    for module, switch in BAR_SWITCHES:
+        if module in sys.modules:
+            getattr(sys.modules[module], switch)()
 
 
 class KnownNoise(logging.Filter):
@@ -137,23 +158,6 @@ def sieve_command(fn: Callable) -> Callable:
             raise typer.Exit(130) from None
 
     return wrapper
-
-
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-def disk_full(exc: BaseException) -> bool:
-    """An out-of-space error, also as the libraries that wrap it report it (safetensors, zarr)."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
-            return True
-        words = str(exc)  # safetensors and zarr report the OS error in their own words
-        if any(w in words for w in ("No space left on device", "StorageFull", "File too large", "Disk quota exceeded")):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 # ---- options derived from the dataclasses ------------------------------------------------------------

@@ -12,17 +12,19 @@ one record per key, the key as field `id`; a blank line of a `text` file is not 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
+import logging
 import re
 import sysconfig
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..builtin_tasks.reviews import review_records
 from ..errors import TaskError
-from ..files import sha256_file, sha256_json
+from ..files import disk_full, sha256_file, sha256_json
 from .spec import DATA_ROOT_ENV, Task
 
 LOCAL_BUILDERS = ("json", "csv", "text", "parquet")
@@ -95,6 +97,9 @@ def _suffix(task: Task) -> str:
 
 def read_local_file(task: Task, path: Path) -> list[dict]:
     """The records of one local file, read by the `datasets` builder named by `dataset_path`."""
+    if is_blank(path, binary=task.dataset_path == "parquet"):  # builders word it StopIteration, SchemaInferenceError...
+        raise TaskError(f"task {task.name}: data file {path} is empty; put the task's records in it or point "
+                        f"'data_files' at the file that holds them")
     if task.dataset_path == "json":
         keyed = _id_keyed_json(path, task.dataset_kwargs.get("encoding") or "utf-8")
         if keyed is not None:
@@ -105,6 +110,16 @@ def read_local_file(task: Task, path: Path) -> list[dict]:
     return records
 
 
+def is_blank(path: Path, binary: bool = False, chunk: int = 1 << 16) -> bool:
+    """Whether the file holds nothing (a binary format), or only whitespace (a text one); reads up to the
+    first byte that is not, so a file with records costs one small read."""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            if binary or block.strip():
+                return False
+    return True
+
+
 def _load_with_builder(task: Task, path: Path) -> list[dict]:
     import datasets
     from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
@@ -112,7 +127,7 @@ def _load_with_builder(task: Task, path: Path) -> list[dict]:
     bars_were_off = are_progress_bars_disabled()
     disable_progress_bars()  # library code stays quiet; the CLI draws its own bars
     try:
-        with tempfile.TemporaryDirectory(prefix="sieve-datasets-") as cache:
+        with _parser_errors_unlogged(), tempfile.TemporaryDirectory(prefix="sieve-datasets-") as cache:
             data = datasets.load_dataset(
                 task.dataset_path,
                 data_files=[str(path)],
@@ -130,25 +145,73 @@ def _load_with_builder(task: Task, path: Path) -> list[dict]:
             enable_progress_bars()
 
 
+@contextlib.contextmanager
+def _parser_errors_unlogged() -> Iterator[None]:
+    """datasets logs a parser's error ("Failed to read file ...") before it raises it: the raised one becomes
+    sieve's one line, so the logged copy is dropped (shown where datasets' info is, as with --debug)."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    if not logger.isEnabledFor(logging.INFO):
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _read_error(task: Task, path: Path, exc: BaseException) -> TaskError:
     cause = _root_cause(exc)
+    if disk_full(exc):  # datasets prepares the records as an Arrow file in a temporary folder first
+        return TaskError(
+            f"task {task.name}: the temporary folder {tempfile.gettempdir()} is full or limits file size, so datasets "
+            f"could not prepare {path} there ({_first_line(cause)}); free space there, or set TMPDIR to a folder with "
+            f"room, and rerun"
+        )
     if isinstance(cause, UnicodeDecodeError):
         encoding = task.dataset_kwargs.get("encoding") or "utf-8"
         return TaskError(
-            f"task {task.name}: data file {path} is not {encoding} text ({cause.reason} at byte {cause.start}); "
+            f"task {task.name}: data file {path} is not {encoding} text ({undecodable_at(path, encoding) or cause.reason}); "
             f"set dataset_kwargs.encoding (e.g. latin-1) or save the file as UTF-8"
         )
+    if NO_RECORDS.search(str(exc)):
+        return TaskError(f"task {task.name}: data file {path} holds no records (only a header, or an empty list?); "
+                         f"put the task's records in it or point 'data_files' at the file that holds them")
     unknown = re.search(r"doesn't have a '([^']+)' key", str(exc))
     if unknown:
         return TaskError(
             f"task {task.name}: dataset_kwargs has {unknown.group(1)!r}, which the datasets {task.dataset_path} "
             f"builder does not take; see its options (e.g. column_names, delimiter, encoding)"
         )
-    message = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
     return TaskError(
-        f"task {task.name}: could not read data file {path} as {task.dataset_path} ({type(cause).__name__}: {message}); "
-        f"check the file and 'dataset_kwargs'"
+        f"task {task.name}: could not read data file {path} as {task.dataset_path} ({type(cause).__name__}: "
+        f"{_first_line(cause)}); check the file and 'dataset_kwargs'"
     )
+
+
+# what datasets says of a file whose builder found no row (a CSV header alone, a JSON `[]`)
+NO_RECORDS = re.compile(r"corresponds to no data|at least one example")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def undecodable_at(path: Path, encoding: str) -> str:
+    """What the first byte that is not `encoding` text is and where ("invalid start byte at line 201, byte 6"),
+    found line by line (the builder's offset counts from the block it was decoding); "" where lines are not
+    split at a b"\\n"."""
+    try:
+        if "\n".encode(encoding) != b"\n":  # UTF-16, UTF-32: a line end is more than that byte
+            return ""
+    except LookupError:
+        return ""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode(encoding)
+            except UnicodeDecodeError as exc:
+                return f"{exc.reason} at line {number}, byte {exc.start + 1}"
+    return ""
 
 
 def _root_cause(exc: BaseException) -> BaseException:
