@@ -177,3 +177,50 @@ def test_bad_vocab_options_are_one_line_errors(tmp_path):
         assert result.exit_code != 0
         lines = [line for line in result.output.strip().splitlines() if line.strip()]
         assert len(lines) == 1 and words in lines[0], result.output
+
+
+def test_eval_scores_the_task_folder_alike_loaded_whole_and_streamed(applied):
+    from sieve_cli.evaluate import run_eval
+    from sieve_cli.options import EvalOptions
+
+    _, ws, _, _, root = applied
+    whole = run_eval(ws, EvalOptions(model=str(root / "task"), mode="memory", batch_size=3))
+    streamed = run_eval(ws, EvalOptions(model=str(root / "task"), mode="blockwise", batch_size=3), force=True)
+    assert streamed["layout"]["mode"] == "blockwise" and whole["layout"]["mode"] == "memory"
+    scores = [e["score"] for e in whole["per_example"]]
+    assert len(scores) == 8
+    torch.testing.assert_close([e["score"] for e in streamed["per_example"]], scores)
+
+
+def test_a_width_plan_with_a_task_vocabulary_falls_back_to_the_custom_folder_and_says_so(tmp_path):
+    from sieve_cli.modeling import MODELING_FILE
+    from sieve_cli.pruned import prune_in_memory
+
+    from .test_width_apply import width_workspace, write_width_plan
+
+    ws, model, units, factors = width_workspace(tmp_path, "llama")
+    bind_task(ws, write_task(tmp_path), split=SPLIT)
+    half = {u.name: u.units // 2 for u in units}  # one width everywhere: a standard folder without --vocab task
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["apply", "-w", str(ws.root), "-o", str(out), "--plan", str(write_width_plan(ws, units, half)),
+                                 "--vocab", "task", "--vocab-extra", "0"])
+    assert result.exit_code == 0, result.output
+    assert "a standard folder cannot hold this head" in " ".join(result.output.split())
+    info = json.loads((out / SIEVE_JSON).read_text())
+    assert "standard" not in info and info["vocab"]["standard_fallback"] and (out / MODELING_FILE).is_file()
+    ids = json.loads((out / VOCAB_FILE).read_text())["ids"]
+    prune_in_memory(model, half, factors)
+    inputs = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        expected, got = model(inputs).logits, load_pruned(out)(inputs).logits
+    torch.testing.assert_close(got[..., ids], expected[..., ids], atol=1e-5, rtol=1e-5)
+
+
+def test_a_softcapped_head_is_refused_in_one_line(tmp_path):
+    from transformers import AutoConfig
+
+    from sieve_cli.apply import refuse_softcapping
+
+    with pytest.raises(InputError, match="final_logit_softcapping"):
+        refuse_softcapping(AutoConfig.for_model("gemma2"))
+    refuse_softcapping(AutoConfig.for_model("gemma3_text"))  # Gemma 3 has no cap: allowed
