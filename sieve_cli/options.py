@@ -42,7 +42,7 @@ VOCAB_MODES = {
     "full": "every id of the vocabulary (the model's own head)",
     "task": "the ids of the task's calibration, few-shot and choice texts, the special ids and --vocab-extra lowest others",
 }
-VOCAB_EXTRA = 4096  # --vocab-extra: lowest ids kept beyond the task's own
+VOCAB_EXTRA = 4096  # --vocab-extra: lowest ids kept beyond the task's own; bench/vocab_coverage.py: a size/coverage middle
 # `sieve heal --loss`: what the LoRA adapters are trained to minimise on the calibration part
 HEAL_LOSSES = {
     "ce": "next-token cross-entropy on the rendered calibration text (gold answers included)",
