@@ -25,7 +25,7 @@ from .fit import load_factors
 from .heal import load_healed, load_healed_modules
 from .lowrank import LowRankLinear, swap_modules
 from .matrices import Matrix
-from .models import resolve_source, torch_dtype
+from .models import load_tokenizer, local_folder, meta_model, resolve_source, torch_dtype
 from .narrowing import shape_of
 from .options import DENSE_ABOVE, ApplyOptions, resolved
 from .plan import Plan, Ranks
@@ -41,14 +41,14 @@ from .pruned import (
     save_pruned,
 )
 from .standard import save_standard, standard_shape
+from .taskhead import head_name, is_tied, task_head_of
+from .tasks import load_bound_task
+from .vocab import TaskVocabulary, model_special_ids, task_vocabulary
 from .workspace import Stage, Workspace
 
 log = logging.getLogger(__name__)
 
 STAGE = Stage.APPLY
-
-
-
 
 
 # ---- pure: layout and predicted counts -------------------------------------------------------
@@ -229,12 +229,14 @@ def run_apply(ws: Workspace, options: ApplyOptions, force: bool = False) -> dict
     ranks = plan.checked_against(matrices, str(plan_path))
     method = plan.method
     upstream = ws.upstream_hashes(Stage.DISCOVER, *([] if options.plan else [Stage.SEARCH]), Stage.fit(method),
-                                  *([Stage.HEAL] if options.healed else []))
+                                  *([Stage.HEAL] if options.healed else []),
+                                  *([Stage.TASK] if options.vocab == "task" else []))
     inputs = {"options": options.recorded(), "upstream": upstream, "plan_sha256": sha256_file(plan_path)}
     layout = storage_layout(ranks, matrices, options.dense_above)
     slow = factored_above_crossover(ranks, matrices, layout)
     if options.dry_run:
-        return predict(found, ranks, matrices, layout, options, plan) | {"factored_above_crossover": slow}
+        return predict(found, ranks, matrices, layout, options, plan, predicted_vocab(ws, options)) | {
+            "factored_above_crossover": slow}
 
     out, inputs_sha = resolved(options.out), sha256_json(inputs)
     # `sieve run` (replace_stale) may replace a pruned model that this workspace wrote earlier
@@ -269,12 +271,18 @@ def build_and_save(ws: Workspace, ranks, layout, plan, method, options: ApplyOpt
     swap_modules(model, swapped)
     if healed_width:
         load_healed_modules(ws, model)
+    vocab = install_task_head(ws, model, tokenizer, options.vocab_extra) if options.vocab == "task" else None
     stored_dense = sorted(n for n in ranks if layout[n] == "product")
     extra = {"apply": {"dense_above": options.dense_above, "stored_as_product": stored_dense, "inputs_sha256": inputs_sha,
                        "workspace": str(ws.root)},
              "healed": heal_record(ws) if options.healed else None}
     narrowed = {name: shape_of(module) for name, module in swapped.items() if not isinstance(module, LowRankLinear)}
     shape = standard_shape(model, list(targets.values()), ranks) if method == "width" else None
+    if shape is not None and vocab is not None:
+        log.info("a standard folder cannot hold a task vocabulary's head: writing the custom folder "
+                 "(modeling_sieve.py, trust_remote_code) instead")
+        vocab["standard_fallback"] = True
+        shape = None
     if shape is not None:
         extra["standard"] = shape.describe()
         writer = lambda folder: save_standard(model, folder, shape, plan.data,  # noqa: E731
@@ -283,14 +291,59 @@ def build_and_save(ws: Workspace, ranks, layout, plan, method, options: ApplyOpt
     else:
         writer = lambda folder: save_pruned(model, folder, plan.data,  # noqa: E731
                                             ws.require(Stage.DISCOVER)["inputs"]["model"], tokenizer,
-                                            fit_method=method, extra=extra, quantize=options.quantize, narrowed=narrowed)
+                                            fit_method=method, extra=extra, quantize=options.quantize, narrowed=narrowed,
+                                            vocab=vocab)
     write_folder(out, writer)
     params_after, prunable_after = count_params(model), matrix_params(model, names)
     result_standard = extra.get("standard")
     file_bytes = (out / WEIGHTS).stat().st_size
     nbytes = torch_dtype(options.dtype).itemsize
     return numbers(params_before, params_after, prunable_before, prunable_after, file_bytes, nbytes, layout,
-                   plan, options, out, predicted=False) | {"standard": result_standard}
+                   plan, options, out, predicted=False, vocab=vocab) | {"standard": result_standard}
+
+
+# ---- --vocab task ----------------------------------------------------------------------------
+def refuse_softcapping(config) -> None:
+    """Gemma 2 caps the logits after the head (tanh): a very negative logit would come back as -cap."""
+    if getattr(config, "final_logit_softcapping", None):
+        raise InputError(f"--vocab task cannot restrict the head of a {config.model_type} model: it caps the logits "
+                         f"after the head (final_logit_softcapping), so the ids left out would keep a probability; "
+                         f"use --vocab full")
+
+
+def choose_vocab(ws: Workspace, tokenizer, vocab_size: int, extra: int, special) -> TaskVocabulary:
+    return task_vocabulary(load_bound_task(ws), tokenizer, vocab_size, extra, special)
+
+
+def install_task_head(ws: Workspace, model, tokenizer, extra: int) -> dict:
+    """Put the task vocabulary's TaskHead in place of the model's head; returns what sieve.json records."""
+    refuse_softcapping(model.config)
+    head = model.get_output_embeddings()
+    vocab_size, hidden = head.weight.shape
+    chosen = choose_vocab(ws, tokenizer, vocab_size, extra, model_special_ids(model))
+    tied = is_tied(model, head)
+    removed = 0 if tied else (vocab_size - len(chosen.ids)) * (hidden + (head.bias is not None))
+    swap_modules(model, {head_name(model): task_head_of(model, chosen.ids)})
+    return chosen.record() | {"tied": tied, "head_params_removed": removed, "standard_fallback": False}
+
+
+def predicted_vocab(ws: Workspace, options: ApplyOptions) -> dict | None:
+    """A dry run's task vocabulary: the kept ids from the tokenizer, the head's shape from the meta model."""
+    if options.vocab != "task":
+        return None
+    source = ws.require(Stage.DISCOVER)["inputs"]["options"]["model"]
+    folder = local_folder(source, create=False)
+    if folder is None:
+        raise InputError("a dry run with --vocab task reads the model's config from its local files, which are not "
+                         "there yet; run `sieve apply` without --dry-run")
+    model = meta_model(folder)
+    refuse_softcapping(model.config)
+    head = model.get_output_embeddings()
+    vocab_size, hidden = head.weight.shape
+    chosen = choose_vocab(ws, load_tokenizer(source), vocab_size, options.vocab_extra, model_special_ids(model))
+    tied = is_tied(model, head)
+    removed = 0 if tied else (vocab_size - len(chosen.ids)) * (hidden + (head.bias is not None))
+    return {k: v for k, v in chosen.record().items() if k != "ids"} | {"tied": tied, "head_params_removed": removed}
 
 
 def heal_record(ws: Workspace) -> dict:
@@ -316,19 +369,19 @@ def write_folder(out: Path, write) -> None:
 
 
 def predict(matrices_json: dict, ranks: Ranks, matrices: Mapping[str, Matrix], layout, options: ApplyOptions,
-            plan: Plan) -> dict:
+            plan: Plan, vocab: dict | None = None) -> dict:
     """The numbers apply would print, from the plan and discover's counts, without loading anything."""
     prunable_before = sum(matrices[n].params for n in ranks)
     prunable_after = predicted_prunable_after(ranks, matrices, layout)
     params_before = matrices_json["total_params"]
-    params_after = params_before - prunable_before + prunable_after
+    params_after = params_before - prunable_before + prunable_after - (vocab or {}).get("head_params_removed", 0)
     nbytes = torch_dtype(options.dtype).itemsize
     return numbers(params_before, params_after, prunable_before, prunable_after, params_after * nbytes, nbytes,
-                   layout, plan, options, resolved(options.out), predicted=True)
+                   layout, plan, options, resolved(options.out), predicted=True, vocab=vocab)
 
 
 def numbers(params_before, params_after, prunable_before, prunable_after, file_bytes, nbytes, layout, plan,
-            options: ApplyOptions, out: Path, predicted: bool) -> dict:
+            options: ApplyOptions, out: Path, predicted: bool, vocab: dict | None = None) -> dict:
     kinds = ("narrowed", "dense") if plan.method == "width" else ("factored", "product", "dense")
     counts = {kind: sum(1 for v in layout.values() if v == kind) for kind in kinds}
     dense_bytes = params_before * nbytes
@@ -353,6 +406,8 @@ def numbers(params_before, params_after, prunable_before, prunable_after, file_b
         "dense_file_bytes": dense_bytes,
         "size_ratio": file_bytes / dense_bytes,
         "matrices": counts,
+        # --vocab task: kept ids, their sources, tied, head_params_removed (ids only in the folder's vocab file)
+        "vocab": {k: v for k, v in vocab.items() if k != "ids"} if vocab else None,
     }
 
 

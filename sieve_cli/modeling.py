@@ -28,12 +28,13 @@ from torch import nn
 
 from .lowrank import LowRankLinear
 from .narrowing import SkippedAttention
+from .taskhead import TaskHead
 
 MODELING_FILE = "modeling_sieve.py"
 CONFIG_CLASS = "SieveConfig"
 MODEL_CLASS = "SieveForCausalLM"
 TYPE_PREFIX = "sieve_"
-FACTORED_KEY = "sieve_factored"  # config.json: {module name: {rank, in_features, out_features, bias}}
+FACTORED_KEY = "sieve_factored"  # config.json: {module name: {rank, in_features, out_features, bias}} (or a `type`)
 
 _TEMPLATE = '''"""A {base_model} pruned by sieve (LLM-Sieve): some linear maps replaced by low-rank pairs.
 
@@ -55,6 +56,8 @@ from transformers import {base_model} as _BaseModel
 
 {skip_source}
 
+{head_source}
+
 {place_source}
 
 class {config_class}(_BaseConfig):
@@ -74,7 +77,8 @@ def place_low_rank(model: nn.Module, factored: Mapping[str, Mapping]) -> None:
     """Replace each named module by an empty shell of the recorded type and shape.
 
     Types: a LowRankLinear pair (the default, with a rank), a narrower `linear` or GPT-2 `conv1d`
-    (a width plan), or `skip` (an attention module cut to no heads). The shell takes the dtype
+    (a width plan), `skip` (an attention module cut to no heads), or `task_head` (the LM head
+    restricted to a task's vocabulary; a tied one is re-tied by the loader). The shell takes the dtype
     and device of the module it replaces: the meta device while from_pretrained builds the model,
     which then loads the stored weights into it.
     """
@@ -86,7 +90,10 @@ def place_low_rank(model: nn.Module, factored: Mapping[str, Mapping]) -> None:
             setattr(parent, child, SkippedAttention())
             continue
         weight = getattr(parent, child).weight
-        if kind == "linear":
+        if kind == "task_head":
+            new = TaskHead(spec["vocab_size"], spec["in_features"], spec["kept"], tied=spec["tied"], bias=spec["bias"],
+                           dtype=weight.dtype, device=weight.device)
+        elif kind == "linear":
             new = nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"], dtype=weight.dtype,
                             device=weight.device)
         elif kind == "conv1d":
@@ -133,7 +140,7 @@ def render_modeling_file(model: nn.Module, version: str) -> str:
         base_config=base_config, base_model=base_model, config_class=CONFIG_CLASS, model_class=MODEL_CLASS,
         model_type=sieve_model_type(model.config.model_type), factored_key=FACTORED_KEY, version=version,
         lowrank_source=inspect.getsource(LowRankLinear), place_source=inspect.getsource(place_low_rank),
-        skip_source=inspect.getsource(SkippedAttention),
+        skip_source=inspect.getsource(SkippedAttention), head_source=inspect.getsource(TaskHead),
     )
 
 

@@ -38,6 +38,12 @@ DEFAULT_WORKSPACE = "sieve-workspace"
 # `sieve apply --quantize`: scheme -> what it stores (quantize.py does it)
 QUANTIZE_SCHEMES = {"int8": "int8 weights, one scale per output row (torchao Int8WeightOnlyConfig)"}
 MEMORY_MODES = ("auto", "memory", "blockwise")
+# `sieve apply --vocab`: which token ids the LM head scores (sieve_cli/vocab.py, taskhead.py)
+VOCAB_MODES = {
+    "full": "every id of the vocabulary (the model's own head)",
+    "task": "the ids of the task's calibration, few-shot and choice texts, the special ids and --vocab-extra lowest others",
+}
+VOCAB_EXTRA = 4096  # --vocab-extra: lowest ids kept beyond the task's own; bench/vocab_coverage.py: a size/coverage middle
 # `sieve heal --loss`: what the LoRA adapters are trained to minimise on the calibration part
 HEAL_LOSSES = {
     "ce": "next-token cross-entropy on the rendered calibration text (gold answers included)",
@@ -504,6 +510,12 @@ class ApplyOptions:
     healed: bool = opt(False, "Build the model from the factors `sieve heal` trained (LoRA merged in) instead of "
                               "the fitted ones: the same parameter count and file size.")
     quantize: str | None = quantize_opt()
+    vocab: str = opt("full", "Token ids the LM head scores: full (the whole vocabulary), or task: the ids of the "
+                             "task's calibration, few-shot and choice texts, the special ids and --vocab-extra "
+                             "lowest others; the others get a very negative logit, so generation never emits them. "
+                             "An untied head loses its other rows; a tied head stays whole (compute only).")
+    vocab_extra: int = opt(VOCAB_EXTRA, "With --vocab task: how many of the lowest other ids (a BPE tokenizer's "
+                                        "bytes and most frequent merges) the head also keeps.")
 
     def __post_init__(self) -> None:
         check_dtype(self.dtype, allow_none=False)
@@ -511,11 +523,20 @@ class ApplyOptions:
         check_quantize(self.quantize)
         if not 0.0 < self.dense_above <= 1.0:
             raise InputError(f"--dense-above must be in (0, 1], got {self.dense_above}; 1 factors every planned matrix")
+        if self.vocab not in VOCAB_MODES:
+            raise InputError(f"--vocab {self.vocab!r} is not a vocabulary mode; choose one of: {', '.join(VOCAB_MODES)}")
+        if self.vocab_extra < 0:
+            raise InputError(f"--vocab-extra must be >= 0, got {self.vocab_extra}")
+        if self.vocab == "task" and self.quantize is not None:
+            raise InputError("--vocab task and --quantize cannot be combined yet; apply one of them")
 
     def recorded(self) -> dict:
         """The options that decide the output (a dry run writes nothing, so it is not one)."""
         options = asdict(self)
         options.pop("dry_run")
+        if self.vocab == "full":  # the default leaves the inputs as they were before --vocab existed
+            options.pop("vocab")
+            options.pop("vocab_extra")
         options["out"] = str(resolved(self.out))
         options["plan"] = str(resolved(self.plan)) if self.plan else None
         return options

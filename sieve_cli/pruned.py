@@ -38,12 +38,14 @@ from .models import check_device_available, torch_dtype
 from .narrowing import narrowed_modules
 from .plan import Plan
 from .quantize import load_through_transformers, quantize_folder
+from .taskhead import TaskHead, task_head_spec
 from .version import __version__
 
 log = logging.getLogger(__name__)
 
 SIEVE_JSON = "sieve.json"
 WEIGHTS = "model.safetensors"
+VOCAB_FILE = "task_vocab.json"  # --vocab task: the kept ids (also the head's `index` in WEIGHTS)
 FORMAT = 2  # 2: config.json typed for modeling_sieve.py (1: the base config; still read)
 
 
@@ -153,12 +155,18 @@ def densify_in_place(model: nn.Module, ranks: Mapping[str, int], factors: Factor
 
 
 def factored_modules(model: nn.Module) -> dict[str, dict]:
-    """The LowRankLinear modules in `model`, as recorded in sieve.json."""
-    return {
+    """The LowRankLinear modules (and a task vocabulary's head) in `model`, as recorded in sieve.json."""
+    found = {
         name: {"rank": m.rank, "in_features": m.in_features, "out_features": m.out_features, "bias": m.B.bias is not None}
         for name, m in model.named_modules()
         if isinstance(m, LowRankLinear)
     }
+    return found | {name: task_head_spec(m) for name, m in model.named_modules() if isinstance(m, TaskHead)}
+
+
+def task_head(model: nn.Module) -> tuple[str, TaskHead] | None:
+    """(name, module) of the model's TaskHead, None when its head scores the whole vocabulary."""
+    return next(((n, m) for n, m in model.named_modules() if isinstance(m, TaskHead)), None)
 
 
 def count_params(model: nn.Module) -> int:
@@ -209,10 +217,12 @@ def write_config(model: nn.Module, out: Path, dtype: torch.dtype, factored: Mapp
 
 def save_pruned(model: nn.Module, out_dir: str | Path, plan: Mapping, base_identity: Mapping, tokenizer=None,
                 fit_method: str | None = None, extra: Mapping | None = None, quantize: str | None = None,
-                narrowed: Mapping[str, dict] | None = None) -> dict:
+                narrowed: Mapping[str, dict] | None = None, vocab: Mapping | None = None) -> dict:
     """Write the pruned model folder; returns the sieve.json written.
 
     `quantize` (an options.QUANTIZE_SCHEMES key) stores the linear weights quantised (quantize.py).
+    `vocab` (the model has a TaskHead): `vocab.TaskVocabulary.record()`, whose `ids` go to VOCAB_FILE
+    and the rest to sieve.json's `vocab`.
 
     `out_dir` is created if missing; files of the same names are replaced. Guards against
     writing into the base model's folder belong to the caller (apply), which knows it.
@@ -232,6 +242,11 @@ def save_pruned(model: nn.Module, out_dir: str | Path, plan: Mapping, base_ident
         written.append("generation_config.json")
     if tokenizer is not None:
         written += [Path(f).name for f in tokenizer.save_pretrained(out)]
+    vocab_info = None
+    if vocab is not None:
+        vocab_info = {k: v for k, v in vocab.items() if k != "ids"} | {"file": VOCAB_FILE}
+        (out / VOCAB_FILE).write_text(json.dumps({"ids": list(vocab["ids"])}) + "\n")
+        written.append(VOCAB_FILE)
     info = {
         "format": FORMAT,
         "sieve_version": __version__,
@@ -247,6 +262,7 @@ def save_pruned(model: nn.Module, out_dir: str | Path, plan: Mapping, base_ident
         # what this folder holds of ours: `sieve apply` replaces a folder only when it holds nothing else
         "files": sorted({name for name in written if (out / name).is_file()} | {SIEVE_JSON}),
         "quantize": quantize,
+        "vocab": vocab_info,
         **dict(extra or {}),
     }
     if quantize is not None:
@@ -408,12 +424,27 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu", dtype: str
             f"unexpected {sorted(result.unexpected_keys)[:3]}); rerun `sieve apply --force`"
         )
     _retie(model, tied)
+    check_task_vocab(model, path, info)
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if left:
         raise InputError(f"{path} left parameters unloaded ({left[:3]}); rerun `sieve apply --force`")
     model.to(device).eval()
     _load_generation_config(model, path)
     return model
+
+
+def check_task_vocab(model: nn.Module, path: Path, info: Mapping) -> None:
+    """A task head's stored index must be the kept ids that sieve.json's vocab file lists."""
+    found = task_head(model)
+    record = info.get("vocab")
+    if found is None and not record:
+        return
+    fix = f"rerun `sieve apply -o {path} --force`"
+    if found is None or not record:
+        raise InputError(f"{path}: sieve.json and the model disagree on the task vocabulary; {fix}")
+    ids = read_json(path / record.get("file", VOCAB_FILE), rebuild=f"sieve apply -o {path} --force").get("ids")
+    if not isinstance(ids, list) or found[1].index.tolist() != ids:
+        raise InputError(f"{path / VOCAB_FILE} does not list the ids its task head keeps; {fix}")
 
 
 def load_tokenizer(path: str | Path):
@@ -438,6 +469,7 @@ def _load_generation_config(model: nn.Module, path: Path) -> None:
 
 __all__ = [
     "SIEVE_JSON",
+    "VOCAB_FILE",
     "WEIGHTS",
     "build_replacements",
     "count_params",
@@ -453,5 +485,6 @@ __all__ = [
     "read_sieve_json",
     "require_modeling_file",
     "save_pruned",
+    "task_head",
     "verify_pruned_folder",
 ]

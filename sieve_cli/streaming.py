@@ -39,6 +39,7 @@ from .lowrank import swap_modules
 from .models import torch_dtype
 from .pruned import SIEVE_JSON, base_config, empty_model, lowrank_shell, prune_in_memory, verify_pruned_folder
 from .scoring import SpanScore, batches_by_length, left_pad, longest_span, null_bar, span_scores
+from .taskhead import TaskHead
 from .workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -70,15 +71,25 @@ def open_streaming_pruned(folder: str | Path, device: str, dtype: str | torch.dt
     # the runner finds the matrices (and the names tied weights go by) on the dense skeleton; the
     # shells then take the factored matrices' places, and their A and B load with their blocks
     runner = BlockRunner(model.eval(), SafetensorsWeights(folder), device, dt)
-    shells = {name: lowrank_shell(s["in_features"], s["out_features"], s["rank"], s["bias"], dt)
-              for name, s in info["factored"].items()}
+    shells = {name: shell_of(s, dt) for name, s in info["factored"].items()}
     try:
         swap_modules(model, shells)
     except AttributeError as exc:  # sieve.json names a module the model lacks
         raise InputError(f"{folder / SIEVE_JSON} does not match the model ({exc}); "
                          f"rerun `sieve apply -o {folder} --force`") from None
     runner.load_head()
+    for name, shell in shells.items():  # a task head's kept ids: an int64 buffer, read as stored
+        if isinstance(shell, TaskHead):
+            shell.index = runner.weights.get([f"{name}.index"]).to(device)
     return runner
+
+
+def shell_of(spec: Mapping, dtype: torch.dtype):
+    """An empty module of a sieve.json `factored` entry (a low-rank pair, or a task vocabulary's head)."""
+    if spec.get("type") == "task_head":
+        return TaskHead(spec["vocab_size"], spec["in_features"], spec["kept"], tied=spec["tied"], bias=spec["bias"],
+                        dtype=dtype, device="meta")
+    return lowrank_shell(spec["in_features"], spec["out_features"], spec["rank"], spec["bias"], dtype)
 
 
 def is_pruned(folder: str | Path) -> bool:

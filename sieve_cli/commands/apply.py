@@ -51,7 +51,8 @@ def apply(
       sieve apply -w ws -o pruned-model\n
       sieve apply -w ws -o pruned-model --dry-run\n
       sieve apply -w ws -o pruned-bf16 --dtype bfloat16 --plan other/plan.json --force\n
-      sieve apply -w ws -o pruned-int8 --quantize int8
+      sieve apply -w ws -o pruned-int8 --quantize int8\n
+      sieve apply -w ws -o pruned-task --vocab task --vocab-extra 2048
     """
     # the stage loads torch: imported when the command runs, so `sieve --help` stays fast
     from ..apply import run_apply
@@ -95,7 +96,24 @@ def render(result: dict) -> None:
         if counts["product"]:
             line += f", {counts['product']} stored dense as B·A (kept fraction > {result['dense_above']})"
         console.print(line)
+    if result.get("vocab"):
+        console.print(vocab_line(result["vocab"]))
     slow = result.get("factored_above_crossover", 0)
     if slow:
         console.print(f"[dim]{slow} factored matrices keep more than {DENSE_ABOVE} of their parameters: on a CPU they "
                       f"run slower than dense; --speed-crossover keeps them dense (no size saving)[/]")
+
+
+def vocab_line(vocab: dict) -> str:
+    """What --vocab task did to the head (and, for a tied head, what it could not save)."""
+    sources = vocab["from"]
+    line = (f"task vocabulary: the head scores {vocab['kept']:,} of {vocab['vocab_size']:,} token ids ({sources['task']:,} "
+            f"from the task's texts, {sources['special']:,} special, {sources['extra']:,} lowest others); ")
+    if vocab["tied"]:
+        line += ("the head is tied to the token embedding, which stays whole and tied: no parameters saved, only the "
+                 "head's compute")
+    else:
+        line += f"{vocab['head_params_removed']:,} head parameters removed"
+    if vocab.get("standard_fallback"):
+        line += "; a standard folder cannot hold this head, so OUT is the custom folder (trust_remote_code)"
+    return line

@@ -123,6 +123,10 @@ class BoundTask:
             shots = [rec for sid, rec in self._shots if sid != id_ and rec != record][:k]
             yield self._renderer.example(id_, record, shots)
 
+    def fewshot_examples(self) -> list[Example]:
+        """The few-shot pool's records (demonstrations and the spare), each rendered alone, without shots."""
+        return [self._renderer.example(id_, record, []) for id_, record in self._shots]
+
     def texts(self, part: str, limit: int | None = None) -> list[str]:
         """Full text per example (context + delimiter + gold target): what capture reads; the first
         `limit` only (rendered as far as that) when given."""
