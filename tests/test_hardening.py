@@ -99,7 +99,7 @@ COMMANDS = {
     "capture": lambda ws, out, model: ["capture", "-w", ws, "--force", *CAPTURE],
     "blockwise": lambda ws, out, model: ["capture", "-w", ws, "--force", *CAPTURE, "--mode", "blockwise"],
     "fit": lambda ws, out, model: ["fit", "-w", ws, "--force"],
-    "search": lambda ws, out, model: ["search", "-w", ws, "--force", "--grid-step", "0.1"],
+    "search": lambda ws, out, model: ["search", "-w", ws, "--method", "output", "--force", "--grid-step", "0.1"],
     "heal": lambda ws, out, model: ["heal", "-w", ws, "--force", "--steps", "2", "--seq-len", "32",
                                     "--checkpoint-every", "1"],
     "apply": lambda ws, out, model: ["apply", "-w", ws, "-o", out, "--force"],
@@ -306,7 +306,7 @@ def test_cut_heal_checkpoint_is_one_line_and_force_recovers(copy):
 @pytest.mark.parametrize("stage", ["search", "heal"])
 def test_garbled_manifest_is_one_line_and_force_rebuilds_it(copy, stage):
     ws, _, _ = copy
-    command = {"search": ["search", "-w", ws, "--grid-step", "0.1"],
+    command = {"search": ["search", "-w", ws, "--method", "output", "--grid-step", "0.1"],
                "heal": ["heal", "-w", ws, "--steps", "2", "--seq-len", "32", "--checkpoint-every", "1"]}[stage]
     (ws / stage / "manifest.json").write_text('{"stage": ')
     one_line_error(cli(*command), "manifest.json is not valid JSON", "--force")
@@ -322,7 +322,7 @@ def test_garbled_search_checkpoint_is_one_line_and_force_starts_over(copy):
     manifest = json.loads((ws / "search" / "manifest.json").read_text())
     (ws / "search" / "manifest.json").write_text(json.dumps(manifest | {"complete": False}))  # killed mid-search
     (ws / "search" / "checkpoint.json").write_text('{"dense": ')
-    command = ["search", "-w", ws, "--grid-step", "0.1"]
+    command = ["search", "-w", ws, "--method", "output", "--grid-step", "0.1"]
     one_line_error(cli(*command), "checkpoint.json is not valid JSON", "--force")
     result = cli(*command, "--force")
     assert result.exit_code == 0, result.output
@@ -475,7 +475,7 @@ def test_a_killed_blockwise_runs_folder_goes_when_the_stage_later_completes(copy
     (work / "output").mkdir(parents=True)
     (work / "output" / "block-00000.safetensors").write_bytes(b"a killed run's block\n")
     (work / "state.json").write_text('{"blocks_done": 1}\n')
-    args = ["capture", "-w", ws, "--force", *CAPTURE] if stage == "capture" else ["fit", "-w", ws, "--force"]
+    args = ["capture", "-w", ws, "--force", *CAPTURE] if stage == "capture" else ["fit", "-w", ws, "--method", "output", "--force"]
     result = cli(*args)
     assert result.exit_code == 0, result.output
     assert not work.exists()

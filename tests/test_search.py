@@ -388,7 +388,7 @@ def test_search_killed_between_the_dense_line_and_its_checkpoint_logs_dense_once
     dense again (the checkpoint keeps its per-example scores) but does not log it a second time."""
     import shutil
 
-    options = SearchOptions(strategy="uniform", tolerance=0.05)
+    options = SearchOptions(method="output", strategy="uniform", tolerance=0.05)
     fresh = Workspace(tmp_path / "fresh")
     shutil.copytree(ws.root, fresh.root)
     run_search(fresh, options, scorer=synthetic_scorer(fresh))
