@@ -73,11 +73,11 @@ def test_a_healed_search_judges_healed_candidates_and_heal_rebuilds_the_judged_m
 
 
 def test_a_killed_healed_search_resumes_without_healing_again(tmp_path, monkeypatch):
-    import sieve_cli.search as search
+    import sieve_cli.scorers as scorers
 
     ws, scorer = healed_workspace(tmp_path, monkeypatch, scales=(0.25, 0.5, 0.75))
     calls = []
-    real = search.healed_copy
+    real = scorers.healed_copy
 
     def counting(*args, **kwargs):
         calls.append(1)
@@ -85,12 +85,12 @@ def test_a_killed_healed_search_resumes_without_healing_again(tmp_path, monkeypa
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(search, "healed_copy", counting)
+    monkeypatch.setattr(scorers, "healed_copy", counting)
     with pytest.raises(KeyboardInterrupt):
         run_search(ws, healed_options(), scorer=scorer)
     assert len([e for e in history(ws) if e["strategy"] == "healed"]) == 1
     calls.clear()
-    monkeypatch.setattr(search, "healed_copy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(scorers, "healed_copy", lambda *a, **k: calls.append(1) or real(*a, **k))
     plan = run_search(ws, healed_options(), scorer=scorer)
     scales = [e["scale"] for e in history(ws) if e["strategy"] == "healed"]
     assert len(scales) == len(set(scales)) == plan["search"]["healed"]["heals"]  # none healed twice

@@ -233,6 +233,6 @@ def print_next_steps(task_file: Path) -> None:
         f"{task_file}; more in examples/tasks/):\n"
         "  sieve run MODEL --task my_task.yaml -w ws -o pruned            # MODEL: hub id, HF folder or .gguf\n"
         "  sieve report -w ws                                             # what was pruned, and what it cost\n"
-        "  sieve run MODEL --task my_task.yaml -w ws -o pruned --strategy adaptive   # per-matrix ranks; reuses capture and fit",
+        "  sieve run MODEL --task my_task.yaml -w ws -o pruned --strategy adaptive   # a width per module; reuses capture and fit",
         highlight=False, soft_wrap=True,
     )
