@@ -79,10 +79,17 @@ def _require_fit(ws: Workspace, method: str) -> dict:
         raise InputError(f"unknown fit method {method!r}; use one of {', '.join(FIT_METHODS)}")
     manifest = ws.read_manifest(ws.fit_stage(method))
     if manifest is None or not manifest.get("complete"):
+        others = [m for m in FIT_METHODS if m != method and (ws.read_manifest(ws.fit_stage(m)) or {}).get("complete")]
+        also = f" (or use the {others[0]} fit it has: --method {others[0]})" if others else ""
         raise MissingStageError(
-            f"workspace {ws.root} has no finished {method} fit; run `sieve fit -w {ws.root} --method {method}` first"
-        )
+            f"workspace {ws.root} has no finished {method} fit; run `sieve fit -w {ws.root} --method {method}` "
+            f"first{also}")
     return manifest
+
+
+def require_fit(ws: Workspace, method: str) -> None:
+    """One line naming the fit to run (and a finished one to use instead) when `method` was not fitted."""
+    _require_fit(ws, method)
 
 
 def load_factors(ws: Workspace, method: str = "output") -> StoredFactors:

@@ -25,7 +25,7 @@ from .acceptance import Measurement, acceptance_threshold, is_acceptable, judge
 from .errors import InputError, WorkspaceError
 from .factors import FactorSet
 from .files import append_line, copy_file, read_json, read_jsonl, write_json_atomic
-from .fit import load_factors, load_spectrum
+from .fit import load_factors, load_spectrum, require_fit
 from .genetic import (
     GenerationReport,
     Problem,
@@ -251,6 +251,7 @@ def run_search(ws: Workspace, options: SearchOptions, force: bool = False, score
     seconds)` is called after each GA generation. Re-running with unchanged inputs does
     nothing and returns the plan on disk; an interrupted run with the same inputs resumes.
     """
+    require_fit(ws, options.method)  # before the upstream check: its line also names a fit that is there
     inputs = {"options": options.recorded(),
               "upstream": ws.upstream_hashes(Stage.DISCOVER, Stage.TASK, Stage.fit(options.method))}
     switched = None if force else switch_strategy(ws, inputs)

@@ -320,6 +320,17 @@ def test_bad_options_name_the_flag(bad, flag):
         SearchOptions(**bad)
 
 
+def test_the_default_width_search_on_a_pairs_workspace_names_the_fit_it_has(ws):
+    from typer.testing import CliRunner
+
+    from sieve_cli.cli import app
+
+    result = CliRunner().invoke(app, ["search", "-w", str(ws.root)])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    line = " ".join(result.output.split())
+    assert "has no finished width fit" in line and "--method width" in line and "--method output" in line
+
+
 def test_cli_search_renders_plan(ws, monkeypatch):
     from sieve_cli.cli import app
 
