@@ -36,6 +36,16 @@ class Measurement:
     def paired(self) -> bool:
         return len(self.scores) > 0
 
+    def to_record(self) -> dict:
+        """The JSON a checkpoint keeps, so a resumed search pairs with the very same scores."""
+        return {"value": self.value, "scores": self.scores, "weights": self.weights, "soft": self.soft,
+                "extra": self.extra}
+
+    @classmethod
+    def from_record(cls, saved: dict) -> "Measurement":
+        return cls(saved["value"], tuple(saved["scores"]), tuple(saved["weights"]), tuple(saved["soft"]),
+                   saved.get("extra", {}))
+
 
 @dataclass(frozen=True)
 class Verdict:

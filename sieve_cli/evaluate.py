@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from .discover import check_model_unchanged, load_workspace_model, workspace_model_source
@@ -26,7 +25,7 @@ from .intervals import Z95, ratio_interval, wilson_interval  # noqa: F401
 from .metrics import EvalResult, multiple_choice_result, result_of, text_modelling_result  # noqa: F401
 from .models import check_fits_positions, load_model, model_identity, safetensors_folder, torch_dtype
 from .models import load_tokenizer as load_model_tokenizer
-from .options import EvalOptions, HealOptions
+from .options import EvalOptions, heal_recipe_with
 from .prepared import PreparedSplit, longest_input, prepare, split_tokens  # noqa: F401
 from .pruned import SIEVE_JSON, load_pruned, load_tokenizer, read_sieve_json, verify_pruned_folder
 from .scoring import (  # noqa: F401  (the scoring names stay importable from here, as before the split)
@@ -201,8 +200,8 @@ def run_eval(ws: Workspace, options: EvalOptions, force: bool = False) -> dict:
     else:
         model, _, _ = load_eval_model(ws, options, layout.max_memory)
         if options.heal_dense:
-            recipe = options.heal_recipe or HealOptions(device=options.device, dtype=options.dtype)
-            model = healed_dense_model(ws, model, tokenizer, replace(recipe, steps=options.heal_dense))
+            recipe = heal_recipe_with(options.heal_recipe, options.heal_dense, options.device, options.dtype)
+            model = healed_dense_model(ws, model, tokenizer, recipe)
         check_fits_positions(model, longest_input(prepared), "--max-length")
         start = time.perf_counter()
         result = evaluate(model, prepared, options.batch_size)

@@ -40,9 +40,10 @@ from .discover import load_workspace_model
 from .errors import InputError
 from .factors import FactorSet
 from .files import atomic_path, read_json, save_safetensors, write_json_atomic
-from .fit import load_factors
+from .fit import load_factors, workspace_matrices
 from .lowrank import LowRankLinear, swap_modules
 from .matrices import Matrix, weight_of
+from .models import pad_id_of
 from .narrowing import SkippedAttention
 from .options import HealOptions
 from .plan import Plan, Ranks
@@ -131,6 +132,11 @@ def load_healed(ws: Workspace) -> FactorSet:
     """The healed factors of this workspace (after checking that heal finished on the current plan)."""
     ws.require_fresh(STAGE)
     return FactorSet.load(ws.heal_factors)
+
+
+def narrowed_names(swapped: dict[str, nn.Module]) -> list[str]:
+    """The swapped-in modules of a width plan that LoRA adapts whole (not factor pairs, not skipped attention)."""
+    return [n for n, m in swapped.items() if not isinstance(m, (LowRankLinear, SkippedAttention))]
 
 
 def narrowed_file(ws: Workspace) -> Path:
@@ -256,20 +262,25 @@ def healed_copy(model: nn.Module, ranks: Ranks, factors: FactorSet | None, optio
         for p in module.parameters():
             p.data = p.data.clone()
     swap_modules(candidate, swapped)
-    narrowed = [n for n, m in swapped.items() if not isinstance(m, (LowRankLinear, SkippedAttention))]
-    narrowed = narrowed if swapped else list(dense_targets)
+    narrowed = narrowed_names(swapped) if swapped else list(dense_targets)
     if not lora_targets(candidate, narrowed):  # every planned module removed whole: nothing left to adapt
         return candidate.eval()
     healed, _ = heal_in_memory(candidate, teacher, sequences, pad_id, options, narrowed)
     return healed.eval()
 
 
-def healed_dense_model(ws: Workspace, model: nn.Module, tokenizer, options: HealOptions) -> nn.Module:
-    """The workspace's dense `model` healed by `options` on every prunable matrix (in memory)."""
+def heal_inputs(ws: Workspace, tokenizer, options: HealOptions) -> tuple[list[list[int]], int]:
+    """The calibration sequences `options` trains on and the id that pads them: what `run_heal` reads."""
     sequences, _ = calibration_sequences(ws, tokenizer, options.seq_len, options.steps * options.batch_size)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    targets = [m["name"] for m in read_json(ws.matrices_json)["matrices"]]
-    return healed_copy(model, {}, None, options, sequences, pad_id, targets)
+    return sequences, pad_id_of(tokenizer)
+
+
+def healed_dense_model(ws: Workspace, model: nn.Module, tokenizer, options: HealOptions,
+                       inputs: tuple[list[list[int]], int] | None = None) -> nn.Module:
+    """The workspace's dense `model` healed by `options` on every prunable matrix (in memory); `inputs`:
+    `heal_inputs` when the caller has them already."""
+    sequences, pad_id = inputs or heal_inputs(ws, tokenizer, options)
+    return healed_copy(model, {}, None, options, sequences, pad_id, [m.name for m in workspace_matrices(ws)])
 
 
 # ---- the stage ------------------------------------------------------------------------------------
@@ -338,12 +349,12 @@ def run_heal(ws: Workspace, options: HealOptions, force: bool = False, stop_afte
     ranks = plan.ranks()
     swapped = build_replacements(model, ranks, load_factors(ws, plan.method))
     swap_modules(model, swapped)
-    narrowed = [n for n, m in swapped.items() if not isinstance(m, (LowRankLinear, SkippedAttention))]
+    narrowed = narrowed_names(swapped)
     params = count_params(model)
     for p in model.parameters():
         p.requires_grad_(False)
     sequences, examples = calibration_sequences(ws, tokenizer, options.seq_len, options.steps * options.batch_size)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = pad_id_of(tokenizer)
     batches = Batches(sequences, pad_id, options.batch_size, options.seed, next(model.parameters()).device)
     with _quiet_peft():
         peft_model = attach_adapters(model, options, narrowed)

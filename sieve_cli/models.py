@@ -215,6 +215,11 @@ def safetensors_folder(source: str | os.PathLike) -> Path:
     return folder
 
 
+def pad_id_of(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its end of sequence, else 0 (masked out anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
 def load_tokenizer(source: str | os.PathLike):
     """The model's tokenizer alone (block-wise mode never loads the whole model)."""
     from transformers import AutoTokenizer

@@ -61,7 +61,6 @@ def fitted_what(method: str) -> str:
     return "modules (MLP and attention)" if method == "width" else "matrices"
 
 
-
 def default_workspace() -> Path:
     """`$SIEVE_WORKSPACE`, else ./sieve-workspace: stage commands chain without -w."""
     return Path(os.environ.get("SIEVE_WORKSPACE") or DEFAULT_WORKSPACE)
@@ -575,6 +574,12 @@ class HealOptions:
     def recorded(self) -> dict:
         """What decides the healed factors: not how often they are checkpointed on the way."""
         return {k: v for k, v in asdict(self).items() if k != "checkpoint_every"}
+
+
+def heal_recipe_with(recipe: HealOptions | None, steps: int, device: str, dtype: str | None) -> HealOptions:
+    """The heal a search candidate or the dense reference gets: `recipe` (`sieve run --heal`'s heal stage), else
+    `sieve heal`'s defaults on this device and dtype, with `steps` steps: what `sieve heal --steps` rebuilds."""
+    return replace(recipe or HealOptions(device=device, dtype=dtype), steps=steps)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InputError
+from .models import pad_id_of
 from .scoring import Sequence, Span
 from .tasks import BoundTask, Example
 
@@ -49,7 +50,7 @@ def prepare(bound: BoundTask, part: str, tokenizer, limit: int | None = None, ma
         raise InputError("--max-length must be >= 8 tokens")
     examples = bound.examples(part)[:limit]
     task = bound.task
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = pad_id_of(tokenizer)
     prepared = PreparedSplit(
         task=task.name, part=part, output_type=task.output_type, examples=examples, sequences=[],
         target_delimiter=task.target_delimiter, pad_id=pad_id, eos_id=tokenizer.eos_token_id,

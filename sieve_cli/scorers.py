@@ -10,17 +10,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from .acceptance import Measurement
 from .discover import check_model_unchanged, load_workspace_model, workspace_model_source
 from .evaluate import evaluate, prepare, stream_evaluate
 from .factors import FactorSet, StoredFactors
-from .files import read_json
 from .fit import load_factors
-from .heal import calibration_sequences, healed_copy
+from .heal import heal_inputs, healed_copy, healed_dense_model
 from .models import load_tokenizer, safetensors_folder, torch_dtype
-from .options import HealOptions, SearchOptions
+from .options import HealOptions, SearchOptions, heal_recipe_with
 from .plan import Ranks
 from .pool import WorkerPool
 from .pruned import prune_in_memory
@@ -152,8 +151,7 @@ def swapping_evaluator(ws: Workspace, options: SearchOptions, factors: FactorSet
 def heal_recipe(options: SearchOptions) -> HealOptions:
     """How `--heal-steps` heals a candidate: `sieve heal` at its defaults with that many steps (or, from
     `sieve run --heal`, its heal stage's recipe), so the heal stage rebuilds the very model the search judged."""
-    recipe = options.heal_recipe or HealOptions(device=options.device, dtype=options.dtype)
-    return replace(recipe, steps=options.heal_steps)
+    return heal_recipe_with(options.heal_recipe, options.heal_steps, options.device, options.dtype)
 
 
 def healing_evaluator(ws: Workspace, options: SearchOptions, factors: FactorSet, max_memory: dict | None):
@@ -161,18 +159,16 @@ def healing_evaluator(ws: Workspace, options: SearchOptions, factors: FactorSet,
     allocation is the dense model as given, or with `--reference healed-dense` the dense model healed."""
     model, tokenizer = load_workspace_model(ws, options.dtype, options.device, max_memory)
     recipe = heal_recipe(options)
-    sequences, _ = calibration_sequences(ws, tokenizer, recipe.seq_len, recipe.steps * recipe.batch_size)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    dense_targets = [m["name"] for m in read_json(ws.matrices_json)["matrices"]]
+    inputs = heal_inputs(ws, tokenizer, recipe)
     healed_dense: list = []  # the healed dense copy, made once
 
     def healed(ranks: Ranks):
         if any(r is not None for r in ranks.values()):
-            return healed_copy(model, ranks, factors, recipe, sequences, pad_id)
+            return healed_copy(model, ranks, factors, recipe, *inputs)
         if options.reference == "dense":
             return model
         if not healed_dense:
-            healed_dense.append(healed_copy(model, ranks, factors, recipe, sequences, pad_id, dense_targets))
+            healed_dense.append(healed_dense_model(ws, model, tokenizer, recipe, inputs))
         return healed_dense[0]
 
     def evaluator(prepared):

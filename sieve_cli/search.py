@@ -38,7 +38,7 @@ from .matrices import Matrix
 from .options import STRATEGIES, LocalConfig, SearchOptions
 from .plan import Plan, Ranks
 from .scorers import Scorer, build_scorers, heal_recipe, local_scorers, measurement, swapping_scorer, worker_jobs  # noqa: F401
-from .shaped import shaped_kept, shaped_search, snapped
+from .shaped import droppable_blocks, shaped_kept, shaped_search, snapped
 from .uniform import binary_search, first_probe, uniform_grid
 from .workspace import MANIFEST, Stage, Workspace
 
@@ -214,8 +214,7 @@ def read_history(path, rebuild: str = "sieve search --force") -> list[dict]:
 def dense_from_checkpoint(checkpoint: dict) -> Measurement | None:
     saved = checkpoint.get("dense_measurement")
     if saved is not None:
-        return Measurement(saved["value"], tuple(saved["scores"]), tuple(saved["weights"]), tuple(saved["soft"]),
-                           saved.get("extra", {}))
+        return Measurement.from_record(saved)
     return None if checkpoint.get("dense") is None else Measurement(float(checkpoint["dense"]))
 
 
@@ -365,8 +364,7 @@ def find_plan(ws: Workspace, options: SearchOptions, scorer: Scorer, targets: li
         if not evals.logged(dense_ranks):  # a run killed before its checkpoint had logged it already
             evals.log(dense, dense_ranks, {"strategy": options.algorithm, "generation": None, "p": 1.0}, None)
         checkpoint = {"dense": dense.value, "metric": scorer.metric, "examples": scorer.examples,
-                      "dense_measurement": {"value": dense.value, "scores": dense.scores, "weights": dense.weights,
-                                            "soft": dense.soft, "extra": dense.extra}}
+                      "dense_measurement": dense.to_record()}
         write_json_atomic(ws.search_checkpoint, checkpoint)
     scorer.metric = checkpoint.get("metric", scorer.metric)
     scorer.examples = checkpoint.get("examples", scorer.examples)
@@ -461,13 +459,11 @@ def reference_measurement(ws: Workspace, evals: Evaluations, checkpoint: dict) -
     once on the search part and kept in the checkpoint (the pairing needs its per-example scores on resume)."""
     stored = checkpoint.get("healed_reference")
     if stored is not None:
-        return Measurement(stored["value"], tuple(stored["scores"]), tuple(stored["weights"]), tuple(stored["soft"]),
-                           stored["extra"])
+        return Measurement.from_record(stored)
     ranks = ranks_for(evals.targets, [1.0] * len(evals.targets), evals.factors)
     m = evals.scorer(ranks)
     evals.log(m, ranks, {"strategy": "reference", "generation": None, "p": 1.0}, None)
-    checkpoint["healed_reference"] = {"value": m.value, "scores": m.scores, "weights": m.weights,
-                                              "soft": m.soft, "extra": m.extra}
+    checkpoint["healed_reference"] = m.to_record()
     write_json_atomic(ws.search_checkpoint, checkpoint)
     return m
 
@@ -636,7 +632,7 @@ def depth_seeds(evals: Evaluations, targets: list, levels: list[float], base: li
     singles = [[levels[g] for g in dropped({b})] for b in blocks]
     judged = evals.metrics(singles, [{"strategy": "depth", "generation": None, "move": f"drop block {b}",
                                       "genome": kept} for b, kept in zip(blocks, singles)])
-    held = [b for j, b in sorted(zip(judged, blocks), key=lambda x: (-x[0], x[1])) if is_acceptable(j, evals.threshold)]
+    held = droppable_blocks(blocks, judged, evals.threshold)
     log.info("depth scan: %d of %d blocks can go alone (best first: %s)", len(held), len(blocks), held[:8])
     return [dropped(set(held[:k])) for k in DEPTH_SEEDS if k <= len(held)]
 

@@ -57,6 +57,11 @@ def attention_levels(targets: Sequence) -> list[float]:
     return [k / units for k in range(units - 1, 0, -1)]
 
 
+def droppable_blocks(blocks: Sequence[int], judged: Sequence[float], threshold: float) -> list[int]:
+    """The blocks whose drop alone (`judged[i]` for `blocks[i]`) was acceptable, best judged first."""
+    return [b for j, b in sorted(zip(judged, blocks), key=lambda x: (-x[0], x[1])) if is_acceptable(j, threshold)]
+
+
 def shaped_search(targets: Sequence, mlp: float, grid: Sequence[float], judge: Judge,
                   threshold: float, log: Callable[[str], None] = lambda _: None
                   ) -> tuple[Shape, float | None]:
@@ -75,7 +80,7 @@ def shaped_search(targets: Sequence, mlp: float, grid: Sequence[float], judge: J
     blocks = sorted({t.block for t in targets})
     singles = judge([shaped_kept(targets, replace(shape, dropped=frozenset({b}))) for b in blocks],
                     [f"drop block {b}" for b in blocks])
-    held = [b for j, b in sorted(zip(singles, blocks), key=lambda x: (-x[0], x[1])) if acceptable(j)]
+    held = droppable_blocks(blocks, singles, threshold)
     log(f"depth scan: {len(held)} of {len(blocks)} blocks can go alone (best first: {held[:8]})")
     for b in held:  # best first: the plan only ever grows by an acceptable block
         candidate = replace(shape, dropped=shape.dropped | {b})
